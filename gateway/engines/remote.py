@@ -1,0 +1,177 @@
+"""Any OpenAI-compatible upstream (a vLLM server fleet, another gateway) over one pooled HTTP client.
+
+Connection errors, timeouts, upstream 429 and 5xx raise EngineUnavailable so the router can fall back;
+other upstream 4xx are the caller's fault and raise InvalidRequest with the upstream's message.
+Prompt tokens are estimated (≈4 characters a token) until the upstream reports real usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from gateway.engines import collect
+from gateway.request import Chunk, InferenceRequest, Usage
+from gateway.settings import ModelSettings
+from schemas.errors import EngineUnavailable, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+_json_decode = msgspec.json.Decoder().decode
+_json_encode = msgspec.json.Encoder().encode
+
+
+def estimate_tokens(request: InferenceRequest) -> int:
+    if request.operation == "text_completion":
+        return max(1, len(request.prompt) // 4)
+    return sum(4 + len(m.content) // 4 for m in request.messages) + 2
+
+
+def upstream_body(request: InferenceRequest, model: str, *, stream: bool) -> dict[str, Any]:
+    """The OpenAI request body for the upstream (pure)."""
+    p = request.params
+    body: dict[str, Any] = {"model": model, "max_tokens": p.max_tokens, "temperature": p.temperature,
+                            "top_p": p.top_p, "stream": stream}
+    if p.stop:
+        body["stop"] = list(p.stop)
+    if p.seed is not None:
+        body["seed"] = p.seed
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if request.operation == "chat":
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    else:
+        body["prompt"] = request.prompt
+    return body
+
+
+def _choice_text(choice: dict[str, Any], *, delta: bool) -> str:
+    if "text" in choice:
+        return choice.get("text") or ""
+    message = choice.get("delta" if delta else "message") or {}
+    return message.get("content") or ""
+
+
+def _usage(data: dict[str, Any] | None) -> Usage | None:
+    if not data:
+        return None
+    return Usage(int(data.get("prompt_tokens", 0)), int(data.get("completion_tokens", 0)))
+
+
+class RemoteEngine:
+    kind = "remote"
+
+    def __init__(self, settings: ModelSettings):
+        assert settings.url
+        self._settings = settings
+        self._base = settings.url.rstrip("/")
+        self._model = settings.upstream_model or settings.name
+        self._headers = {"Content-Type": "application/json"}
+        if settings.api_key:
+            self._headers["Authorization"] = f"Bearer {settings.api_key}"
+        self._session: aiohttp.ClientSession | None = None
+        self._adapters: dict[str, str] = {}
+
+    async def start(self) -> None:
+        s = self._settings
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=s.max_connections, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=s.timeout_s, sock_connect=s.connect_timeout_s),
+            headers=self._headers, json_serialize=lambda o: _json_encode(o).decode(),
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def count_prompt_tokens(self, request: InferenceRequest) -> int:
+        return estimate_tokens(request)
+
+    def _path(self, request: InferenceRequest) -> str:
+        return f"{self._base}/chat/completions" if request.operation == "chat" else f"{self._base}/completions"
+
+    def _target(self, adapter: str | None) -> str:
+        if adapter is None:
+            return self._model
+        if adapter not in self._adapters:
+            raise NotFound(f"adapter {adapter!r} is not loaded", param="model")
+        return adapter  # vLLM serves a runtime-loaded LoRA under its own name
+
+    async def _post(self, url: str, body: dict[str, Any], timeout: float | None) -> aiohttp.ClientResponse:
+        if self._session is None:
+            raise EngineUnavailable("remote engine is not started")
+        kw: dict[str, Any] = {}
+        if timeout is not None:
+            kw["timeout"] = aiohttp.ClientTimeout(total=max(timeout, 0.001), sock_connect=self._settings.connect_timeout_s)
+        try:
+            resp = await self._session.post(url, data=_json_encode(body), **kw)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise EngineUnavailable(f"upstream {self._base} unreachable: {type(e).__name__}: {e}") from e
+        if resp.status >= 400:
+            text = (await resp.read())[:2000].decode(errors="replace")
+            resp.release()
+            if resp.status == 429 or resp.status >= 500:
+                raise EngineUnavailable(f"upstream {self._base} answered {resp.status}: {text}")
+            raise InvalidRequest(f"upstream refused the request ({resp.status}): {text}")
+        return resp
+
+    async def generate(self, request: InferenceRequest, *, adapter: str | None = None) -> Chunk:
+        if request.stream:
+            return await collect(self.stream(request, adapter=adapter))
+        body = upstream_body(request, self._target(adapter), stream=False)
+        resp = await self._post(self._path(request), body, request.time_left())
+        try:
+            data = _json_decode(await resp.read())
+            choice = data["choices"][0]
+        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError, KeyError, IndexError) as e:
+            raise EngineUnavailable(f"upstream {self._base} sent a broken answer: {e}") from e
+        finally:
+            resp.release()
+        usage = _usage(data.get("usage")) or Usage(estimate_tokens(request), 0)
+        return Chunk(_choice_text(choice, delta=False), choice.get("finish_reason") or "stop", usage)
+
+    async def stream(self, request: InferenceRequest, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
+        body = upstream_body(request, self._target(adapter), stream=True)
+        resp = await self._post(self._path(request), body, request.time_left())
+        finish: Any = None
+        usage: Usage | None = None
+        n_chunks = 0
+        try:
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                data = _json_decode(payload)
+                usage = _usage(data.get("usage")) or usage
+                for choice in data.get("choices") or ():
+                    if text := _choice_text(choice, delta=True):
+                        n_chunks += 1
+                        yield Chunk(text)
+                    finish = choice.get("finish_reason") or finish
+        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError) as e:
+            raise EngineUnavailable(f"upstream {self._base} stream broke: {type(e).__name__}: {e}") from e
+        finally:
+            resp.close()  # closing mid-stream drops the connection: the upstream aborts the request
+        yield Chunk("", finish or "stop", usage or Usage(estimate_tokens(request), n_chunks))
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self._adapters.get(name) == path:
+            return
+        body = {"lora_name": name, "lora_path": path, "load_inplace": name in self._adapters}
+        resp = await self._post(f"{self._base}/load_lora_adapter", body, None)
+        resp.release()
+        self._adapters[name] = path
+
+    async def unload_adapter(self, name: str) -> None:
+        if self._adapters.pop(name, None) is None:
+            raise NotFound(f"adapter {name!r} is not loaded")
+        resp = await self._post(f"{self._base}/unload_lora_adapter", {"lora_name": name}, None)
+        resp.release()

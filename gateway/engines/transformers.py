@@ -1,0 +1,259 @@
+"""Transformers + PEFT engine: generation in worker threads, streamed back to the event loop.
+
+The fallback where vLLM is not installed. Requests run concurrently up to `max_concurrency`; PEFT's
+active adapter is model-wide state, so requests are grouped by adapter (`AdapterGate`): requests for
+the same adapter run together, a request for another waits until those finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from gateway.engines import collect
+from gateway.engines.prompt import encode_prompt
+from gateway.request import Chunk, InferenceRequest, SamplingParams, Usage
+from gateway.settings import ModelSettings
+from schemas.errors import EngineUnavailable, NotFound
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+class AdapterGate:
+    """Lets requests of one adapter run together and makes others wait for the switch."""
+
+    def __init__(self) -> None:
+        self._active: str | None = None
+        self._running = 0
+        self._cond = asyncio.Condition()
+
+    @asynccontextmanager
+    async def use(self, adapter: str | None) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._running == 0 or self._active == adapter)
+            self._active = adapter
+            self._running += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+
+class IncrementalText:
+    """Decodes generated token ids to text deltas, honouring stop strings (never emits part of one)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
+        self._decode = decode
+        self._stop = stop
+        self._ids: list[int] = []
+        self._emitted = 0
+        self.stopped = False
+
+    def add(self, ids: list[int]) -> str:
+        """Append tokens; return the text that is now safe to emit."""
+        if self.stopped:
+            return ""
+        self._ids.extend(ids)
+        text = self._decode(self._ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next token
+            return ""
+        for s in self._stop:
+            at = text.find(s, max(0, self._emitted - len(s)))
+            if at != -1:
+                self.stopped = True
+                return self._take(text, at)
+        return self._take(text, len(text) - self._held_back(text))
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._take(self._decode(self._ids), None)
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of `text` that could still grow into a stop string."""
+        best = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def _take(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else max(end, self._emitted)
+        delta = text[self._emitted : end]
+        self._emitted = end
+        return delta
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._ids)
+
+
+class TransformersEngine:
+    kind = "transformers"
+
+    def __init__(self, settings: ModelSettings):
+        if not settings.path:
+            raise ValueError(f"model {settings.name!r}: the transformers engine needs a model path")
+        self._settings = settings
+        self._path = settings.path
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="tf-generate")
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._gate = AdapterGate()
+        self._adapters: dict[str, str] = {}
+        self._model_lock = threading.Lock()  # guards PEFT wrapping and adapter loading against generation
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self._path, local_files_only=True)
+            dtype = getattr(torch, self._settings.dtype)
+            model = AutoModelForCausalLM.from_pretrained(self._path, local_files_only=True, dtype=dtype)
+        except OSError as e:
+            raise EngineUnavailable(f"cannot load model from {self._path}: {e}") from e
+        self._model = model.eval()
+        log.info("transformers engine loaded %s", self._path)
+
+    async def aclose(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def count_prompt_tokens(self, request: InferenceRequest) -> int:
+        return len(encode_prompt(self._tokenizer, request))
+
+    async def generate(self, request: InferenceRequest, *, adapter: str | None = None) -> Chunk:
+        return await collect(self.stream(request, adapter=adapter))
+
+    async def stream(self, request: InferenceRequest, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
+        if self._model is None:
+            raise EngineUnavailable("transformers engine is not started")
+        if adapter is not None and adapter not in self._adapters:
+            raise NotFound(f"adapter {adapter!r} is not loaded", param="model")
+        ids = encode_prompt(self._tokenizer, request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        async with self._slots, self._gate.use(adapter):
+            job = loop.run_in_executor(self._pool, self._generate, ids, request.params, adapter, cancel, emit)
+            try:
+                while (item := await queue.get()) is not _DONE:
+                    yield Chunk(item)
+                finish, n_out = await job
+                yield Chunk("", finish, Usage(len(ids), n_out))
+            finally:
+                cancel.set()
+                if not job.done():  # let the worker see the flag and return its thread to the pool
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(job)
+
+    def _generate(
+        self, ids: list[int], params: SamplingParams, adapter: str | None, cancel: threading.Event,
+        emit: Callable[[Any], None],
+    ) -> tuple[str, int]:
+        """Runs in a worker thread: generate, pushing text deltas through `emit`."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        tok = self._tokenizer
+        text = IncrementalText(lambda t: tok.decode(t, skip_special_tokens=True), params.stop)
+        eos = tok.eos_token_id
+
+        class Streamer(BaseStreamer):
+            prompt_seen = False
+            last: int | None = None
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate() first hands over the prompt
+                    self.prompt_seen = True
+                    return
+                new = value.reshape(-1).tolist()
+                self.last = new[-1] if new else self.last
+                if delta := text.add([t for t in new if t != eos]):
+                    emit(delta)
+
+            def end(self) -> None:
+                if delta := text.flush():
+                    emit(delta)
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set() or text.stopped, dtype=torch.bool)
+
+        streamer = Streamer()
+        kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "do_sample": params.temperature > 0}
+        if params.temperature > 0:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p)
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+        try:
+            with self._adapter_context(adapter), torch.inference_mode():
+                input_ids = torch.tensor([ids])
+                self._model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=eos if tok.pad_token_id is None else tok.pad_token_id,
+                    eos_token_id=eos, **kwargs,
+                )
+        except Exception as e:
+            emit(_DONE)
+            raise EngineUnavailable(f"generation failed: {type(e).__name__}: {e}") from e
+        emit(_DONE)
+        n_out = text.n_tokens + (1 if streamer.last == eos else 0)
+        finish = "stop" if text.stopped or streamer.last == eos or cancel.is_set() else "length"
+        return finish, n_out
+
+    def _adapter_context(self, adapter: str | None) -> Any:
+        nullcontext = contextlib.nullcontext
+        model = self._model
+        if not hasattr(model, "peft_config"):
+            return nullcontext()
+        if adapter is None:
+            return model.disable_adapter()
+        model.set_adapter(adapter)
+        return nullcontext()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self._adapters.get(name) == path:
+            return
+        async with self._gate.use(f"\0load:{name}"):  # no generation runs while the model changes
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._load_adapter, name, path)
+        self._adapters[name] = path
+
+    def _load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        with self._model_lock:
+            if name in self._adapters:
+                self._model.delete_adapter(name)
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(path, adapter_name=name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, path, adapter_name=name).eval()
+
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise NotFound(f"adapter {name!r} is not loaded")
+        async with self._gate.use(f"\0unload:{name}"):
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._model.delete_adapter, name)
+        del self._adapters[name]
+
+    def adapters(self) -> Iterator[str]:
+        return iter(self._adapters)

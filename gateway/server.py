@@ -1,0 +1,149 @@
+"""A gateway process: engines, router, core service, auth; HTTP and gRPC front ends in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from grpc_health.v1 import health_pb2
+
+from gateway.auth import Authenticator, KeyStore
+from gateway.cache import ResponseCache
+from gateway.engines import Engine, vllm_available
+from gateway.limits import RateLimiter
+from gateway.metrics import GatewayMetrics
+from gateway.router import ModelRoute, Router
+from gateway.service import InferenceService
+from gateway.settings import GatewaySettings, ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+def make_engine(ms: ModelSettings, *, vllm_in_process: bool = True) -> Engine:
+    """The engine a model's settings ask for; `auto` picks vLLM where it is installed, else Transformers."""
+    kind = ms.engine
+    if kind == "auto":
+        kind = "remote" if ms.url and not ms.path else ("vllm" if vllm_available() else "transformers")
+    if kind == "remote":
+        from gateway.engines.remote import RemoteEngine
+
+        return RemoteEngine(ms)
+    if kind == "vllm":
+        from gateway.engines.vllm import VLLMEngine
+
+        return VLLMEngine(ms, in_process=vllm_in_process)
+    from gateway.engines.transformers import TransformersEngine
+
+    return TransformersEngine(ms)
+
+
+class Gateway:
+    """Everything one serving process holds. Other components extend it through `http_extensions`."""
+
+    def __init__(self, settings: GatewaySettings, keys: KeyStore, *, engines: dict[str, Engine] | None = None,
+                 metrics: GatewayMetrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or GatewayMetrics()
+        self.limiter = RateLimiter(settings.rate_limits)
+        self.auth = Authenticator(keys, self.limiter, reload_interval_s=settings.auth.reload_interval_s)
+        engines = engines if engines is not None else {m.name: make_engine(m) for m in settings.models}
+        self.engines = engines
+        routes = [ModelRoute(m.name, engines[m.name], tuple(m.fallbacks)) for m in settings.models]
+        self.router = Router(routes, on_fallback=lambda a, b: self.metrics.fallbacks.labels(a, b).inc())
+        cache = ResponseCache(settings.cache.max_entries, settings.cache.ttl_s) if settings.cache.enabled else None
+        self.service = InferenceService(self.router, self.limiter, self.metrics, settings.limits, cache=cache)
+        self.started_at = int(time.time())
+        self.http_extensions: list[Callable[[FastAPI], None]] = []
+        self._ready = False
+
+    def extend_http(self, app: FastAPI) -> None:
+        for extend in self.http_extensions:
+            extend(app)
+
+    async def start(self) -> None:
+        """Start every engine (concurrently) and the key reloader; the gateway is ready afterwards."""
+        await asyncio.gather(*(e.start() for e in self.engines.values()))
+        for r in self.router.routes():
+            r.ready = True
+        await self.auth.start()
+        self._ready = True
+
+    async def aclose(self) -> None:
+        self._ready = False
+        await self.auth.aclose()
+        await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
+
+    def readiness(self) -> dict[str, Any]:
+        models = {r.name: r.ready for r in self.router.routes()}
+        return {"ready": self._ready and all(models.values()), "models": models}
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class GatewayServer:
+    """Runs a Gateway's HTTP (uvicorn) and gRPC front ends; drains both on stop."""
+
+    def __init__(self, gw: Gateway, *, host: str | None = None, http_port: int | None = None,
+                 grpc_port: int | None = None):
+        self.gw = gw
+        s = gw.settings
+        self.host = host or s.host
+        self._http_sock = _bind(self.host, s.http_port if http_port is None else http_port)
+        self.http_port: int = self._http_sock.getsockname()[1]
+        self._grpc_port_wanted = s.grpc_port if grpc_port is None else grpc_port
+        self.grpc_port = 0
+        self._uvicorn: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._grpc: Any = None
+        self._health: Any = None
+
+    async def start(self) -> None:
+        from gateway.grpc.server import INFERENCE, MODELS, create_grpc_server
+        from gateway.http.app import create_http_app
+
+        self._grpc, self.grpc_port, self._health = await create_grpc_server(
+            self.gw, f"{self.host}:{self._grpc_port_wanted}")
+        await self._grpc.start()
+        await self.gw.start()
+        app = create_http_app(self.gw)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=int(self.gw.settings.drain_timeout_s) or None)
+        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[self._http_sock]), name="http")
+        while not self._uvicorn.started:
+            if self._http_task.done():
+                self._http_task.result()
+            await asyncio.sleep(0.01)
+        for name in (INFERENCE, MODELS, ""):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("gateway serving: HTTP %s:%d, gRPC %s:%d", self.host, self.http_port, self.host, self.grpc_port)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout_s), then close engines."""
+        grace = self.gw.settings.drain_timeout_s
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._http_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, grace + 1)
+        await self.gw.aclose()
+        self._http_sock.close()

@@ -1,0 +1,95 @@
+"""Settings of the serving process: listeners, models and engines, keys, limits, cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+EngineKind = Literal["auto", "vllm", "transformers", "remote"]
+
+
+class ModelSettings(BaseModel):
+    """One served model name and the engine behind it; `fallbacks` are other model names tried in order."""
+
+    name: str = Field(min_length=1, max_length=200)
+    engine: EngineKind = "auto"
+    path: str | None = Field(None, description="HF-format model directory (vllm, transformers)")
+    url: str | None = Field(None, description="base URL of an OpenAI-compatible upstream, e.g. http://vllm:8000/v1")
+    upstream_model: str | None = Field(None, description="model name to send upstream (default: name)")
+    api_key: str | None = Field(None, description="bearer key for the upstream", repr=False)
+    fallbacks: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(2.0, gt=0)
+    max_connections: int = Field(256, ge=1)
+    max_model_len: int = Field(2048, ge=16)
+    dtype: str = "float32"
+    # vLLM on CPU reserves this many GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); without it vLLM takes 92% of RAM.
+    kv_cache_gib: int = Field(1, ge=1)
+    max_loras: int = Field(4, ge=1)
+    max_lora_rank: int = Field(16, ge=1)
+    max_concurrency: int = Field(4, ge=1, description="transformers engine: generations run at once")
+
+    @model_validator(mode="after")
+    def _engine_has_what_it_needs(self) -> ModelSettings:
+        if self.engine == "remote" and not self.url:
+            raise ValueError(f"model {self.name!r}: engine 'remote' needs 'url'")
+        if self.engine in ("vllm", "transformers", "auto") and not self.path and not self.url:
+            raise ValueError(f"model {self.name!r}: engine {self.engine!r} needs 'path' (a model directory)")
+        return self
+
+
+class RequestLimits(BaseModel):
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+    max_prompt_tokens: int = Field(1536, ge=1)
+    max_output_tokens: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(128, ge=1)
+    max_messages: int = Field(256, ge=1)
+    max_stop_sequences: int = Field(4, ge=0)
+
+
+class RateLimitSettings(BaseModel):
+    """Defaults for keys that do not set their own; 0 means unlimited."""
+
+    requests_per_minute: int = Field(600, ge=0)
+    tokens_per_minute: int = Field(200_000, ge=0)
+    max_concurrent_streams: int = Field(16, ge=0)
+
+
+class CacheSettings(BaseModel):
+    enabled: bool = True
+    max_entries: int = Field(10_000, ge=1)
+    ttl_s: float = Field(600.0, gt=0)
+
+
+class AuthSettings(BaseModel):
+    keys_path: Path | None = Field(None, description="SQLite file of API key hashes (default: <data_dir>/keys.sqlite)")
+    reload_interval_s: float = Field(1.0, gt=0, description="how often a gateway picks up new and revoked keys")
+
+
+class GatewaySettings(BaseModel):
+    host: str = "0.0.0.0"
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    grpc_max_workers: int = Field(0, ge=0, description="0: asyncio server")
+    grpc_reflection: bool = True
+    drain_timeout_s: float = Field(10.0, ge=0)
+    log_prompts: bool = Field(False, description="write prompts and bodies to logs (never on by default)")
+    models: list[ModelSettings] = Field(default_factory=list)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @model_validator(mode="after")
+    def _fallbacks_name_known_models(self) -> GatewaySettings:
+        names = [m.name for m in self.models]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {sorted(dupes)}")
+        for m in self.models:
+            unknown = [f for f in m.fallbacks if f not in names or f == m.name]
+            if unknown:
+                raise ValueError(f"model {m.name!r}: fallbacks name unknown or self models: {unknown}")
+        return self
