@@ -53,6 +53,7 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.limiter = RateLimiter(settings.rate_limits)
         self.auth = Authenticator(keys, self.limiter, reload_interval_s=settings.auth.reload_interval_s)
+        self._owns_engines = engines is None  # engines handed in are started and closed by their owner
         engines = engines if engines is not None else {m.name: make_engine(m) for m in settings.models}
         self.engines = engines
         routes = [ModelRoute(m.name, engines[m.name], tuple(m.fallbacks)) for m in settings.models]
@@ -69,7 +70,8 @@ class Gateway:
 
     async def start(self) -> None:
         """Start every engine (concurrently) and the key reloader; the gateway is ready afterwards."""
-        await asyncio.gather(*(e.start() for e in self.engines.values()))
+        if self._owns_engines:
+            await asyncio.gather(*(e.start() for e in self.engines.values()))
         for r in self.router.routes():
             r.ready = True
         await self.auth.start()
@@ -78,7 +80,8 @@ class Gateway:
     async def aclose(self) -> None:
         self._ready = False
         await self.auth.aclose()
-        await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
+        if self._owns_engines:
+            await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
 
     def readiness(self) -> dict[str, Any]:
         models = {r.name: r.ready for r in self.router.routes()}

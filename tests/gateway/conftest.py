@@ -1,0 +1,114 @@
+"""In-process gateways over real engines: the tiny model on Transformers and on vLLM, and a real
+OpenAI-protocol upstream for the remote engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.auth import KeyStore
+from gateway.engines import Engine
+from gateway.engines.remote import RemoteEngine
+from gateway.server import Gateway, GatewayServer
+from gateway.service import Outcome
+from gateway.settings import GatewaySettings, ModelSettings, RateLimitSettings
+from tests.support.openai_upstream import RunningUpstream, UpstreamBehaviour
+
+
+@dataclass
+class RunningGateway:
+    server: GatewayServer
+    keystore: KeyStore
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def gw(self) -> Gateway:
+        return self.server.gw
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def key(self, tenant: str = "acme", scopes: Iterable[str] = ("infer", "feedback"), **kw: object) -> str:
+        """A fresh key, visible to the gateway at once."""
+        _, key = self.keystore.create(tenant, scopes, **kw)  # type: ignore[arg-type]
+        self.gw.auth.reload()
+        return key
+
+
+async def start_gateway(settings: GatewaySettings, keystore: KeyStore, engines: dict[str, Engine]) -> RunningGateway:
+    server = GatewayServer(Gateway(settings, keystore, engines=engines), host="127.0.0.1", http_port=0, grpc_port=0)
+    await server.start()
+    running = RunningGateway(server, keystore)
+    server.gw.service.add_observer(running.outcomes.append)
+    return running
+
+
+def settings_for(models: list[ModelSettings], **kw: object) -> GatewaySettings:
+    return GatewaySettings(models=models, rate_limits=RateLimitSettings(requests_per_minute=0, tokens_per_minute=0,
+                                                                        max_concurrent_streams=0), **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def upstream() -> AsyncIterator[RunningUpstream]:
+    up = await RunningUpstream(UpstreamBehaviour(tokens=8)).start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture(scope="session")
+async def failing_upstream() -> AsyncIterator[RunningUpstream]:
+    up = await RunningUpstream(UpstreamBehaviour(fail_status=503)).start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture(scope="session")
+async def remote_gateway(keystore: KeyStore, upstream: RunningUpstream,
+                         failing_upstream: RunningUpstream) -> AsyncIterator[RunningGateway]:
+    """Models: `remote` (a working upstream), `failing` (503s, falls back to remote), `dead` (nothing listens)."""
+    models = [
+        ModelSettings(name="remote", engine="remote", url=upstream.url),
+        ModelSettings(name="failing", engine="remote", url=failing_upstream.url, fallbacks=["remote"]),
+        ModelSettings(name="dead", engine="remote", url="http://127.0.0.1:9/v1", fallbacks=["remote"]),
+        ModelSettings(name="dead-alone", engine="remote", url="http://127.0.0.1:9/v1"),
+    ]
+    engines: dict[str, Engine] = {m.name: RemoteEngine(m) for m in models}
+    for e in engines.values():
+        await e.start()
+    running = await start_gateway(settings_for(models), keystore, engines)
+    yield running
+    await running.server.stop()
+    for e in engines.values():
+        await e.aclose()
+
+
+def _local_models(tiny_model_dir: object) -> list[ModelSettings]:
+    return [ModelSettings(name="tiny", path=str(tiny_model_dir))]
+
+
+@pytest.fixture(scope="session")
+async def transformers_gateway(keystore: KeyStore, tiny_model_dir: object,
+                               transformers_engine: Engine) -> AsyncIterator[RunningGateway]:
+    running = await start_gateway(settings_for(_local_models(tiny_model_dir)), keystore, {"tiny": transformers_engine})
+    yield running
+    await running.server.stop()
+
+
+@pytest.fixture(scope="session")
+async def vllm_gateway(keystore: KeyStore, tiny_model_dir: object, vllm_engine: Engine) -> AsyncIterator[RunningGateway]:
+    running = await start_gateway(settings_for(_local_models(tiny_model_dir)), keystore, {"tiny": vllm_engine})
+    yield running
+    await running.server.stop()
+
+
+@pytest.fixture(params=["transformers", "vllm"])
+def local_gateway(request: pytest.FixtureRequest) -> RunningGateway:
+    """The same tests over both local engines serving the real tiny model."""
+    return request.getfixturevalue(f"{request.param}_gateway")
