@@ -1,0 +1,608 @@
+"""Durable local spool: an append-only, CRC-framed log with a memory tail, replayed in order from a cursor.
+
+Every record gets the next sequence number. `append` only touches memory (no I/O on the caller's thread);
+a writer thread persists records in group commits every `fsync_interval_s`: every record still unacknowledged
+after a whole interval (so a healthy downstream keeps the disk idle), every record at once under memory
+pressure, or all of them with `write_through`. Records written to disk may leave memory; the reader then
+reads them back from their segment files, in order. `ack(seq)` moves the cursor (persisted by the writer);
+segments wholly below it are deleted. On open, a torn or corrupt tail record is found by its CRC and truncated;
+everything before it replays. At-least-once: after a crash, records acknowledged since the last persisted
+cursor replay again (consumers deduplicate by event id).
+
+Segment file `<first seq, 20 digits>.seg`: frames of `<u32 length><u32 crc32c><u64 seq><payload>`; the CRC
+covers length, seq and payload.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import threading
+from collections import deque
+from collections.abc import Iterator
+from enum import StrEnum
+from itertools import islice
+from pathlib import Path
+from typing import BinaryIO, Literal, NamedTuple
+
+import crc32c
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from schemas.errors import ErrorKind, ServoloopError
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<IIQ")  # payload length, crc32c, seq
+_CRC_PREFIX = struct.Struct("<IQ")  # what the CRC covers besides the payload
+_CURSOR = struct.Struct("<QI")
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
+
+
+class SpoolError(ServoloopError):
+    kind = ErrorKind.UNAVAILABLE
+    code = "spool_error"
+
+
+class SpoolFull(SpoolError):
+    """Over the disk cap (or the writer cannot keep up): the record was refused, nothing was dropped silently."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+    code = "spool_full"
+
+
+class SpoolClosed(SpoolError):
+    kind = ErrorKind.FAILED_PRECONDITION
+    code = "spool_closed"
+
+
+class SpoolLocked(SpoolError):
+    """Another spool (in this or another process) holds the directory."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
+    code = "spool_locked"
+
+
+class SpoolHealth(StrEnum):
+    OK = "ok"  # no backlog on disk
+    SPILLING = "spilling"  # a backlog is on disk, waiting for the downstream
+    FULL = "full"  # appends are refused (over the cap), or the disk fails writes
+
+
+class SpoolRecord(NamedTuple):
+    seq: int
+    payload: bytes
+
+
+# ---- functional core: frames ------------------------------------------------------------------------
+
+
+def encode_frame(seq: int, payload: bytes) -> bytes:
+    """One record on disk: header plus payload."""
+    n = len(payload)
+    crc = crc32c.crc32c(payload, crc32c.crc32c(_CRC_PREFIX.pack(n, seq)))
+    return HEADER.pack(n, crc, seq) + payload
+
+
+class FrameScan(NamedTuple):
+    records: list[SpoolRecord]
+    end: int  # offset just past the last valid frame
+    stop: Literal["end", "partial", "corrupt"]  # buffer used up exactly / incomplete frame / bad frame
+    needed: int  # for "partial": the size of the incomplete frame (header alone when the header is cut)
+
+
+def scan_frames(buf: bytes, start: int = 0, after_seq: int = -1, max_records: int = -1) -> FrameScan:
+    """Decode consecutive frames from `buf[start:]`; stops at the first incomplete or invalid one.
+
+    A frame is invalid when its length is over MAX_RECORD_BYTES, its CRC does not match, or its seq does not
+    increase. Stops early (stop "end") after `max_records` when that is >= 0. Never raises on any input.
+    """
+    records: list[SpoolRecord] = []
+    view = memoryview(buf)
+    pos, n, last = start, len(buf), after_seq
+    while True:
+        if pos == n or len(records) == max_records:
+            return FrameScan(records, pos, "end", 0)
+        if n - pos < HEADER.size:
+            return FrameScan(records, pos, "partial", HEADER.size)
+        length, crc, seq = HEADER.unpack_from(buf, pos)
+        if length > MAX_RECORD_BYTES:
+            return FrameScan(records, pos, "corrupt", 0)
+        end = pos + HEADER.size + length
+        if end > n:
+            return FrameScan(records, pos, "partial", HEADER.size + length)
+        payload = view[pos + HEADER.size : end]
+        if crc32c.crc32c(payload, crc32c.crc32c(_CRC_PREFIX.pack(length, seq))) != crc or seq <= last:
+            return FrameScan(records, pos, "corrupt", 0)
+        records.append(SpoolRecord(seq, bytes(payload)))
+        last, pos = seq, end
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}.seg"
+
+
+def _list_segments(directory: Path) -> list[int]:
+    return sorted(int(p.stem) for p in directory.glob("*.seg") if p.stem.isdigit())
+
+
+def _read_cursor(directory: Path) -> int:
+    try:
+        raw = (directory / "cursor").read_bytes()
+        seq, crc = _CURSOR.unpack(raw)
+        if crc32c.crc32c(raw[:8]) == crc:
+            return seq
+        log.warning("spool %s: cursor file is corrupt; replaying everything on disk", directory)
+    except FileNotFoundError:
+        pass
+    except (OSError, struct.error):
+        log.warning("spool %s: cursor file unreadable; replaying everything on disk", directory)
+    return 0
+
+
+def _write_cursor(directory: Path, seq: int) -> None:
+    raw = struct.pack("<Q", seq)
+    tmp = directory / "cursor.tmp"
+    with open(tmp, "wb") as f:
+        f.write(raw + struct.pack("<I", crc32c.crc32c(raw)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / "cursor")
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover_tail(directory: Path, segments: list[int]) -> tuple[int, int]:
+    """Truncate a torn or corrupt tail; drop segments left empty. Returns (last seq on disk or -1, bytes cut)."""
+    cut = 0
+    while segments:
+        path = directory / _segment_name(segments[-1])
+        data = path.read_bytes()
+        scan = scan_frames(data)
+        if scan.end < len(data):
+            log.warning("spool %s: truncating %d bytes of torn/corrupt tail (%s)", path, len(data) - scan.end, scan.stop)
+            cut += len(data) - scan.end
+            with open(path, "r+b") as f:
+                f.truncate(scan.end)
+                os.fsync(f.fileno())
+        if scan.records:
+            return scan.records[-1].seq, cut
+        path.unlink()
+        segments.pop()
+    return -1, cut
+
+
+# ---- the reader of segment files ---------------------------------------------------------------------
+
+
+class _SegmentReader:
+    """Reads records in seq order from segment files; used only by the spool's one reader."""
+
+    def __init__(self, directory: Path):
+        self._dir = directory
+        self._segment = -1
+        self._file: BinaryIO | None = None
+        self._offset = 0
+        self._pos_seq = -1  # the from_seq that the current position serves; -1: unknown
+        self.corrupt_segments = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._segment, self._pos_seq = None, -1, -1
+
+    def _open(self, segment: int) -> bool:
+        self.close()
+        try:
+            self._file = open(self._dir / _segment_name(segment), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return False
+        self._segment, self._offset = segment, 0
+        return True
+
+    def _chunk(self, size: int) -> bytes:
+        """About `size` bytes from the current offset: a whole frame at least, when the file holds one."""
+        assert self._file is not None
+        self._file.seek(self._offset)
+        buf = self._file.read(size)
+        if len(buf) >= HEADER.size:
+            need = HEADER.size + HEADER.unpack_from(buf)[0]
+            if len(buf) < need <= HEADER.size + MAX_RECORD_BYTES:
+                buf += self._file.read(need - len(buf))
+        return buf
+
+    def read(self, from_seq: int, until_seq: int, segments: list[int], max_records: int, max_bytes: int) -> list[SpoolRecord]:
+        """Records with from_seq <= seq < until_seq, in order; fewer when the files hold no more (yet)."""
+        if self._pos_seq != from_seq or self._file is None:
+            at_or_before = [s for s in segments if s <= from_seq]
+            first = at_or_before[-1] if at_or_before else next((s for s in segments if s > from_seq), None)
+            if first is None or not self._open(first):
+                return []
+        out: list[SpoolRecord] = []
+        size = 0
+        while True:
+            want = min(_READ_CHUNK, max(64 * 1024, max_bytes - size + HEADER.size * (max_records - len(out))))
+            scan = scan_frames(self._chunk(want), max_records=max_records - len(out))
+            advance, done = 0, False
+            for rec in scan.records:
+                if rec.seq >= until_seq:
+                    done = True
+                    break
+                advance += HEADER.size + len(rec.payload)
+                if rec.seq >= from_seq:
+                    out.append(rec)
+                    size += len(rec.payload)
+                    from_seq = rec.seq + 1
+                    if len(out) >= max_records or size >= max_bytes:
+                        done = True
+                        break
+            self._offset += advance
+            self._pos_seq = from_seq
+            if done:
+                return out
+            if scan.records:
+                continue
+            # Nothing decodable at the offset: the segment is used up, torn or corrupt.
+            later = [s for s in segments if s > self._segment]
+            if not later:
+                return out  # caught up with the writer
+            if scan.stop != "end":
+                self.corrupt_segments += 1
+                log.error("spool %s: %s record in sealed segment %d at byte %d; skipping the rest of it",
+                          self._dir, scan.stop, self._segment, self._offset)
+            if not self._open(later[0]):
+                return out
+            self._pos_seq = from_seq
+
+
+# ---- the spool -------------------------------------------------------------------------------------------
+
+
+class Spool:
+    """A durable FIFO of byte records with one reader. Thread-safe; `append` never does I/O.
+
+    Raises SpoolLocked when another spool holds `directory`. Call `close()` (or use it as a context manager):
+    it writes every unacknowledged record to disk and persists the cursor.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        max_bytes: int = 2 * 1024**3,
+        segment_bytes: int = 16 * 1024**2,
+        fsync_interval_s: float = 0.05,
+        memory_max_records: int = 100_000,
+        memory_max_bytes: int = 64 * 1024**2,
+        write_through: bool = False,
+        registry: CollectorRegistry | None = None,
+    ):
+        self._dir = Path(directory)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self._dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SpoolLocked(f"spool directory {self._dir} is in use by another spool") from None
+        self.max_bytes, self._segment_bytes = max_bytes, segment_bytes
+        self._interval, self._write_through = fsync_interval_s, write_through
+        self._mem_max_records, self._mem_max_bytes = memory_max_records, memory_max_bytes
+
+        cursor = _read_cursor(self._dir)
+        segments = _list_segments(self._dir)
+        for i in range(len(segments) - 1):  # segments wholly acknowledged before the last run ended
+            if segments[i + 1] <= cursor:
+                (self._dir / _segment_name(segments[i])).unlink()
+        segments = _list_segments(self._dir)
+        last_seq, self.recovered_cut_bytes = _recover_tail(self._dir, segments)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._written_cv = threading.Condition(self._lock)
+        self._segments = segments
+        self._sizes = {s: (self._dir / _segment_name(s)).stat().st_size for s in segments}
+        self._cursor = self._persisted_cursor = cursor
+        self._next_seq = max(cursor, last_seq + 1)
+        self._written_upto = self._boundary = self._next_seq  # unacked records below written_upto are on disk
+        self._last_written_seq = last_seq
+        self._mem: deque[SpoolRecord] = deque()
+        self._mem_start = self._next_seq
+        self._mem_bytes = 0
+        self._read_seq = cursor
+        self._reader = _SegmentReader(self._dir)
+        self._active_fd: int | None = None
+        self._pressure = self._force = self._closing = self._closed = False
+        self._io_error: str | None = None
+        self.appended = self.acked = self.refused = self.written = self.fsyncs = 0
+        self._full = False
+        self._writer = threading.Thread(target=self._run, name=f"spool-writer:{self._dir.name}", daemon=True)
+        self._writer.start()
+        if registry is not None:
+            registry.register(_SpoolCollector(self))
+
+    # -- the caller's side --------------------------------------------------------------------------------
+
+    def append(self, payload: bytes) -> int:
+        """Queue one record; returns its seq. Raises SpoolFull over the cap, SpoolClosed after close()."""
+        with self._lock:
+            if self._closing:
+                raise SpoolClosed("spool is closed")
+            # Memory beyond twice its budget means the writer cannot keep up (a stalled disk): refuse.
+            if self._disk_bytes() + self._mem_bytes > self.max_bytes or self._mem_bytes > 2 * self._mem_max_bytes:
+                self._full = True
+                self.refused += 1
+                raise SpoolFull(
+                    f"spool {self._dir} refused a record: {self._disk_bytes() + self._mem_bytes} bytes held "
+                    f"(cap {self.max_bytes}), {len(self._mem)} records in memory",
+                    details={"max_bytes": self.max_bytes},
+                )
+            self._full = False
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            self._mem.append(SpoolRecord(seq, payload))
+            self._mem_bytes += len(payload)
+            self.appended += 1
+            if (len(self._mem) > self._mem_max_records or self._mem_bytes > self._mem_max_bytes) and not self._pressure:
+                self._pressure = True
+                self._wake.notify()
+            return seq
+
+    def needs_disk_read(self) -> bool:
+        """True when the next `read` reads segment files (call it off the event loop then)."""
+        with self._lock:
+            return max(self._read_seq, self._cursor) < self._mem_start
+
+    def read(self, max_records: int = 10_000, max_bytes: int = 8 * 1024**2) -> list[SpoolRecord]:
+        """The next records in order after those already read (and not rewound). May read from disk."""
+        with self._lock:
+            if self._closed:
+                raise SpoolClosed("spool is closed")
+            self._read_seq = max(self._read_seq, self._cursor)
+            out: list[SpoolRecord] = []
+            if self._read_seq < self._mem_start:
+                until, segments, from_seq = self._mem_start, list(self._segments), self._read_seq
+            else:
+                return self._read_memory(max_records, max_bytes, out)
+        out = self._reader.read(from_seq, until, segments, max_records, max_bytes)
+        with self._lock:
+            if out:
+                self._read_seq = max(self._read_seq, out[-1].seq + 1)
+            elif self._read_seq == from_seq:
+                # nothing on disk in [from_seq, until): records lost in a crash; continue from memory
+                self._read_seq = max(self._read_seq, until)
+            if len(out) < max_records and self._read_seq >= self._mem_start:
+                return self._read_memory(max_records, max_bytes, out)
+            return out
+
+    def _read_memory(self, max_records: int, max_bytes: int, out: list[SpoolRecord]) -> list[SpoolRecord]:
+        size = sum(len(r.payload) for r in out)
+        for rec in islice(self._mem, self._read_seq - self._mem_start, None):
+            if len(out) >= max_records or (out and size + len(rec.payload) > max_bytes):
+                break
+            out.append(rec)
+            size += len(rec.payload)
+        if out:
+            self._read_seq = out[-1].seq + 1
+        return out
+
+    def ack(self, seq: int) -> None:
+        """Every record up to and including `seq` is delivered: never replayed again (once the cursor is persisted)."""
+        with self._lock:
+            if seq < self._cursor:
+                return
+            self.acked += max(0, min(seq + 1, self._next_seq) - self._cursor)
+            self._cursor = seq + 1
+            mem = self._mem
+            while mem and mem[0].seq <= seq:
+                self._mem_bytes -= len(mem.popleft().payload)
+            self._mem_start = mem[0].seq if mem else self._next_seq
+
+    def rewind(self) -> None:
+        """Read again from the first unacknowledged record (after a failed delivery)."""
+        with self._lock:
+            self._read_seq = self._cursor
+
+    def spill(self) -> None:
+        """Write every unacknowledged record at the next group commit (the downstream is unavailable)."""
+        with self._lock:
+            self._force = True
+            self._wake.notify()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until every record appended so far is on disk or acknowledged; False on timeout."""
+        with self._lock:
+            target = self._next_seq
+            self._force = True
+            self._wake.notify()
+            return self._written_cv.wait_for(
+                lambda: self._closed or max(self._written_upto, self._cursor) >= target, timeout
+            )
+
+    @property
+    def pending(self) -> int:
+        """Records appended and not yet acknowledged (those lost in a crash included until acked past)."""
+        return self._next_seq - self._cursor
+
+    @property
+    def durable_seq(self) -> int:
+        """Every record with a seq below this is on disk or acknowledged."""
+        with self._lock:
+            return max(self._written_upto, self._cursor)
+
+    @property
+    def health(self) -> SpoolHealth:
+        with self._lock:
+            if self._full or self._io_error:
+                return SpoolHealth.FULL
+            return SpoolHealth.SPILLING if self._mem_start > self._cursor or self._disk_backlog() else SpoolHealth.OK
+
+    def _disk_backlog(self) -> bool:
+        return self._last_written_seq >= self._cursor
+
+    def _disk_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def close(self) -> None:
+        """Write what is unacknowledged, persist the cursor, stop the writer, release the directory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closing = True
+            self._wake.notify()
+        self._writer.join()
+        with self._lock:
+            self._closed = True
+            self._written_cv.notify_all()
+        self._reader.close()
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+            self._active_fd = None
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the writer thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not (self._closing or self._pressure or self._force):
+                    self._wake.wait(self._interval)
+                closing = self._closing
+                force = closing or self._force or self._pressure or self._write_through
+                self._force = self._pressure = False
+                start = max(self._written_upto, self._cursor)
+                end = self._next_seq if force else min(self._boundary, self._next_seq)
+                self._boundary = self._next_seq
+                batch = list(islice(self._mem, max(0, start - self._mem_start), max(0, end - self._mem_start)))
+                cursor = self._cursor
+            try:
+                if batch:
+                    self._write(batch)
+                self._collect_garbage(cursor)
+                self._io_error = None
+            except OSError as e:
+                self._io_error = f"disk write failed: {e}"
+                log.error("spool %s: %s", self._dir, self._io_error)
+                end = max(start, self._last_written_seq + 1)  # what was not written is retried next round
+            with self._lock:
+                self._written_upto = max(self._written_upto, end)
+                self._evict()
+                self._written_cv.notify_all()
+            if closing:
+                return
+
+    def _evict(self) -> None:
+        mem = self._mem
+        while mem and mem[0].seq < self._written_upto and (
+            len(mem) > self._mem_max_records or self._mem_bytes > self._mem_max_bytes
+        ):
+            self._mem_bytes -= len(mem.popleft().payload)
+        self._mem_start = mem[0].seq if mem else self._next_seq
+
+    def _write(self, batch: list[SpoolRecord]) -> None:
+        frames: list[bytes] = []
+        pending = 0
+        for rec in batch:
+            frame = encode_frame(rec.seq, rec.payload)
+            if self._active_fd is None or (self._sizes[self._segments[-1]] + pending + len(frame) > self._segment_bytes
+                                           and self._sizes[self._segments[-1]] + pending > 0):
+                self._append_to_active(frames, pending)
+                frames, pending = [], 0
+                self._roll(rec.seq)
+            frames.append(frame)
+            pending += len(frame)
+        self._append_to_active(frames, pending)
+
+    def _append_to_active(self, frames: list[bytes], size: int) -> None:
+        if not frames or self._active_fd is None:
+            return
+        segment = self._segments[-1]
+        before = self._sizes[segment]
+        data = memoryview(b"".join(frames))
+        try:
+            while data:
+                data = data[os.write(self._active_fd, data) :]
+            os.fsync(self._active_fd)
+        except OSError:
+            os.ftruncate(self._active_fd, before)  # never leave a half frame followed by good ones
+            raise
+        with self._lock:
+            self._sizes[segment] = before + size
+        self._last_written_seq = HEADER.unpack_from(frames[-1])[2]
+        self.written += len(frames)
+        self.fsyncs += 1
+
+    def _roll(self, first_seq: int) -> None:
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+        path = self._dir / _segment_name(first_seq)
+        self._active_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _fsync_dir(self._dir)
+        with self._lock:
+            self._segments.append(first_seq)
+            self._sizes[first_seq] = os.fstat(self._active_fd).st_size
+
+    def _collect_garbage(self, cursor: int) -> None:
+        if cursor != self._persisted_cursor:
+            _write_cursor(self._dir, cursor)
+            self._persisted_cursor = cursor
+        with self._lock:
+            segs = self._segments
+            dead = [s for i, s in enumerate(segs[:-1]) if segs[i + 1] <= cursor]
+            if segs and self._last_written_seq < cursor:
+                dead.append(segs[-1])  # the active one too: everything on disk is acknowledged
+        if not dead:
+            return
+        if self._segments and dead[-1] == self._segments[-1] and self._active_fd is not None:
+            os.close(self._active_fd)
+            self._active_fd = None
+        for s in dead:
+            (self._dir / _segment_name(s)).unlink(missing_ok=True)
+        with self._lock:
+            for s in dead:
+                self._segments.remove(s)
+                del self._sizes[s]
+
+
+class _SpoolCollector:
+    """Prometheus view of one spool, read at scrape time (nothing on the append path)."""
+
+    def __init__(self, spool: Spool):
+        self._spool = spool
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._spool
+        yield CounterMetricFamily("servoloop_spool_appended_records", "Records appended", value=s.appended)
+        yield CounterMetricFamily("servoloop_spool_acked_records", "Records acknowledged by the downstream", value=s.acked)
+        yield CounterMetricFamily("servoloop_spool_refused_records", "Appends refused (over the cap)", value=s.refused)
+        yield CounterMetricFamily("servoloop_spool_written_records", "Records written to disk", value=s.written)
+        yield CounterMetricFamily("servoloop_spool_fsyncs", "Group commits (fsync of a segment)", value=s.fsyncs)
+        yield CounterMetricFamily("servoloop_spool_corrupt_segments", "Segments with a corrupt record found on replay",
+                                  value=s._reader.corrupt_segments)
+        yield CounterMetricFamily("servoloop_spool_recovered_cut_bytes", "Torn/corrupt tail bytes truncated on open",
+                                  value=s.recovered_cut_bytes)
+        yield GaugeMetricFamily("servoloop_spool_pending_records", "Records not yet acknowledged", value=s.pending)
+        yield GaugeMetricFamily("servoloop_spool_memory_bytes", "Payload bytes held in memory", value=s._mem_bytes)
+        yield GaugeMetricFamily("servoloop_spool_disk_bytes", "Bytes in segment files", value=s._disk_bytes())
+        yield GaugeMetricFamily("servoloop_spool_max_bytes", "Disk cap", value=s.max_bytes)
+        health = s.health
+        g = GaugeMetricFamily("servoloop_spool_health", "1 for the current health state", labels=["state"])
+        for state in SpoolHealth:
+            g.add_metric([state.value], 1.0 if state == health else 0.0)
+        yield g
