@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import time
@@ -123,7 +124,8 @@ class GatewayServer:
         await self._grpc.start()
         await self.gw.start()
         app = create_http_app(self.gw)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", proxy_headers=False,
+                                server_header=False, date_header=False, backlog=2048,
                                 timeout_graceful_shutdown=int(self.gw.settings.drain_timeout_s) or None)
         self._uvicorn = uvicorn.Server(config)
         self._uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -134,6 +136,10 @@ class GatewayServer:
             await asyncio.sleep(0.01)
         for name in (INFERENCE, MODELS, ""):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's full
+        # collections, which otherwise walk the whole heap and stall the event loop for milliseconds.
+        gc.collect()
+        gc.freeze()
         log.info("gateway serving: HTTP %s:%d, gRPC %s:%d", self.host, self.http_port, self.host, self.grpc_port)
 
     async def stop(self) -> None:

@@ -12,10 +12,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from gateway.engines import collect
+from gateway.engines.http1 import Http1Pool, Response, UpstreamError
 from gateway.request import Chunk, InferenceRequest, Usage
 from gateway.settings import ModelSettings
 from schemas.errors import EngineUnavailable, InvalidRequest, NotFound
@@ -70,30 +70,26 @@ class RemoteEngine:
         self._settings = settings
         self._base = settings.url.rstrip("/")
         self._model = settings.upstream_model or settings.name
-        self._headers = {"Content-Type": "application/json"}
-        if settings.api_key:
-            self._headers["Authorization"] = f"Bearer {settings.api_key}"
-        self._session: aiohttp.ClientSession | None = None
+        self._headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self._pool: Http1Pool | None = None
         self._adapters: dict[str, str] = {}
 
     async def start(self) -> None:
         s = self._settings
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=s.max_connections, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=s.timeout_s, sock_connect=s.connect_timeout_s),
-            headers=self._headers, json_serialize=lambda o: _json_encode(o).decode(),
-        )
+        self._pool = Http1Pool(self._base, max_connections=s.max_connections, connect_timeout_s=s.connect_timeout_s,
+                               default_headers=self._headers)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
     def count_prompt_tokens(self, request: InferenceRequest) -> int:
         return estimate_tokens(request)
 
-    def _path(self, request: InferenceRequest) -> str:
-        return f"{self._base}/chat/completions" if request.operation == "chat" else f"{self._base}/completions"
+    @staticmethod
+    def _path(request: InferenceRequest) -> str:
+        return "/chat/completions" if request.operation == "chat" else "/completions"
 
     def _target(self, adapter: str | None) -> str:
         if adapter is None:
@@ -102,21 +98,28 @@ class RemoteEngine:
             raise NotFound(f"adapter {adapter!r} is not loaded", param="model")
         return adapter  # vLLM serves a runtime-loaded LoRA under its own name
 
-    async def _post(self, url: str, body: dict[str, Any], timeout: float | None) -> aiohttp.ClientResponse:
-        if self._session is None:
+    def _timeout(self, request: InferenceRequest | None) -> float:
+        left = request.time_left() if request is not None else None
+        return self._settings.timeout_s if left is None else max(0.0, min(left, self._settings.timeout_s))
+
+    async def _post(self, path: str, body: dict[str, Any], *, stream: bool = False) -> Response:
+        """POST and wait for the status; maps transport failures and upstream statuses to our errors."""
+        if self._pool is None:
             raise EngineUnavailable("remote engine is not started")
-        kw: dict[str, Any] = {}
-        if timeout is not None:
-            kw["timeout"] = aiohttp.ClientTimeout(total=max(timeout, 0.001), sock_connect=self._settings.connect_timeout_s)
         try:
-            resp = await self._session.post(url, data=_json_encode(body), **kw)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise EngineUnavailable(f"upstream {self._base} unreachable: {type(e).__name__}: {e}") from e
+            resp = await self._pool.request("POST", path, _json_encode(body),
+                                            accept="text/event-stream" if stream else "application/json")
+        except UpstreamError as e:
+            raise EngineUnavailable(f"upstream {self._base} unreachable: {e}") from e
         if resp.status >= 400:
-            text = (await resp.read())[:2000].decode(errors="replace")
-            resp.release()
+            try:
+                text = (await resp.read())[:2000].decode(errors="replace")
+            except UpstreamError:
+                text = ""
             if resp.status == 429 or resp.status >= 500:
                 raise EngineUnavailable(f"upstream {self._base} answered {resp.status}: {text}")
+            if resp.status == 404 and path.endswith("_lora_adapter"):
+                raise NotFound(f"upstream {self._base}: {text}")
             raise InvalidRequest(f"upstream refused the request ({resp.status}): {text}")
         return resp
 
@@ -124,54 +127,68 @@ class RemoteEngine:
         if request.stream:
             return await collect(self.stream(request, adapter=adapter))
         body = upstream_body(request, self._target(adapter), stream=False)
-        resp = await self._post(self._path(request), body, request.time_left())
         try:
-            data = _json_decode(await resp.read())
+            async with asyncio.timeout(self._timeout(request)):
+                resp = await self._post(self._path(request), body)
+                raw = await resp.read()
+        except TimeoutError:
+            raise EngineUnavailable(f"upstream {self._base} timed out") from None
+        except UpstreamError as e:
+            raise EngineUnavailable(f"upstream {self._base} broke the connection: {e}") from e
+        try:
+            data = _json_decode(raw)
             choice = data["choices"][0]
-        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError, KeyError, IndexError) as e:
-            raise EngineUnavailable(f"upstream {self._base} sent a broken answer: {e}") from e
-        finally:
-            resp.release()
+        except (msgspec.DecodeError, KeyError, IndexError, TypeError) as e:
+            raise EngineUnavailable(f"upstream {self._base} sent a malformed answer: {e}") from e
         usage = _usage(data.get("usage")) or Usage(estimate_tokens(request), 0)
         return Chunk(_choice_text(choice, delta=False), choice.get("finish_reason") or "stop", usage)
 
     async def stream(self, request: InferenceRequest, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
         body = upstream_body(request, self._target(adapter), stream=True)
-        resp = await self._post(self._path(request), body, request.time_left())
+        try:
+            async with asyncio.timeout(self._timeout(request)):
+                resp = await self._post(self._path(request), body, stream=True)
+        except TimeoutError:
+            raise EngineUnavailable(f"upstream {self._base} timed out") from None
         finish: Any = None
         usage: Usage | None = None
         n_chunks = 0
+        buffer = b""
         try:
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    break
-                data = _json_decode(payload)
-                usage = _usage(data.get("usage")) or usage
-                for choice in data.get("choices") or ():
-                    if text := _choice_text(choice, delta=True):
-                        n_chunks += 1
-                        yield Chunk(text)
-                    finish = choice.get("finish_reason") or finish
-        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError) as e:
+            async with asyncio.timeout(self._timeout(request)):
+                async for data in resp.chunks():
+                    buffer += data
+                    *lines, buffer = buffer.split(b"\n")
+                    for raw in lines:
+                        line = raw.strip()
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            continue
+                        event = _json_decode(payload)
+                        usage = _usage(event.get("usage")) or usage
+                        for choice in event.get("choices") or ():
+                            if text := _choice_text(choice, delta=True):
+                                n_chunks += 1
+                                yield Chunk(text)
+                            finish = choice.get("finish_reason") or finish
+        except TimeoutError:
+            raise EngineUnavailable(f"upstream {self._base} stream timed out") from None
+        except (UpstreamError, msgspec.DecodeError, AttributeError) as e:
             raise EngineUnavailable(f"upstream {self._base} stream broke: {type(e).__name__}: {e}") from e
         finally:
-            resp.close()  # closing mid-stream drops the connection: the upstream aborts the request
+            resp.release()  # before the end of the body this closes the connection: the upstream aborts
         yield Chunk("", finish or "stop", usage or Usage(estimate_tokens(request), n_chunks))
 
     async def load_adapter(self, name: str, path: str) -> None:
         if self._adapters.get(name) == path:
             return
         body = {"lora_name": name, "lora_path": path, "load_inplace": name in self._adapters}
-        resp = await self._post(f"{self._base}/load_lora_adapter", body, None)
-        resp.release()
+        await (await self._post("/load_lora_adapter", body)).read()
         self._adapters[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         if self._adapters.pop(name, None) is None:
             raise NotFound(f"adapter {name!r} is not loaded")
-        resp = await self._post(f"{self._base}/unload_lora_adapter", {"lora_name": name}, None)
-        resp.release()
+        await (await self._post("/unload_lora_adapter", {"lora_name": name})).read()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -75,7 +75,11 @@ def _headers(adm: Admission) -> dict[str, str]:
     return {"x-servoloop-inference-id": adm.id, "x-servoloop-model-version": adm.model_version}
 
 
-def build_router(gw: Gateway) -> APIRouter:
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def build_router(gw: Gateway) -> tuple[APIRouter, dict[tuple[str, str], Handler]]:
+    """The OpenAI routes, and the same handlers keyed by (method, path) for the ASGI fast path."""
     api = APIRouter()
     service, limits = gw.service, gw.settings.limits
 
@@ -127,7 +131,8 @@ def build_router(gw: Gateway) -> APIRouter:
                  "servoloop": {"engine": r.engine.kind, "version": r.version}} for r in service.router.routes()]
         return json_response({"object": "list", "data": data})
 
-    return api
+    return api, {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/completions"): completions,
+                 ("GET", "/v1/models"): models}
 
 
 def _body_schema(model: type[Any]) -> dict[str, Any]:

@@ -70,7 +70,11 @@ def build_app(b: UpstreamBehaviour) -> web.Application:
             raise
         return resp
 
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fixed", "object": "model"}]})
+
     app = web.Application()
+    app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", handle)
     app.router.add_post("/v1/completions", handle)
     return app

@@ -1,0 +1,235 @@
+"""Gateway overhead: a fixed-latency OpenAI-compatible upstream measured directly and through the gateway.
+
+Open-loop load (requests start on schedule whether or not earlier ones finished) at each offered rate,
+for a fixed duration, against: the upstream directly, the gateway over HTTP, the gateway over gRPC —
+with auth and rate limiting on. Added latency = gateway percentile − direct percentile at the same rate.
+Then streaming: tokens/s of the real engine on the tiny model alone vs. through the gateway.
+
+    .venv/bin/python benchmarks/gateway_overhead.py            # full run (≈3 min)
+    .venv/bin/python benchmarks/gateway_overhead.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import free_port, pct, wait_http, write_result  # noqa: E402
+from schemas.pb import inference_pb2 as pb  # noqa: E402
+from schemas.pb import inference_pb2_grpc as pb_grpc  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+BODY = {"model": "fixed", "messages": [{"role": "user", "content": "Say something short."}], "max_tokens": 16}
+
+
+async def open_loop(send: Callable[[], Awaitable[bool]], rate: float, duration: float) -> dict[str, float]:
+    """Start `rate` requests per second for `duration` seconds; latencies measured per request."""
+    loop = asyncio.get_running_loop()
+    n = int(rate * duration)
+    latencies: list[float] = []
+    failures = 0
+
+    async def one() -> None:
+        nonlocal failures
+        t0 = time.perf_counter()
+        ok = await send()
+        if ok:
+            latencies.append((time.perf_counter() - t0) * 1000)
+        else:
+            failures += 1
+
+    start = loop.time() + 0.05
+    tasks = []
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    sent_by = loop.time()
+    await asyncio.gather(*tasks)
+    wall = loop.time() - start
+    return {"offered_rps": rate, "achieved_rps": round(len(latencies) / wall, 1), "requests": n,
+            "failures": failures, "p50_ms": pct(latencies, 50), "p95_ms": pct(latencies, 95),
+            "p99_ms": pct(latencies, 99), "schedule_lag_ms": round((sent_by - start - (n - 1) / rate) * 1000, 2)}
+
+
+async def measure_unary(upstream_url: str, gw_http: str, gw_grpc: str, key: str, rates: list[int],
+                        duration: float) -> list[dict]:
+    rows = []
+    conn = aiohttp.TCPConnector(limit=2000)
+    async with aiohttp.ClientSession(connector=conn) as http, grpc.aio.insecure_channel(gw_grpc) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        auth = {"Authorization": f"Bearer {key}"}
+        grpc_req = pb.GenerateRequest(model="fixed", messages=[pb.ChatMessage(role="user", content="Say something short.")],
+                                      params=pb.SamplingParams(max_tokens=16))
+        md = (("authorization", f"Bearer {key}"),)
+
+        async def direct() -> bool:
+            async with http.post(f"{upstream_url}/chat/completions", json=BODY) as r:
+                await r.read()
+                return r.status == 200
+
+        async def via_http() -> bool:
+            async with http.post(f"{gw_http}/v1/chat/completions", json=BODY, headers=auth) as r:
+                await r.read()
+                return r.status == 200
+
+        async def via_grpc() -> bool:
+            try:
+                await stub.Generate(grpc_req, metadata=md, timeout=30)
+                return True
+            except grpc.aio.AioRpcError:
+                return False
+
+        for send in (direct, via_http, via_grpc):  # warm connections and code paths
+            await asyncio.gather(*(send() for _ in range(50)))
+        for rate in rates:
+            results = {}
+            for name, send in (("direct", direct), ("gateway_http", via_http), ("gateway_grpc", via_grpc)):
+                results[name] = await open_loop(send, rate, duration)
+                await asyncio.sleep(0.5)
+            d = results["direct"]
+            row = {"offered_rps": rate, **{f"{k}_{m}": v[m] for k, v in results.items()
+                                           for m in ("p50_ms", "p95_ms", "p99_ms", "achieved_rps", "failures")}}
+            for api in ("gateway_http", "gateway_grpc"):
+                for q in ("p50", "p95", "p99"):
+                    row[f"{api}_added_{q}_ms"] = round(results[api][f"{q}_ms"] - d[f"{q}_ms"], 3)
+            rows.append(row)
+            print(f"{rate:5d} req/s  direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} | "
+                  f"http +{row['gateway_http_added_p50_ms']:.2f}/+{row['gateway_http_added_p99_ms']:.2f} ms "
+                  f"({row['gateway_http_achieved_rps']} rps) | grpc +{row['gateway_grpc_added_p50_ms']:.2f}/"
+                  f"+{row['gateway_grpc_added_p99_ms']:.2f} ms ({row['gateway_grpc_achieved_rps']} rps)", flush=True)
+    return rows
+
+
+async def measure_streaming(model_dir: Path, engine_kind: str, gw_http: str, key: str, streams: int,
+                            max_tokens: int) -> dict:
+    """Tokens/s of the engine alone (in this process) vs the same requests through the gateway process."""
+    from gateway.request import InferenceRequest, SamplingParams
+    from gateway.server import make_engine
+    from gateway.settings import ModelSettings
+
+    prompts = [f"Story number {i}: once upon a time" for i in range(streams)]
+
+    async def through_gateway() -> int:
+        async with aiohttp.ClientSession() as http:
+            async def one(p: str) -> int:
+                body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                n = 0
+                async with http.post(f"{gw_http}/v1/completions", json=body,
+                                     headers={"Authorization": f"Bearer {key}"}) as r:
+                    async for line in r.content:
+                        if line.startswith(b"data: {") and b'"usage":{' in line:
+                            import json
+                            n = json.loads(line[6:])["usage"]["completion_tokens"]
+                return n
+            return sum(await asyncio.gather(*(one(p) for p in prompts)))
+
+    t0 = time.perf_counter()
+    gw_tokens = await through_gateway()
+    gw_s = time.perf_counter() - t0
+
+    engine = make_engine(ModelSettings(name="tiny", engine=engine_kind, path=str(model_dir)))
+    await engine.start()
+    try:
+        async def one_direct(p: str) -> int:
+            req = InferenceRequest(model="tiny", operation="text_completion", prompt=p, stream=True,
+                                   params=SamplingParams(max_tokens=max_tokens, temperature=0))
+            last = None
+            async for c in engine.stream(req):
+                last = c
+            return last.usage.completion_tokens if last and last.usage else 0
+        await one_direct("warm up")
+        t0 = time.perf_counter()
+        direct_tokens = sum(await asyncio.gather(*(one_direct(p) for p in prompts)))
+        direct_s = time.perf_counter() - t0
+    finally:
+        await engine.aclose()
+    direct_tps, gw_tps = direct_tokens / direct_s, gw_tokens / gw_s
+    return {"engine": engine_kind, "concurrent_streams": streams, "max_tokens": max_tokens,
+            "engine_alone_tokens_per_s": round(direct_tps, 1), "through_gateway_tokens_per_s": round(gw_tps, 1),
+            "gateway_vs_engine_ratio": round(gw_tps / direct_tps, 3),
+            "engine_alone_tokens": direct_tokens, "through_gateway_tokens": gw_tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="100,500,1000")
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds per rate and target")
+    ap.add_argument("--upstream-latency-ms", type=float, default=20.0)
+    ap.add_argument("--engine", default="auto", help="engine for the streaming part: vllm, transformers, auto")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--stream-tokens", type=int, default=128)
+    ap.add_argument("--model", default=str(ROOT / ".servoloop/models/tiny-chat"))
+    ap.add_argument("--quick", action="store_true", help="short smoke run")
+    ap.add_argument("--no-streaming", action="store_true", help="skip the streaming comparison")
+    a = ap.parse_args()
+    rates = [int(r) for r in a.rates.split(",")]
+    duration = 3.0 if a.quick else a.duration
+    engine = a.engine
+    if engine == "auto":
+        from gateway.engines import vllm_available
+
+        engine = "vllm" if vllm_available() else "transformers"
+
+    tmp = Path(tempfile.mkdtemp(prefix="servoloop-bench-"))
+    up_port, http_port, grpc_port = free_port(), free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "tests.support.openai_upstream", "--port", str(up_port),
+                                 "--latency-ms", str(a.upstream_latency_ms), "--tokens", "16"], cwd=ROOT)
+    cfg = tmp / "servoloop.yaml"
+    cfg.write_text(f"""data_dir: {tmp}
+log_level: WARNING
+gateway:
+  host: 127.0.0.1
+  http_port: {http_port}
+  grpc_port: {grpc_port}
+  rate_limits: {{requests_per_minute: 10000000, tokens_per_minute: 1000000000, max_concurrent_streams: 1000}}
+  limits: {{max_output_tokens: 2048}}
+  models:
+    - {{name: fixed, engine: remote, url: "http://127.0.0.1:{up_port}/v1", max_connections: 2000}}
+""" + ("" if a.no_streaming else f"""    - {{name: tiny, engine: {engine}, path: "{a.model}", max_concurrency: {a.streams}}}
+"""))
+    env = {**os.environ, "SERVOLOOP_CONFIG": str(cfg)}
+    gateway = subprocess.Popen([str(BIN / "servoloop"), "serve"], env=env, cwd=tmp)
+    try:
+        wait_http(f"http://127.0.0.1:{http_port}/readyz", 300, gateway)
+        wait_http(f"http://127.0.0.1:{up_port}/v1/models", 30, upstream)
+        key = subprocess.run([str(BIN / "servoloop"), "keys", "create", "--tenant", "bench"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        time.sleep(1.5)  # the gateway picks up the new key
+        rows = asyncio.run(measure_unary(f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{http_port}",
+                                         f"127.0.0.1:{grpc_port}", key, rates, duration))
+        streaming = {} if a.no_streaming else asyncio.run(measure_streaming(
+            Path(a.model), engine, f"http://127.0.0.1:{http_port}", key, a.streams, a.stream_tokens))
+        if streaming:
+            print(f"streaming ({engine}, {a.streams} streams): engine alone {streaming['engine_alone_tokens_per_s']} tok/s,"
+              f" through gateway {streaming['through_gateway_tokens_per_s']} tok/s "
+                  f"(ratio {streaming['gateway_vs_engine_ratio']})")
+    finally:
+        gateway.terminate()
+        upstream.terminate()
+        gateway.wait(30)
+        upstream.wait(30)
+    out = write_result("gateway_overhead", {
+        "upstream_latency_ms": a.upstream_latency_ms, "duration_s_per_rate": duration, "unary": rows,
+        "streaming": streaming,
+        "targets": {"added_p50_ms_at_500_rps": 1.0, "added_p99_ms_at_500_rps": 3.0, "streaming_ratio": 0.95},
+    })
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
