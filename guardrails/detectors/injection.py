@@ -1,0 +1,131 @@
+"""Prompt injection and jailbreak: maintained pattern sets matched on normalised text, with a score.
+
+The text is folded to a skeleton (see `guardrails.normalise`), letter-spaced words are joined, and base64,
+hex and percent-encoded runs that decode to prose are normalised and scanned again (depth-bounded). A
+pattern runs only when one of its trigger words occurs (one Aho-Corasick pass). Evidence combines per
+finding type as 1 - prod(1 - weight); encoded evidence counts a little more, since hiding is a signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import ahocorasick
+import regex
+import yaml
+
+from guardrails.normalise import MappedText, despace, encoded_segments, skeleton
+from guardrails.verdict import Finding
+
+NAME = "injection"
+TYPES = ("PROMPT_INJECTION", "JAILBREAK", "SYSTEM_PROMPT_EXTRACTION")
+_SEP = r"[\W_]+"
+_GAP = r"(?:(?!(?:my|our)\b)[\w']{1,30}[\W_]+){0,3}"
+ENCODED_BONUS = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class InjectionPattern:
+    id: str
+    type: str
+    weight: float
+    regex: regex.Pattern[str]
+    triggers: tuple[str, ...]
+
+
+def expand(notation: str) -> str:
+    """The `regex` source for a pattern written in the data file's notation (spaces, `~`, l = i)."""
+    body = notation.replace("l", "i").replace(" ?", "\x00").replace(" ", _SEP).replace("~", _GAP)
+    return "(?<![a-z0-9])(?:" + body.replace("\x00", r"[\W_]*") + ")"
+
+
+def load_patterns(path: Path | None = None) -> tuple[str, tuple[InjectionPattern, ...]]:
+    """(version, patterns) from `path` or the bundled `guardrails/data/injection.yaml`.
+
+    Raises ValueError naming the pattern id when a pattern is malformed or does not compile.
+    """
+    raw = path.read_text() if path else resources.files("guardrails").joinpath("data/injection.yaml").read_text()
+    doc: dict[str, Any] = yaml.safe_load(raw)
+    categories: dict[str, str] = doc["categories"]
+    out = []
+    for item in doc["patterns"]:
+        pid = item.get("id", "?")
+        try:
+            type_ = categories[item["category"]]
+            compiled = regex.compile(expand(item["regex"]), regex.V0)
+            weight = float(item["weight"])
+        except (KeyError, regex.error, TypeError, ValueError) as e:
+            raise ValueError(f"injection pattern {pid!r}: {e}") from e
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"injection pattern {pid!r}: weight must be in (0, 1]")
+        triggers = tuple(str(t).lower().replace("l", "i") for t in item.get("triggers") or ())
+        out.append(InjectionPattern(pid, type_, weight, compiled, triggers))
+    return str(doc.get("version", "0")), tuple(out)
+
+
+class InjectionDetector:
+    """Scores a text for prompt injection, jailbreak and system-prompt extraction; one finding per type."""
+
+    name = NAME
+
+    def __init__(self, path: Path | None = None, *, decode_depth: int = 2):
+        self.version, self.patterns = load_patterns(path)
+        self.decode_depth = decode_depth
+        self._always = tuple(i for i, p in enumerate(self.patterns) if not p.triggers)
+        self._triggers = ahocorasick.Automaton()
+        index: dict[str, list[int]] = {}
+        for i, p in enumerate(self.patterns):
+            for t in p.triggers:
+                index.setdefault(t, []).append(i)
+        for word, ids in index.items():
+            self._triggers.add_word(word, tuple(ids))
+        self._triggers.make_automaton()
+
+    def _hits(self, text: str, depth: int) -> dict[int, tuple[int, int, float]]:
+        """Pattern index -> (start, end, weight) in `text`'s offsets, over every view of `text`."""
+        hits: dict[int, tuple[int, int, float]] = {}
+        skel = skeleton(text)
+        views: list[tuple[str, list[MappedText]]] = [(skel.text, [skel])]
+        spaced = despace(skel.text)
+        if spaced is not None:
+            views.append((spaced.text, [spaced, skel]))
+        for view_text, maps in views:
+            folded = view_text.replace("l", "i")
+            wanted = set(self._always)
+            for _end, ids in self._triggers.iter(folded):
+                wanted.update(ids)
+            for i in sorted(wanted):
+                if i in hits:
+                    continue
+                m = self.patterns[i].regex.search(folded)
+                if m is None:
+                    continue
+                s, e = m.span()
+                for mapped in maps:
+                    s, e = mapped.source_span(s, e)
+                hits[i] = (s, e, self.patterns[i].weight)
+        if depth > 0:
+            for s, e, plain in encoded_segments(text):
+                for i, (_s, _e, w) in self._hits(plain, depth - 1).items():
+                    boosted = min(1.0, w + ENCODED_BONUS)
+                    if i not in hits or hits[i][2] < boosted:
+                        hits[i] = (s, e, boosted)
+        return hits
+
+    def scan(self, text: str) -> list[Finding]:
+        """One finding per injection type with evidence, scored in [0, 1]; spans point into `text`."""
+        by_type: dict[str, list[tuple[int, int, float]]] = {}
+        for i, hit in self._hits(text, self.decode_depth).items():
+            by_type.setdefault(self.patterns[i].type, []).append(hit)
+        out = []
+        for type_, hits in by_type.items():
+            miss = 1.0
+            for _s, _e, w in hits:
+                miss *= 1.0 - w
+            out.append(Finding(start=min(h[0] for h in hits), end=max(h[1] for h in hits), detector=NAME,
+                               type=type_, score=round(1.0 - miss, 3)))
+        out.sort()
+        return out

@@ -1,0 +1,306 @@
+"""Span rules: the unit every span detector is made of, usable on a whole text or incrementally on a stream.
+
+A `PatternRule` is one bounded regular expression plus a pure validator; a `KeywordRule` is a set of words
+and phrases in one Aho-Corasick automaton. Both scan a whole text (`scan`) and advance over a growing
+buffer (`advance`), and `advance` is exact: it reports a finding only once no later text can change it,
+and it reports exactly the findings `scan` would report on the whole text. That is what lets the stream
+guard emit early without ever letting a match escape split across chunks.
+
+How a pattern rule knows an attempt is final: the rule's pattern is parsed once to learn the most
+characters an attempt can examine (`width`, so unbounded patterns are refused) and the set of characters a
+match can consume. An attempt starting at `s` is final when `s + width <= n`, or when a character it cannot
+consume lies between `s` and the buffer's end; only the few positions after the last such "stopper" are
+then searched in the `regex` module's partial mode.
+"""
+
+from __future__ import annotations
+
+import re._constants as sre_c
+import re._parser as sre_parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import ahocorasick
+import regex
+
+from guardrails.verdict import Finding
+
+# (type, score) or (type, score, start, end) for an accepted match (the span, in match-string offsets,
+# when the validator narrows it), None to reject it.
+Validator = Callable[["regex.Match[str]"], "tuple[str, float] | tuple[str, float, int, int] | None"]
+_HAS_DIGIT = regex.compile(r"\d")
+
+
+class UnboundedPattern(ValueError):
+    """A rule's pattern can match unboundedly long text (`*`, `+`, `{n,}`) or uses a back-reference."""
+
+
+def _class_piece(op: object, av: object) -> str | None:
+    """A regex character-class fragment for one IN item; None when it cannot be expressed positively."""
+    if op is sre_c.LITERAL:
+        return regex.escape(chr(av))  # type: ignore[arg-type]
+    if op is sre_c.RANGE:
+        lo, hi = av  # type: ignore[misc]
+        return f"{regex.escape(chr(lo))}-{regex.escape(chr(hi))}"
+    if op is sre_c.CATEGORY:
+        name = str(av)
+        if "NOT" in name:
+            return None
+        for key, piece in (("DIGIT", r"\d"), ("WORD", r"\w"), ("SPACE", r"\s")):
+            if key in name:
+                return piece
+    return None
+
+
+class _Shape:
+    """Width and consumable characters of a parsed pattern, gathered in one walk."""
+
+    def __init__(self) -> None:
+        self.positive: set[str] = set()
+        self.negated: list[str] = []  # each: a class body whose complement is consumable
+        self.anything = False
+        self.lookahead = 1  # chars examined past a match's end: `\b` and `$` peek at one
+
+    def width(self, sub: Iterable[tuple[object, object]], consuming: bool = True) -> int:
+        total = 0
+        for op, av in sub:
+            if op in (sre_c.LITERAL, sre_c.NOT_LITERAL, sre_c.ANY, sre_c.IN):
+                if consuming:
+                    self._consumes(op, av)
+                total += 1
+            elif op is sre_c.BRANCH:
+                total += max(self.width(b, consuming) for b in av[1])  # type: ignore[index]
+            elif op is sre_c.SUBPATTERN:
+                total += self.width(av[-1], consuming)  # type: ignore[index]
+            elif op in (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, getattr(sre_c, "POSSESSIVE_REPEAT", None)):
+                _lo, hi, p = av  # type: ignore[misc]
+                if hi is sre_c.MAXREPEAT or hi >= 1 << 16:
+                    raise UnboundedPattern("unbounded repetition: use {m,n} instead of *, + or {m,}")
+                total += hi * self.width(p, consuming)
+            elif op in (sre_c.ASSERT, sre_c.ASSERT_NOT):
+                w = self.width(av[1], False)  # type: ignore[index]  # examined, not consumed
+                if av[0] > 0:  # type: ignore[index]
+                    self.lookahead = max(self.lookahead, w)
+                total += w
+            elif op is getattr(sre_c, "ATOMIC_GROUP", None):
+                total += self.width(av, consuming)  # type: ignore[arg-type]
+            elif op is sre_c.AT:
+                continue
+            else:
+                raise UnboundedPattern(f"unsupported construct in a guardrail pattern: {op}")
+        return total
+
+    def _consumes(self, op: object, av: object) -> None:
+        if op is sre_c.ANY:
+            self.anything = True
+        elif op is sre_c.LITERAL:
+            self.positive.add(regex.escape(chr(av)))  # type: ignore[arg-type]
+        elif op is sre_c.NOT_LITERAL:
+            self.negated.append(regex.escape(chr(av)))  # type: ignore[arg-type]
+        else:  # IN
+            items = list(av)  # type: ignore[call-overload]
+            negate = bool(items) and items[0][0] is sre_c.NEGATE
+            pieces = [_class_piece(o, a) for o, a in items[1:] if negate] if negate else \
+                     [_class_piece(o, a) for o, a in items]
+            if any(p is None for p in pieces):
+                self.anything = True
+            elif negate:
+                self.negated.append("".join(pieces))  # type: ignore[arg-type]
+            else:
+                self.positive.update(pieces)  # type: ignore[arg-type]
+
+    def stopper(self) -> str | None:
+        """A one-character pattern matching exactly the characters no match can consume (None: no such)."""
+        if self.anything:
+            return None
+        body = "".join(sorted(self.positive))
+        if not self.negated:
+            return f"[^{body}]" if body else r"[\s\S]"
+        guards = "".join(f"(?=[{x}])" for x in self.negated[1:])
+        return (f"(?![{body}])" if body else "") + guards + f"[{self.negated[0]}]"
+
+
+def pattern_shape(pattern: str) -> tuple[int, int, str | None]:
+    """(most chars an attempt examines, most chars it peeks past a match, stopper pattern or None).
+
+    Raises UnboundedPattern for unbounded repetition, back-references or conditionals.
+    """
+    shape = _Shape()
+    width = shape.width(sre_parse.parse(pattern))
+    return width, shape.lookahead, shape.stopper()
+
+
+@dataclass(frozen=True, eq=False)
+class PatternRule:
+    """One bounded regular expression for one detector; the span is group `v` when the pattern has one.
+
+    `requires` / `requires_lower` are literal substrings of which every match contains at least one (in the
+    text / in `fold(text)`): a whole-text scan skips the rule when none is present.
+    """
+
+    detector: str
+    type: str
+    pattern: str
+    score: float = 0.9
+    validate: Validator | None = None
+    requires: tuple[str, ...] = ()
+    requires_lower: tuple[str, ...] = ()
+    requires_digit: bool = False
+    flags: int = 0
+    regex: regex.Pattern[str] = field(init=False)
+    width: int = field(init=False)
+    lookahead: int = field(init=False)
+    _has_value: bool = field(init=False)
+    _stop: regex.Pattern[str] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        width, lookahead, stopper = pattern_shape(self.pattern)
+        set_ = object.__setattr__
+        set_(self, "regex", regex.compile(self.pattern, self.flags | regex.V0))
+        set_(self, "width", width + 1)  # +1: `\b`/`$`-style checks peek one past what they examine
+        set_(self, "lookahead", lookahead)
+        set_(self, "_has_value", "v" in self.regex.groupindex)
+        set_(self, "_stop", regex.compile("(?r)" + stopper, regex.IGNORECASE) if stopper else None)
+
+    def _finding(self, m: regex.Match[str], base: int) -> Finding | None:
+        start, end = m.span("v") if self._has_value and m.start("v") >= 0 else m.span()
+        if self.validate is None:
+            type_, score = self.type, self.score
+        else:
+            got = self.validate(m)
+            if got is None:
+                return None
+            if len(got) == 4:
+                type_, score, start, end = got  # type: ignore[misc]
+            else:
+                type_, score = got  # type: ignore[misc]
+        return Finding(start=start + base, end=end + base, detector=self.detector, type=type_, score=score)
+
+    def applies(self, text: str, folded: str | None) -> bool:
+        """Cheap necessary condition: False means no match can exist anywhere in `text`."""
+        if self.requires and not any(r in text for r in self.requires):
+            return False
+        if self.requires_lower and folded is not None and not any(r in folded for r in self.requires_lower):
+            return False
+        return not (self.requires_digit and _HAS_DIGIT.search(text) is None)
+
+    def scan(self, text: str, folded: str | None = None) -> list[Finding]:
+        """Every validated match in the whole `text` (`folded`: `fold(text)`, enables the keyword prefilter)."""
+        if not self.applies(text, folded):
+            return []
+        out = []
+        for m in self.regex.finditer(text):
+            f = self._finding(m, 0)
+            if f is not None:
+                out.append(f)
+        return out
+
+    def advance(self, buf: str, pos: int, finished: bool) -> tuple[list[Finding], int]:
+        """Findings of attempts starting in `buf[pos:]` that are final, and where the next call resumes.
+
+        Offsets are relative to `buf`; `buf` must hold enough text before `pos` for look-behinds. With
+        `finished` every remaining attempt is final.
+        """
+        n = len(buf)
+        out: list[Finding] = []
+        if finished:
+            for m in self.regex.finditer(buf, pos):
+                f = self._finding(m, 0)
+                if f is not None:
+                    out.append(f)
+            return out, n
+        lo = max(pos, n - self.width + 1)
+        if self._stop is not None and lo < n - self.lookahead:
+            # a stopper at L ends every attempt before it; it is final once the look-ahead past L is known
+            stop = self._stop.search(buf, lo, n - self.lookahead)
+            if stop is not None:
+                lo = stop.start() + 1
+        last_end = pos
+        if lo > pos:
+            for m in self.regex.finditer(buf, pos):
+                if m.start() >= lo:
+                    break
+                last_end = m.end()
+                f = self._finding(m, 0)
+                if f is not None:
+                    out.append(f)
+        start = max(lo, last_end)
+        pending = self.regex.search(buf, start, partial=True) if start < n else None
+        return out, (pending.start() if pending is not None else n)
+
+
+def fold(text: str) -> str:
+    """Case-fold `text` one character to one character (so offsets survive): `casefold`, first char kept."""
+    folded = text.casefold()
+    if len(folded) == len(text):
+        return folded
+    return "".join((c.casefold() or c)[0] for c in text)
+
+
+def _is_word(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+class KeywordRule:
+    """Whole-word, case-insensitive occurrences of any of `terms`, found in one Aho-Corasick pass.
+
+    Every occurrence is reported, overlapping ones included (the chain merges overlaps); a term that starts
+    or ends with a word character must sit on a word boundary on that side.
+    """
+
+    def __init__(self, detector: str, type_: str, terms: Iterable[str], score: float = 1.0):
+        self.detector, self.type, self.score = detector, type_, score
+        self._auto = ahocorasick.Automaton()
+        self.maxlen = 0
+        firsts: set[str] = set()
+        for term in terms:
+            key = fold(term.strip())
+            if not key:
+                continue
+            self._auto.add_word(key, len(key))
+            self.maxlen = max(self.maxlen, len(key))
+            firsts.add(key[0])
+        self._firsts = frozenset(firsts)
+        self.width = self.maxlen + 1
+        self.empty = self.maxlen == 0
+        if not self.empty:
+            self._auto.make_automaton()
+
+    def _occurrences(self, folded: str, pos: int, limit: int, finished: bool) -> list[Finding]:
+        n = len(folded)
+        out = []
+        for end_incl, length in self._auto.iter(folded, pos, n):
+            s, e = end_incl - length + 1, end_incl + 1
+            if s >= limit:
+                continue
+            if _is_word(folded[s]) and s > 0 and _is_word(folded[s - 1]):
+                continue
+            if _is_word(folded[e - 1]) and e < n and _is_word(folded[e]):
+                continue
+            out.append(Finding(start=s, end=e, detector=self.detector, type=self.type, score=self.score))
+        out.sort()
+        return out
+
+    def scan(self, text: str, folded: str | None = None) -> list[Finding]:
+        """Every whole-word occurrence in `text` (`folded`: `fold(text)`, when the caller has it)."""
+        if self.empty:
+            return []
+        f = fold(text) if folded is None else folded
+        return self._occurrences(f, 0, len(f) + 1, True)
+
+    def advance(self, buf: str, pos: int, finished: bool, folded: str | None = None) -> tuple[list[Finding], int]:
+        """As `PatternRule.advance`: final occurrences starting at or after `pos`, and the resume point."""
+        if self.empty:
+            return [], len(buf)
+        f = fold(buf) if folded is None else folded
+        n = len(f)
+        frontier = n
+        if not finished:
+            for s in range(max(pos, n - self.maxlen), n):
+                if f[s] in self._firsts and self._auto.match(f[s:n]):
+                    frontier = s
+                    break
+        return self._occurrences(f, pos, frontier, finished), frontier
+
+
+Rule = PatternRule | KeywordRule

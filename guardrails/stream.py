@@ -1,0 +1,128 @@
+"""Streaming output filtering: emit only text that can no longer become part of a match.
+
+The guard appends each engine chunk to a small buffer and lets every span rule of the output chain advance
+over it (`PatternRule.advance` / `KeywordRule.advance`): each rule reports the findings that are final and
+the earliest position where a match might still start. Text before the smallest such position, cut back so
+no redacted span is split, is redacted and emitted; the rest is held. The hold-back is bounded by the
+widest rule (a few hundred characters; a PEM private-key block, once its header has appeared, up to ~10k).
+
+Guarantee (tested with hypothesis): for any text and any chunking, the concatenated output equals the
+non-streamed `Policy.check_output(text).text`, and a blocked stream emits a prefix of it that contains no
+blocked span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from guardrails.chain import Chain, Step, dedupe, redact
+from guardrails.detectors.base import RuleDetector
+from guardrails.rules import KeywordRule, fold
+from guardrails.verdict import Finding, Verdict, strongest
+
+CONTEXT = 64  # characters kept before the resume point, for look-behinds and word boundaries
+
+
+class StreamGuard:
+    """Consumes engine chunks, returns what is safe to emit; `blocked` turns true on a blocking finding.
+
+    Once blocked, `feed` and `finish` return "" and the caller ends the stream with a clear final status.
+    Raises TypeError when built over a chain whose detectors cannot run on a stream.
+    """
+
+    def __init__(self, chain: Chain, extra: Sequence[Step] = ()):
+        self._allowlist = chain.allowlist
+        self._rules = []
+        for step in (*chain.steps, *extra):
+            if not isinstance(step.detector, RuleDetector):
+                raise TypeError(f"detector {step.detector.name!r} cannot run on a stream")
+            self._rules.extend((rule, step) for rule in step.detector.rules)
+        self._needs_fold = any(isinstance(r, KeywordRule) for r, _ in self._rules)
+        self._resume = [0] * len(self._rules)
+        self._buf = ""
+        self._base = 0  # absolute offset of self._buf[0]
+        self._emitted = 0  # absolute offset up to which output has been emitted
+        self._pending: list[Finding] = []  # final, not yet emitted
+        self._findings: list[Finding] = []
+        self._out: list[str] = []
+        self.blocked = False
+        self.finished = False
+        self.chars_in = 0
+
+    @property
+    def held(self) -> int:
+        """How many received characters are held back right now."""
+        return self._base + len(self._buf) - self._emitted
+
+    def feed(self, chunk: str) -> str:
+        """Take one chunk; return the text now safe to emit (redacted), possibly ''."""
+        if self.blocked or self.finished or not chunk:
+            return ""
+        self._buf += chunk
+        self.chars_in += len(chunk)
+        return self._advance(False)
+
+    def finish(self) -> str:
+        """End of the engine stream: return the held-back tail, redacted ('' when blocked)."""
+        if self.blocked or self.finished:
+            return ""
+        out = self._advance(True)
+        self.finished = True
+        return out
+
+    @property
+    def verdict(self) -> Verdict:
+        """The verdict so far (final after `finish` or a block); `text` is what was emitted."""
+        findings = dedupe(self._findings)
+        return Verdict(action=strongest(f.action for f in findings), findings=findings,
+                       texts=("".join(self._out),))
+
+    def _advance(self, finished: bool) -> str:
+        buf, base = self._buf, self._base
+        folded = fold(buf) if self._needs_fold else None
+        frontier = base + len(buf)
+        for i, (rule, step) in enumerate(self._rules):
+            pos = self._resume[i] - base
+            if isinstance(rule, KeywordRule):
+                found, resume = rule.advance(buf, pos, finished, folded)
+            else:
+                found, resume = rule.advance(buf, pos, finished)
+            self._resume[i] = resume + base
+            frontier = min(frontier, resume + base)
+            for raw in found:
+                f = step.judge(raw, buf, self._allowlist)
+                if f is not None:
+                    f = _shift(f, base)
+                    self._pending.append(f)
+                    self._findings.append(f)
+        if any(f.action == "block" for f in self._pending):
+            self.blocked = True
+            self._buf = ""
+            return ""
+        cut = frontier
+        moved = True
+        while moved:  # never cut through a span that will be redacted
+            moved = False
+            for f in self._pending:
+                if f.action != "allow" and f.start < cut < f.end:
+                    cut, moved = f.start, True
+        if cut <= self._emitted:
+            return ""
+        ready = [f for f in self._pending if f.end <= cut]
+        self._pending = [f for f in self._pending if f.end > cut]
+        text = redact(buf[self._emitted - base:cut - base], ready, offset=self._emitted)
+        self._emitted = cut
+        keep = max(min(cut, *self._resume) - CONTEXT, base) if self._resume else cut
+        if keep > base:
+            self._buf = buf[keep - base:]
+            self._base = keep
+        if text:
+            self._out.append(text)
+        return text
+
+
+def _shift(f: Finding, by: int) -> Finding:
+    if by == 0:
+        return f
+    return Finding(start=f.start + by, end=f.end + by, detector=f.detector, type=f.type, score=f.score,
+                   action=f.action, part=f.part)
