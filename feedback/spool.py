@@ -204,7 +204,7 @@ class _SegmentReader:
     def _open(self, segment: int) -> bool:
         self.close()
         try:
-            self._file = open(self._dir / _segment_name(segment), "rb")  # noqa: SIM115
+            self._file = open(self._dir / _segment_name(segment), "rb")
         except FileNotFoundError:
             return False
         self._segment, self._offset = segment, 0
@@ -312,6 +312,7 @@ class Spool:
         self._written_cv = threading.Condition(self._lock)
         self._segments = segments
         self._sizes = {s: (self._dir / _segment_name(s)).stat().st_size for s in segments}
+        self._disk_total = sum(self._sizes.values())
         self._cursor = self._persisted_cursor = cursor
         self._next_seq = max(cursor, last_seq + 1)
         self._written_upto = self._boundary = self._next_seq  # unacked records below written_upto are on disk
@@ -451,7 +452,7 @@ class Spool:
         return self._last_written_seq >= self._cursor
 
     def _disk_bytes(self) -> int:
-        return sum(self._sizes.values())
+        return self._disk_total
 
     def close(self) -> None:
         """Write what is unacknowledged, persist the cursor, stop the writer, release the directory. Idempotent."""
@@ -544,6 +545,7 @@ class Spool:
             raise
         with self._lock:
             self._sizes[segment] = before + size
+            self._disk_total += size
         self._last_written_seq = HEADER.unpack_from(frames[-1])[2]
         self.written += len(frames)
         self.fsyncs += 1
@@ -556,7 +558,8 @@ class Spool:
         _fsync_dir(self._dir)
         with self._lock:
             self._segments.append(first_seq)
-            self._sizes[first_seq] = os.fstat(self._active_fd).st_size
+            self._sizes[first_seq] = size = os.fstat(self._active_fd).st_size
+            self._disk_total += size
 
     def _collect_garbage(self, cursor: int) -> None:
         if cursor != self._persisted_cursor:
@@ -577,7 +580,7 @@ class Spool:
         with self._lock:
             for s in dead:
                 self._segments.remove(s)
-                del self._sizes[s]
+                self._disk_total -= self._sizes.pop(s)
 
 
 class _SpoolCollector:

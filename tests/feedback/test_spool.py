@@ -204,7 +204,7 @@ def test_unacknowledged_records_reach_disk_within_two_group_commits(tmp_path: Pa
 
 def test_fully_acknowledged_segments_are_deleted(tmp_path: Path) -> None:
     with Spool(tmp_path, segment_bytes=1024, write_through=True, fsync_interval_s=0.01) as spool:
-        for i in range(200):
+        for _ in range(200):
             spool.append(b"x" * 50)
         assert spool.flush(timeout=5)
         assert len(segment_files(tmp_path)) > 5
