@@ -1,0 +1,259 @@
+"""The ingester's consumer loop: a consumer group reads the event topics in batches and commits only what is stored.
+
+Each batch (up to `batch_max_events`, or what arrived within `batch_max_wait_s` of its first record) goes to
+`handle(values, source)` — `feedback.store.ingest_batch` bound to a store, which decodes, writes idempotently by
+event id and dead-letters bad records. Offsets are committed only after it returned; when it raises, the same
+batch is retried with capped exponential backoff, never committed, never dropped. A store outage longer than
+`max.poll.interval.ms` costs a rebalance and a redelivery (deduplicated by event id), not data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from feedback.kafka import consumer_config
+from feedback.settings import IngestSettings
+
+log = logging.getLogger(__name__)
+
+Source = tuple[str, int, int]  # topic, partition, offset
+BatchHandler = Callable[[list[bytes], list[Source]], Awaitable[object]]
+T = TypeVar("T")
+
+
+def store_handler(store: Any) -> BatchHandler:
+    """`feedback.store.ingest_batch` bound to `store` (run in a thread when it is synchronous)."""
+    from feedback.store import ingest_batch  # type: ignore[attr-defined]
+
+    if inspect.iscoroutinefunction(ingest_batch):
+        async def handle(values: list[bytes], source: list[Source]) -> object:
+            return await ingest_batch(store, values, source=source)
+    else:
+        async def handle(values: list[bytes], source: list[Source]) -> object:
+            return await asyncio.to_thread(ingest_batch, store, values, source=source)
+    return handle
+
+
+class Ingester:
+    """Consumes `topics` as group `settings.group_id` and hands batches to `handle`; `start()`, then `stop()`.
+
+    All consumer calls run on one dedicated thread, so the event loop never blocks on Kafka.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topics: Sequence[str],
+        handle: BatchHandler,
+        *,
+        settings: IngestSettings | None = None,
+        registry: CollectorRegistry | None = None,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 10.0,
+        consumer_overrides: Mapping[str, Any] | None = None,
+    ):
+        self.settings = settings or IngestSettings()
+        self._config = consumer_config(bootstrap_servers, self.settings.group_id, **(consumer_overrides or {}))
+        self._topics = list(topics)
+        self._handle = handle
+        self._backoff_initial, self._backoff_max = backoff_initial_s, backoff_max_s
+        self._executor: ThreadPoolExecutor | None = None
+        self._consumer: Consumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._assigned: set[tuple[str, int]] = set()
+        self._uncommitted: dict[tuple[str, int], int] = {}  # offsets stored but whose commit failed
+        self.committed: dict[tuple[str, int], int] = {}  # next offset to read, per partition, as committed
+        self.consumed = self.ingested = self.batches = self.failures = self.commit_failures = 0
+        self._batch_seconds = None
+        if registry is not None:
+            self._batch_seconds = Histogram("servoloop_ingest_batch_seconds", "Time to store one batch (retries included)",
+                                            registry=registry, buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+            registry.register(_IngestCollector(self))
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args, **kw))
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the consumer, subscribe, and run the loop in a task."""
+        if self._task is not None:
+            return
+        self._stopping.clear()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-consumer")
+        self._consumer = await self._call(Consumer, self._config)
+        await self._call(self._consumer.subscribe, self._topics, on_assign=self._on_assign,
+                         on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self._task = asyncio.create_task(self._run(), name="ingester")
+
+    async def stop(self) -> None:
+        """Finish (or abandon, uncommitted) the batch at hand, leave the group, close. Idempotent."""
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await self._call(consumer.close)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Records not yet committed, per assigned partition: the high watermark of the last fetch minus the
+        committed offset (tansu under-reports ListOffsets, so the fetch's own watermark is used)."""
+        consumer, out = self._consumer, {}
+        if consumer is None:
+            return {}
+        for topic, part in list(self._assigned):
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
+            except (KafkaException, RuntimeError):  # closed meanwhile, or nothing fetched yet
+                continue
+            if high >= 0:
+                out[(topic, part)] = max(0, high - max(low, self.committed.get((topic, part), 0)))
+        return out
+
+    # -- rebalance callbacks (on the consumer thread) --------------------------------------------------------------
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("ingester assigned %s", sorted(self._assigned))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        self._assigned -= gone
+        for tp in gone:
+            self._uncommitted.pop(tp, None)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                batch = await self._next_batch()
+            except KafkaException as e:
+                log.warning("ingester: consume failed: %s", e)
+                await self._sleep(self._backoff_initial)
+                continue
+            batch = [m for m in batch if (m.topic(), m.partition()) in self._assigned]
+            if not batch:
+                continue
+            values = [m.value() or b"" for m in batch]
+            source = [(m.topic(), m.partition(), m.offset()) for m in batch]
+            if not await self._store(values, source):
+                return  # stopping: the batch stays uncommitted and is read again by whoever comes next
+            offsets: dict[tuple[str, int], int] = dict(self._uncommitted)
+            for topic, part, offset in source:
+                offsets[(topic, part)] = max(offsets.get((topic, part), 0), offset + 1)
+            await self._commit(offsets)
+
+    async def _next_batch(self) -> list[Message]:
+        """Records up to batch_max_events, or what came within batch_max_wait_s of the first one."""
+        assert self._consumer is not None
+        limit, wait = self.settings.batch_max_events, self.settings.batch_max_wait_s
+        out: list[Message] = []
+        deadline: float | None = None
+        while len(out) < limit and not self._stopping.is_set():
+            timeout = 0.25 if deadline is None else deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            got = await self._call(self._consumer.consume, min(limit - len(out), 10_000), min(timeout, 0.25))
+            for m in got:
+                err = m.error()
+                if err is None:
+                    out.append(m)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.debug("ingester: %s", err)
+            if out and deadline is None:
+                deadline = time.monotonic() + wait
+        self.consumed += len(out)
+        return out
+
+    async def _store(self, values: list[bytes], source: list[Source]) -> bool:
+        """Hand the batch over until it succeeds; False when stopping first."""
+        backoff, started = self._backoff_initial, time.monotonic()
+        while True:
+            try:
+                await self._handle(values, source)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.failures += 1
+                log.warning("ingester: storing %d events failed (%s); retry in %.2fs", len(values), e, backoff)
+                if await self._sleep(backoff):
+                    return False
+                backoff = min(backoff * 2, self._backoff_max)
+        self.batches += 1
+        self.ingested += len(values)
+        if self._batch_seconds is not None:
+            self._batch_seconds.observe(time.monotonic() - started)
+        return True
+
+    async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        assert self._consumer is not None
+        owned = {tp: o for tp, o in offsets.items() if tp in self._assigned}
+        if not owned:
+            return
+        tps = [TopicPartition(t, p, o) for (t, p), o in owned.items()]
+        try:
+            await self._call(self._consumer.commit, offsets=tps, asynchronous=False)
+        except KafkaException as e:
+            # Kept and merged into the next commit; if the partition moves elsewhere meanwhile, its new owner
+            # re-reads from the last good commit (duplicates, deduplicated by event id; never a gap).
+            self.commit_failures += 1
+            self._uncommitted.update(owned)
+            log.warning("ingester: commit failed (%s); retried with the next batch", e)
+            return
+        self._uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp not in owned}
+        self.committed.update(owned)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, or return True as soon as stop() is called."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+            return True
+        except TimeoutError:
+            return False
+
+
+class _IngestCollector:
+    def __init__(self, ingester: Ingester):
+        self._i = ingester
+
+    def collect(self) -> Iterator[Metric]:
+        i = self._i
+        yield CounterMetricFamily("servoloop_ingest_consumed_events", "Records read from Kafka", value=i.consumed)
+        yield CounterMetricFamily("servoloop_ingest_ingested_events", "Records stored (then committed)", value=i.ingested)
+        yield CounterMetricFamily("servoloop_ingest_batches", "Batches stored", value=i.batches)
+        yield CounterMetricFamily("servoloop_ingest_batch_failures", "Failed attempts to store a batch", value=i.failures)
+        yield CounterMetricFamily("servoloop_ingest_commit_failures", "Offset commits that failed", value=i.commit_failures)
+        yield GaugeMetricFamily("servoloop_ingest_running", "1 while the consumer loop runs", value=float(i.running))
+        lag = GaugeMetricFamily("servoloop_ingest_lag_events", "Records not yet committed, per partition",
+                                labels=["topic", "partition"])
+        for (topic, part), n in i.lag().items():
+            lag.add_metric([topic, str(part)], n)
+        yield lag
+        committed = GaugeMetricFamily("servoloop_ingest_committed_offset", "Next offset to read, as committed",
+                                      labels=["topic", "partition"])
+        for (topic, part), o in i.committed.items():
+            committed.add_metric([topic, str(part)], o)
+        yield committed
