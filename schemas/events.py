@@ -2,15 +2,40 @@
 
 Every event is immutable, carries its own UUIDv7 `event_id` (time-ordered, the dedup key end to end)
 and a `schema_version`. New fields get defaults, so an older producer's bytes still decode.
+
+Evolution rules (tested in tests/schemas): add fields only with a default, never rename or retype
+one, never change a default (fields equal to their default are not encoded, to keep records small),
+and bump the type's `schema_version` factory when its meaning changes. Every field maps to one column
+of the type's table (schemas/migrations): a new field needs a migration adding its column.
+`*_ms` fields typed `EpochMs` become `DateTime64(3, 'UTC')` columns named without the suffix
+(`ts_ms` -> `ts`).
 """
 
 from __future__ import annotations
 
+import base64
 import time
-from typing import ClassVar
+import uuid
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 import uuid_utils
+
+from schemas import topics
+from schemas.errors import InvalidRequest
+
+# Bounds mirror the ClickHouse column types, so a decoded event is always insertable: a value the
+# table could not hold fails decoding (and becomes a dead letter) instead of poisoning a batch.
+EpochMs = Annotated[int, msgspec.Meta(ge=0, le=10_413_791_999_999)]  # DateTime64(3): up to 2299-12-31
+UInt32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+Operation = Literal["chat", "text_completion"]
+Status = Literal["ok", "error", "cancelled", "blocked"]
+GuardAction = Literal["allow", "redact", "block"]
+Side = Literal["input", "output"]
+FeedbackKind = Literal["thumbs", "rating", "comment", "correction", "preference"]
 
 
 def new_event_id() -> str:
@@ -22,15 +47,30 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class Event(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
+def _v1() -> int:
+    # A factory, not a plain default: omit_defaults never drops it, so every record names its version.
+    return 1
+
+
+class MalformedEvent(InvalidRequest, ValueError):
+    """Bytes that are not a valid event: `reason` is `undecodable`, `unknown_type` or `invalid`."""
+
+    code = "malformed_event"
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message, details={"reason": reason})
+        self.reason = reason
+
+
+class Event(msgspec.Struct, kw_only=True, frozen=True, tag_field="type", omit_defaults=True, gc=False):
     """Base of every event. Subclasses set `topic` (suffix after the configured prefix) and `table`."""
 
     topic: ClassVar[str]
     table: ClassVar[str]
 
     event_id: str = msgspec.field(default_factory=new_event_id)
-    schema_version: int = 1
-    ts_ms: int = msgspec.field(default_factory=now_ms)
+    schema_version: int = msgspec.field(default_factory=_v1)
+    ts_ms: EpochMs = msgspec.field(default_factory=now_ms)
     tenant: str = ""
 
     def partition_key(self) -> bytes:
@@ -38,6 +78,243 @@ class Event(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
         return self.tenant.encode()
 
 
-# Concrete event types are declared below (InferenceEvent, GuardrailEvent, FeedbackEvent, ...) and
-# listed in EVENT_TYPES; the codec decodes any of them from one tagged union.
-EVENT_TYPES: tuple[type[Event], ...] = ()
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """One chat message as it left the guardrails (redacted)."""
+
+    role: str
+    content: str
+
+
+class InferenceEvent(Event, kw_only=True, frozen=True, tag="inference"):
+    """One served request, after output guardrails: who, which model version, what, how fast, how it ended.
+
+    `prompt`/`messages`/`response` hold redacted text only; `user` is the caller's end-user id (may be
+    empty); `guardrail_types` are finding types (never text).
+    """
+
+    topic: ClassVar[str] = topics.INFERENCES
+    table: ClassVar[str] = "inferences"
+
+    request_id: str = ""
+    trace_id: str = ""
+    span_id: str = ""
+    key_id: str = ""
+    user: str = ""
+    model: str = ""
+    model_version: str = ""
+    adapter: str = ""
+    canary_arm: str = ""
+    engine: str = ""
+    operation: Operation = "chat"
+    prompt: str = ""
+    messages: tuple[Message, ...] = ()
+    response: str = ""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: UInt32 = 0
+    seed: Int64 | None = None
+    stop: tuple[str, ...] = ()
+    tokens_in: UInt32 = 0
+    tokens_out: UInt32 = 0
+    ttft_ms: NonNegFloat = 0.0
+    latency_ms: NonNegFloat = 0.0
+    status: Status = "ok"
+    error_code: str = ""
+    finish_reason: str = ""
+    cache_hit: bool = False
+    stream: bool = False
+    input_action: GuardAction = "allow"
+    output_action: GuardAction = "allow"
+    guardrail_types: tuple[str, ...] = ()
+
+
+class GuardrailEvent(Event, kw_only=True, frozen=True, tag="guardrail"):
+    """One guardrail verdict: side, action, finding counts per type, detectors, cost. Never any text."""
+
+    topic: ClassVar[str] = topics.GUARDRAILS
+    table: ClassVar[str] = "guardrail_verdicts"
+
+    request_id: str = ""
+    inference_id: str = ""
+    key_id: str = ""
+    model: str = ""
+    side: Side = "input"
+    action: GuardAction = "allow"
+    finding_counts: dict[str, UInt32] = msgspec.field(default_factory=dict)
+    detectors: dict[str, str] = msgspec.field(default_factory=dict)
+    elapsed_us: UInt32 = 0
+    policy: str = "default"
+    streamed: bool = False
+
+
+class FeedbackEvent(Event, kw_only=True, frozen=True, tag="feedback"):
+    """A rating of one inference (`target_id`), TensorZero-style: a `metric_name` and one value by `kind`.
+
+    Contract (checked on construction and on decode): `thumbs` needs `thumbs`, `rating` needs `rating`,
+    `comment`/`correction` need their text, `preference` needs `preferred_id` and `other_id` (one of
+    them the target). An empty `metric_name` becomes the kind. Raises MalformedEvent otherwise.
+    """
+
+    topic: ClassVar[str] = topics.FEEDBACK
+    table: ClassVar[str] = "feedback"
+
+    target_id: str
+    kind: FeedbackKind
+    metric_name: str = ""
+    thumbs: bool | None = None
+    rating: float | None = None
+    comment: str = ""
+    correction: str = ""
+    preferred_id: str = ""
+    other_id: str = ""
+    idempotency_key: str = ""
+    key_id: str = ""
+    user: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.target_id:
+            raise MalformedEvent("feedback needs a target_id", reason="invalid")
+        missing = {
+            "thumbs": self.thumbs is None,
+            "rating": self.rating is None,
+            "comment": not self.comment,
+            "correction": not self.correction,
+            "preference": not (self.preferred_id and self.other_id)
+            or self.target_id not in (self.preferred_id, self.other_id),
+        }[self.kind]
+        if missing:
+            raise MalformedEvent(f"{self.kind} feedback is missing its value", reason="invalid")
+        if not self.metric_name:
+            msgspec.structs.force_setattr(self, "metric_name", self.kind)
+
+
+class ModelEvent(Event, kw_only=True, frozen=True, tag="model"):
+    """A model version's lifecycle step (candidate, canary, active, rejected, rolled_back, ...).
+
+    `lineage` is a JSON object as a string: base model, adapter, dataset snapshot, feedback window,
+    eval results. Current state of a version is `argMax(state, ts)`.
+    """
+
+    topic: ClassVar[str] = topics.MODELS
+    table: ClassVar[str] = "model_events"
+
+    model: str = ""
+    version_id: str = ""
+    base_model: str = ""
+    adapter_path: str = ""
+    state: str = ""
+    previous_state: str = ""
+    reason: str = ""
+    actor: str = ""
+    lineage: str = "{}"
+
+
+class MonitorResult(Event, kw_only=True, frozen=True, tag="monitor"):
+    """One monitor evaluation over a window: a metric's value against its threshold, and the verdict."""
+
+    topic: ClassVar[str] = topics.MONITORS
+    table: ClassVar[str] = "monitor_results"
+
+    monitor: str = ""
+    metric: str = ""
+    model: str = ""
+    model_version: str = ""
+    window_start_ms: EpochMs = 0
+    window_end_ms: EpochMs = 0
+    value: float = 0.0
+    threshold: float = 0.0
+    status: Literal["ok", "warn", "alert", "insufficient_data"] = "ok"
+    sample_size: UInt32 = 0
+    details: str = "{}"
+
+
+class RetrainTrigger(Event, kw_only=True, frozen=True, tag="retrain"):
+    """A decision to retrain a model: method, why (`monitor_event_id`), on which feedback window."""
+
+    topic: ClassVar[str] = topics.RETRAIN
+    table: ClassVar[str] = "retrain_triggers"
+
+    model: str = ""
+    model_version: str = ""
+    method: Literal["dpo", "sft"] = "dpo"
+    reason: str = ""
+    monitor_event_id: str = ""
+    window_start_ms: EpochMs = 0
+    window_end_ms: EpochMs = 0
+    actor: str = ""
+    params: str = "{}"
+
+
+_DEAD_LETTER_NS = uuid.UUID("6f1d3c52-9a57-4d0e-8f57-1b8a4de2a0c1")
+
+
+class DeadLetter(Event, kw_only=True, frozen=True, tag="dead_letter"):
+    """A record the ingester could not take: where it came from, why, and its bytes (base64) for replay.
+
+    Build with `DeadLetter.of(...)`: its `event_id` is derived from the source position (or the bytes),
+    so a redelivered bad record is deduplicated like any event.
+    """
+
+    topic: ClassVar[str] = topics.DEAD_LETTER
+    table: ClassVar[str] = "dead_letters"
+
+    source_topic: str = ""
+    partition: Int64 = -1
+    offset: Int64 = -1
+    reason: str = ""
+    detail: str = ""
+    raw_base64: str = ""
+
+    @classmethod
+    def of(cls, raw: bytes, *, reason: str, detail: str = "",
+           source: tuple[str, int, int] | None = None) -> DeadLetter:
+        """A dead letter for `raw` bytes read at `source` = (topic, partition, offset), if known."""
+        key = f"{source[0]}/{source[1]}/{source[2]}" if source else raw.hex()
+        topic, partition, offset = source or ("", -1, -1)
+        return cls(event_id=str(uuid.uuid5(_DEAD_LETTER_NS, key)), source_topic=topic, partition=partition,
+                   offset=offset, reason=reason, detail=detail[:2000], raw_base64=base64.b64encode(raw).decode())
+
+    @property
+    def raw(self) -> bytes:
+        return base64.b64decode(self.raw_base64)
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    InferenceEvent, GuardrailEvent, FeedbackEvent, ModelEvent, MonitorResult, RetrainTrigger, DeadLetter,
+)
+EVENT_BY_TAG: dict[str, type[Event]] = {t.__struct_config__.tag: t for t in EVENT_TYPES}  # type: ignore[misc]
+
+AnyEvent = InferenceEvent | GuardrailEvent | FeedbackEvent | ModelEvent | MonitorResult | RetrainTrigger | DeadLetter
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyEvent)
+_tag_decoder = msgspec.msgpack.Decoder(dict[str, object])
+
+
+def encode_event(event: Event) -> bytes:
+    """Compact msgpack bytes of `event`, tagged with its type (`"type": "inference"`, ...)."""
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    """The event encoded in `data`. Raises MalformedEvent (with a `reason`) for anything else; never more."""
+    try:
+        return _decoder.decode(data)
+    except MalformedEvent:
+        raise
+    except msgspec.DecodeError as e:
+        if not isinstance(e, msgspec.ValidationError):
+            raise MalformedEvent(f"not a msgpack event: {e}", reason="undecodable") from None
+        try:
+            tag = _tag_decoder.decode(data).get("type")
+        except msgspec.DecodeError:
+            raise MalformedEvent(f"not an event record: {e}", reason="undecodable") from None
+        reason = "invalid" if isinstance(tag, str) and tag in EVENT_BY_TAG else "unknown_type"
+        raise MalformedEvent(f"invalid {tag!r} event: {e}", reason=reason) from None
+    except (ValueError, TypeError, RecursionError) as e:  # a __post_init__ contract, a pathological nesting
+        raise MalformedEvent(f"invalid event: {e}", reason="invalid") from None
+
+
+def event_to_json(event: Event) -> bytes:
+    """The event as JSON (for logs, the CLI and the admin API), tag included."""
+    return msgspec.json.encode(event)

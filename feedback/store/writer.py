@@ -1,0 +1,91 @@
+"""Writing events: group by table, convert to Arrow off the event loop, insert; and the ingester's batch step.
+
+Idempotence is the store's: every table is a ReplacingMergeTree whose key ends in `event_id`, so writing
+the same events again (a redelivered Kafka batch, a retried insert) never changes a FINAL/argMax read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import msgspec
+import pyarrow as pa
+
+from feedback.store.base import Store
+from feedback.store.columns import to_arrow
+from schemas.errors import InvalidRequest
+from schemas.events import DeadLetter, Event, MalformedEvent, decode_event
+
+# Below this many events, converting on the loop costs less than a hop to a worker thread.
+_INLINE_MAX = 512
+
+
+def _tables(events: Sequence[Event]) -> list[tuple[str, pa.Table]]:
+    unique: dict[str, Event] = {e.event_id: e for e in events}  # in-batch repeats: one row each
+    groups: dict[type[Event], list[Event]] = {}
+    for e in unique.values():
+        groups.setdefault(type(e), []).append(e)
+    return [(cls.table, to_arrow(evs)) for cls, evs in groups.items()]
+
+
+async def write_events(store: Store, events: Sequence[Event]) -> dict[str, int]:
+    """Append `events` to their tables, one insert per table; return rows written per table.
+
+    Safe to retry as a whole: on StoreError/StoreUnavailable some tables may already hold their rows,
+    and writing them again changes no FINAL/argMax read. Events must be valid (decoded ones are).
+    """
+    if not events:
+        return {}
+    tables = _tables(events) if len(events) <= _INLINE_MAX else await asyncio.to_thread(_tables, events)
+    written: dict[str, int] = {}
+    for table, data in tables:
+        written[table] = written.get(table, 0) + await store.insert(table, data)
+    return written
+
+
+class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What one batch became: rows per table (dead letters included) and the records that were refused."""
+
+    received: int
+    written: dict[str, int]
+    dead_letters: tuple[DeadLetter, ...] = ()
+
+    @property
+    def events(self) -> int:
+        """Rows written outside the dead-letter table."""
+        return sum(n for table, n in self.written.items() if table != DeadLetter.table)
+
+
+def decode_batch(values: Sequence[bytes | None],
+                 source: Sequence[tuple[str, int, int]] | None = None) -> tuple[list[Event], list[DeadLetter]]:
+    """Decode raw record values: the events, and a DeadLetter (with its reason) for every bad one. Never raises."""
+    good: list[Event] = []
+    dead: list[DeadLetter] = []
+    for i, raw in enumerate(values):
+        where = source[i] if source is not None else None
+        try:
+            if not raw:
+                raise MalformedEvent("empty record", reason="undecodable")
+            good.append(decode_event(raw))
+        except MalformedEvent as e:
+            dead.append(DeadLetter.of(bytes(raw or b""), reason=e.reason, detail=e.message, source=where))
+    return good, dead
+
+
+async def ingest_batch(store: Store, values: Sequence[bytes], *,
+                       source: Sequence[tuple[str, int, int]] | None = None) -> IngestResult:
+    """Decode a batch of Kafka record values and write it: good events to their tables, bad ones as dead letters.
+
+    `source[i]` is (topic, partition, offset) of `values[i]`; with it, a redelivered bad record keeps
+    its dead-letter id. Malformed bytes never raise; StoreError/StoreUnavailable do, and then nothing
+    should be committed: calling again with the same batch is safe.
+    """
+    if source is not None and len(source) != len(values):
+        raise InvalidRequest(f"source has {len(source)} entries for {len(values)} values")
+    if len(values) <= _INLINE_MAX:
+        good, dead = decode_batch(values, source)
+    else:
+        good, dead = await asyncio.to_thread(decode_batch, values, source)
+    written = await write_events(store, [*good, *dead])
+    return IngestResult(received=len(values), written=written, dead_letters=tuple(dead))
