@@ -22,5 +22,7 @@ class GatewayMetrics:
         self.tokens = Counter("servoloop_tokens", "Tokens processed", ["model", "tenant", "direction"], registry=r)
         self.cache = Counter("servoloop_cache_lookups", "Response cache lookups", ["result"], registry=r)
         self.active_streams = Gauge("servoloop_active_streams", "Streams open now", registry=r)
+        self.guardrails = Counter("servoloop_guardrail_verdicts", "Guardrail verdicts by side and action",
+                                  ["side", "action"], registry=r)
         self.fallbacks = Counter("servoloop_engine_fallbacks", "Requests moved to a fallback model",
                                  ["model", "fallback"], registry=r)

@@ -18,11 +18,13 @@ from grpc_health.v1 import health_pb2
 from gateway.auth import Authenticator, KeyStore
 from gateway.cache import ResponseCache
 from gateway.engines import Engine, vllm_available
+from gateway.guarding import RequestGuard
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.router import ModelRoute, Router
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings, ModelSettings
+from guardrails import PolicyReloader, default_policy_set
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,20 @@ class Gateway:
         routes = [ModelRoute(m.name, engines[m.name], tuple(m.fallbacks)) for m in settings.models]
         self.router = Router(routes, on_fallback=lambda a, b: self.metrics.fallbacks.labels(a, b).inc())
         cache = ResponseCache(settings.cache.max_entries, settings.cache.ttl_s) if settings.cache.enabled else None
-        self.service = InferenceService(self.router, self.limiter, self.metrics, settings.limits, cache=cache)
+        g = settings.guardrails
+        self.policies: PolicyReloader | None = None
+        guard = None
+        if g.enabled:
+            if g.policy_path is not None:
+                self.policies = PolicyReloader(g.policy_path, interval_s=g.reload_interval_s)
+                reloader = self.policies
+                guard = RequestGuard(lambda: reloader.current, plant_canary=g.plant_canary)
+            else:
+                bundled = default_policy_set()
+                guard = RequestGuard(lambda: bundled, plant_canary=g.plant_canary)
+        self.service = InferenceService(self.router, self.limiter, self.metrics, settings.limits, cache=cache,
+                                        guard=guard)
+        self._tasks: list[asyncio.Task[None]] = []
         self.started_at = int(time.time())
         self.http_extensions: list[Callable[[FastAPI], None]] = []
         self._ready = False
@@ -76,10 +91,15 @@ class Gateway:
         for r in self.router.routes():
             r.ready = True
         await self.auth.start()
+        if self.policies is not None:
+            self._tasks.append(asyncio.create_task(self.policies.run(), name="guardrail-policy-reloader"))
         self._ready = True
 
     async def aclose(self) -> None:
         self._ready = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.auth.aclose()
         if self._owns_engines:
             await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)

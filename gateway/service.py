@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from gateway.auth import Principal
 from gateway.cache import CachedAnswer, ResponseCache, cache_key
 from gateway.engines import collect
+from gateway.guarding import GuardState, RequestGuard
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.request import Chunk, Completion, InferenceRequest, Usage
@@ -40,6 +41,7 @@ class Admission:
     reserved_tokens: int
     cache_key: str | None
     cached: CachedAnswer | None
+    guard: GuardState | None = None
     served: list[Served] = field(default_factory=list)
 
     @property
@@ -79,6 +81,7 @@ class InferenceService:
         limits: RequestLimits,
         *,
         cache: ResponseCache | None = None,
+        guard: RequestGuard | None = None,
         observers: list[Observer] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -87,6 +90,7 @@ class InferenceService:
         self._metrics = metrics
         self._limits = limits
         self._cache = cache
+        self._guard = guard
         self._observers = observers or []
         self._clock = clock
 
@@ -98,6 +102,10 @@ class InferenceService:
         try:
             principal.require("infer")
             route = self.router.primary(request.model)
+            guard_state = None
+            if self._guard is not None:
+                request, guard_state = self._guard.check_input(principal.tenant, request)
+                self._metrics.guardrails.labels("input", guard_state.input.action).inc()
             prompt_tokens = route.engine.count_prompt_tokens(request)
             if prompt_tokens > self._limits.max_prompt_tokens:
                 raise PromptTooLong(f"the prompt has {prompt_tokens} tokens; at most {self._limits.max_prompt_tokens} "
@@ -112,9 +120,11 @@ class InferenceService:
             reserved = self._limiter.admit(principal.key_id, principal.limits, budget, now)
         except ServoloopError as e:
             self._metrics.errors.labels(request.model, principal.tenant, e.code).inc()
+            if e.code == "guardrail_blocked":
+                self._metrics.guardrails.labels("input", "block").inc()
             raise
         request.request_id = request.request_id or new_event_id()
-        return Admission(principal, request, route, api, prompt_tokens, reserved, key, cached)
+        return Admission(principal, request, route, api, prompt_tokens, reserved, key, cached, guard_state)
 
     async def complete(self, adm: Admission) -> Completion:
         """The whole answer for a unary call."""
@@ -137,6 +147,8 @@ class InferenceService:
             else:
                 async with asyncio.timeout(adm.request.time_left()):
                     final = await self.router.generate(adm.request, adm.served)
+                if adm.guard is not None:
+                    final = RequestGuard.check_output(adm.guard, final)
         except TimeoutError:
             self._finish(adm, "", None, None, "error", DeadlineExceeded.code, None, start)
             raise DeadlineExceeded("the request's deadline passed before the answer was complete") from None
@@ -172,8 +184,11 @@ class InferenceService:
                         yield Chunk(c.text)
                         yield final
                         return
+                    source = self.router.stream(req, adm.served)
+                    if adm.guard is not None:
+                        source = RequestGuard.guard_stream(adm.guard, source)
                     async with asyncio.timeout(req.time_left()):
-                        async for chunk in self.router.stream(req, adm.served):
+                        async for chunk in source:
                             if ttft is None and chunk.text:
                                 ttft = self._clock() - start
                             parts.append(chunk.text)
@@ -209,6 +224,8 @@ class InferenceService:
         self._limiter.settle(p.key_id, adm.reserved_tokens, usage.total_tokens if adm.cached is None else 0, now)
         m = self._metrics
         m.requests.labels(model, tenant, adm.api, status).inc()
+        if adm.guard is not None and adm.guard.output is not None:
+            m.guardrails.labels("output", adm.guard.output.action).inc()
         if status != "ok":
             m.errors.labels(model, tenant, code).inc()
         else:

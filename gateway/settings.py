@@ -68,6 +68,14 @@ class AuthSettings(BaseModel):
     reload_interval_s: float = Field(1.0, gt=0, description="how often a gateway picks up new and revoked keys")
 
 
+class GuardrailSettings(BaseModel):
+    enabled: bool = True
+    policy_path: Path | None = Field(None, description="YAML policy file (default: the bundled policy); hot-reloaded")
+    reload_interval_s: float = Field(2.0, gt=0)
+    plant_canary: bool = Field(False, description="append a per-request canary to the system prompt and block "
+                                                  "answers that repeat it (system-prompt extraction)")
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -81,6 +89,7 @@ class GatewaySettings(BaseModel):
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
 
     @model_validator(mode="after")
     def _fallbacks_name_known_models(self) -> GatewaySettings:

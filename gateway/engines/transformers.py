@@ -127,6 +127,9 @@ class TransformersEngine:
         except OSError as e:
             raise EngineUnavailable(f"cannot load model from {self._path}: {e}") from e
         self._model = model.eval()
+        configured = model.generation_config.eos_token_id
+        configured = [configured] if isinstance(configured, int) else list(configured or [])
+        self._eos_ids = frozenset(i for i in [*configured, self._tokenizer.eos_token_id] if i is not None)
         log.info("transformers engine loaded %s", self._path)
 
     async def aclose(self) -> None:
@@ -175,7 +178,8 @@ class TransformersEngine:
 
         tok = self._tokenizer
         text = IncrementalText(lambda t: tok.decode(t, skip_special_tokens=True), params.stop)
-        eos = tok.eos_token_id
+        eos_ids = self._eos_ids
+        eos = next(iter(eos_ids), None)
 
         class Streamer(BaseStreamer):
             prompt_seen = False
@@ -187,7 +191,7 @@ class TransformersEngine:
                     return
                 new = value.reshape(-1).tolist()
                 self.last = new[-1] if new else self.last
-                if delta := text.add([t for t in new if t != eos]):
+                if delta := text.add([t for t in new if t not in eos_ids]):
                     emit(delta)
 
             def end(self) -> None:
@@ -209,15 +213,17 @@ class TransformersEngine:
                 input_ids = torch.tensor([ids])
                 self._model.generate(
                     input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=eos if tok.pad_token_id is None else tok.pad_token_id,
-                    eos_token_id=eos, **kwargs,
+                    stopping_criteria=StoppingCriteriaList([Stop()]),
+                    pad_token_id=eos if tok.pad_token_id is None else tok.pad_token_id,
+                    eos_token_id=sorted(eos_ids), **kwargs,
                 )
         except Exception as e:
             emit(_DONE)
             raise EngineUnavailable(f"generation failed: {type(e).__name__}: {e}") from e
         emit(_DONE)
-        n_out = text.n_tokens + (1 if streamer.last == eos else 0)
-        finish = "stop" if text.stopped or streamer.last == eos or cancel.is_set() else "length"
+        hit_eos = streamer.last in eos_ids
+        n_out = text.n_tokens + (1 if hit_eos else 0)
+        finish = "stop" if text.stopped or hit_eos or cancel.is_set() else "length"
         return finish, n_out
 
     def _adapter_context(self, adapter: str | None) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grpc
-
 from gateway.limits import retry_after_header
 from schemas.errors import ErrorKind, RateLimited, ServoloopError
 

@@ -23,6 +23,8 @@ class UpstreamBehaviour:
     tokens: int = 8
     token_interval_ms: float = 0.0
     fail_status: int | None = None
+    reply: str | None = None  # answer with this text instead of numbered words
+    chunk_chars: int = 0  # stream `reply` in pieces of this many characters (0: word by word)
     requests: int = 0
     last_body: dict = field(default_factory=dict)
     cancelled: int = 0
@@ -43,6 +45,11 @@ def build_app(b: UpstreamBehaviour) -> web.Application:
         chat = request.path.endswith("chat/completions")
         n = min(int(body.get("max_tokens") or b.tokens), b.tokens)
         words = _text(n)
+        if b.reply is not None:
+            step = b.chunk_chars
+            words = [b.reply[i:i + step] for i in range(0, len(b.reply), step)] if step else \
+                [w + " " for w in b.reply.split(" ")]
+            n = len(words)
         if b.latency_ms:
             await asyncio.sleep(b.latency_ms / 1000)
         usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
