@@ -51,9 +51,24 @@ def consumer_config(bootstrap_servers: str, group_id: str, **overrides: Any) -> 
         "max.poll.interval.ms": 300_000,
         "reconnect.backoff.ms": 50,
         "reconnect.backoff.max.ms": 1000,
-        "logger": logging.getLogger("servoloop.kafka.consumer"),
+        "logger": _ClientLog("servoloop.kafka.consumer"),
         **overrides,
     }
+
+
+class _ClientLog:
+    """librdkafka's log lines into Python logging; connection churn goes to DEBUG (the sink and the ingester
+    report an outage once, with their health), everything else keeps its level."""
+
+    _CHURN = frozenset({"FAIL", "BGQUEUE", "REQTMOUT", "DISCONNECT"})
+
+    def __init__(self, name: str):
+        self._log = logging.getLogger(name)
+
+    def log(self, level: int, msg: str, *args: Any, **kw: Any) -> None:
+        if args and args[0] in self._CHURN:
+            level = logging.DEBUG
+        self._log.log(level, msg, *args, **kw)
 
 
 class _Errors:
@@ -86,7 +101,7 @@ class ConfluentDownstream:
                               delivery_timeout_s=delivery_timeout_s),
             # Python sees failures only; success is "librdkafka's queue is empty and nothing failed".
             "delivery.report.only.error": True,
-            "logger": logging.getLogger("servoloop.kafka.producer"),
+            "logger": _ClientLog("servoloop.kafka.producer"),
             "error_cb": self._on_error,
             **(config or {}),
         }
@@ -124,14 +139,16 @@ class ConfluentDownstream:
                 except BufferError:  # librdkafka's queue is full: let the broker catch up
                     await asyncio.to_thread(producer.poll, 0.05)
                 except KafkaException as e:
+                    self._shutdown(flush_s=0)
                     raise DownstreamUnavailable(f"kafka produce failed: {e.args[0]}") from e
         # librdkafka fails every record by message.timeout.ms at the latest: the margin is a safety net.
         left = await asyncio.to_thread(producer.flush, self._timeout + 5)
-        if left:
-            producer.purge()
-            raise DownstreamUnavailable(f"kafka did not confirm {left} records in time")
-        if errors.first is not None:
-            raise DownstreamUnavailable(f"kafka delivery failed: {errors.first.str()}")
+        if left or errors.first is not None:
+            # A fresh producer for the retry: after a delivery timeout librdkafka bumps the idempotent
+            # producer's epoch, and tansu then answers PRODUCER_FENCED to every later request.
+            self._shutdown(flush_s=0)
+            reason = f"{left} records unconfirmed" if left else errors.first.str()  # type: ignore[union-attr]
+            raise DownstreamUnavailable(f"kafka delivery failed: {reason}")
 
     def _shutdown(self, flush_s: float) -> None:
         producer, self._producer = self._producer, None
@@ -143,7 +160,7 @@ class ConfluentDownstream:
         producer.flush(0)  # report purged records to their callbacks
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._shutdown, 5.0)
+        await asyncio.to_thread(self._shutdown, 0)  # unconfirmed records are still in the spool
 
 
 class KafkaPythonDownstream:

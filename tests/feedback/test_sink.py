@@ -15,7 +15,14 @@ from prometheus_client import CollectorRegistry
 
 from feedback.broker import EmbeddedBroker, free_port
 from feedback.kafka import ConfluentDownstream, KafkaPythonDownstream
-from feedback.sink import Downstream, DurableEventSink, EventRecord, SinkHealth, StoreDownstream
+from feedback.sink import (
+    Downstream,
+    DownstreamUnavailable,
+    DurableEventSink,
+    EventRecord,
+    SinkHealth,
+    StoreDownstream,
+)
 from feedback.spool import Spool, SpoolHealth
 from schemas.events import InferenceEvent, decode_event, encode_event
 from tests.feedback.conftest import Consumed
@@ -106,7 +113,8 @@ async def test_while_the_broker_is_down_publish_never_blocks_events_wait_in_the_
     s3_broker: EmbeddedBroker, prefix: str, tmp_path: Path, read: Callable[..., list[Consumed]]
 ) -> None:
     s3_broker.create_topics([prefix + TOPIC], partitions=3)
-    downstream = ConfluentDownstream(s3_broker.bootstrap_servers, delivery_timeout_s=3)
+    # Deliveries time out (1 s) during the outage: the sink must retry them with a producer that is not fenced.
+    downstream = ConfluentDownstream(s3_broker.bootstrap_servers, delivery_timeout_s=1)
     sink = make_sink(tmp_path, downstream, prefix, memory_max_records=500, stall_s=0.5)
     await sink.start()
     n, worst = 3000, 0.0
@@ -118,7 +126,11 @@ async def test_while_the_broker_is_down_publish_never_blocks_events_wait_in_the_
         worst = max(worst, time.perf_counter() - t)
         if i % 100 == 99:
             await asyncio.sleep(0.01)  # the gateway's loop keeps serving
-    await asyncio.sleep(1.0)
+    for _ in range(200):
+        if sink.send_failures >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sink.send_failures >= 2
     assert sink.health() == SinkHealth.DEGRADED
     assert sink._spool.health == SpoolHealth.SPILLING and sink._spool.written > 0
     assert sink.pending > 0
@@ -129,6 +141,23 @@ async def test_while_the_broker_is_down_publish_never_blocks_events_wait_in_the_
     assert worst < 0.005, f"publish() took {worst * 1e6:.0f} µs at worst"
     records = read(s3_broker.bootstrap_servers, [prefix + TOPIC], expect=n)
     assert_all_once_in_partition_order(records, n)
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+async def test_a_producer_whose_deliveries_timed_out_in_an_outage_delivers_again_after_it(
+    client: str, s3_broker: EmbeddedBroker, prefix: str
+) -> None:
+    s3_broker.create_topics([prefix + TOPIC], partitions=1)
+    kind = ConfluentDownstream if client == "confluent" else KafkaPythonDownstream
+    downstream = kind(s3_broker.bootstrap_servers, delivery_timeout_s=2)
+    records = [EventRecord(prefix + TOPIC, b"k", str(i), b"%d" % i) for i in range(50)]
+    await downstream.send(records)
+    s3_broker.kill()
+    with pytest.raises(DownstreamUnavailable):
+        await downstream.send(records)
+    s3_broker.start()
+    await downstream.send(records)  # librdkafka bumped its idempotent epoch: tansu would fence that producer
+    await downstream.aclose()
 
 
 async def test_a_gateway_killed_with_sigkill_replays_its_spool_on_restart(
