@@ -300,19 +300,23 @@ def decode_event(data: bytes) -> Event:
     """The event encoded in `data`. Raises MalformedEvent (with a `reason`) for anything else; never more."""
     try:
         return _decoder.decode(data)
-    except MalformedEvent:
-        raise
-    except msgspec.DecodeError as e:
-        if not isinstance(e, msgspec.ValidationError):
-            raise MalformedEvent(f"not a msgpack event: {e}", reason="undecodable") from None
-        try:
-            tag = _tag_decoder.decode(data).get("type")
-        except msgspec.DecodeError:
-            raise MalformedEvent(f"not an event record: {e}", reason="undecodable") from None
-        reason = "invalid" if isinstance(tag, str) and tag in EVENT_BY_TAG else "unknown_type"
-        raise MalformedEvent(f"invalid {tag!r} event: {e}", reason=reason) from None
-    except (ValueError, TypeError, RecursionError) as e:  # a __post_init__ contract, a pathological nesting
-        raise MalformedEvent(f"invalid event: {e}", reason="invalid") from None
+    except Exception as e:  # msgspec errors, a __post_init__ contract, invalid UTF-8, absurd nesting
+        raise _malformed(data, e) from None
+
+
+def _malformed(data: bytes, e: Exception) -> MalformedEvent:
+    if isinstance(e, MalformedEvent):
+        return e
+    if not isinstance(e, msgspec.ValidationError):
+        undecodable = isinstance(e, msgspec.DecodeError | UnicodeDecodeError)
+        return MalformedEvent(f"not a msgpack event: {e}" if undecodable else f"invalid event: {e}",
+                              reason="undecodable" if undecodable else "invalid")
+    try:
+        tag = _tag_decoder.decode(data).get("type")
+    except Exception:
+        return MalformedEvent(f"not an event record: {e}", reason="undecodable")
+    known = isinstance(tag, str) and tag in EVENT_BY_TAG
+    return MalformedEvent(f"invalid {tag!r} event: {e}", reason="invalid" if known else "unknown_type")
 
 
 def event_to_json(event: Event) -> bytes:
