@@ -497,14 +497,16 @@ class Spool:
                     self._write(batch)
                 self._collect_garbage(cursor)
                 self._io_error = None
-            except OSError as e:
-                self._io_error = f"disk write failed: {e}"
+            except Exception as e:  # a full or failing disk: keep the records in memory, retry, say so
+                self._io_error = f"disk write failed: {e!r}"
                 log.error("spool %s: %s", self._dir, self._io_error)
                 end = max(start, self._last_written_seq + 1)  # what was not written is retried next round
             with self._lock:
                 self._written_upto = max(self._written_upto, end)
                 self._evict()
                 self._written_cv.notify_all()
+                if self._io_error and not closing:
+                    self._wake.wait(min(1.0, 10 * self._interval + 0.01))  # no busy loop against a failing disk
             if closing:
                 return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from prometheus_client import CollectorRegistry
 
 from feedback.spool import (
@@ -243,3 +245,73 @@ def test_a_closed_spool_refuses_appends(tmp_path: Path) -> None:
     spool.close()
     with pytest.raises(SpoolClosed):
         spool.append(b"late")
+
+
+# ---- a model of the spool, driven by hypothesis ------------------------------------------------------------
+
+
+class SpoolVersusModel(RuleBasedStateMachine):
+    """Any interleaving of append, read, ack, rewind, spill and reopen reads like a plain FIFO with a cursor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp())
+        self.spool = self.open()
+        self.model: dict[int, bytes] = {}
+        self.cursor = 0
+        self.read_pos = 0
+
+    def open(self) -> Spool:
+        return Spool(self.dir, segment_bytes=256, memory_max_records=3, memory_max_bytes=64 * 1024, fsync_interval_s=0.001)
+
+    def unacked(self) -> list[tuple[int, bytes]]:
+        return [(s, p) for s, p in sorted(self.model.items()) if s >= self.cursor]
+
+    @rule(payload=st.binary(max_size=60))
+    def append(self, payload: bytes) -> None:
+        seq = self.spool.append(payload)
+        assert all(seq > s for s in self.model)
+        self.model[seq] = payload
+
+    @rule(n=st.integers(1, 6))
+    def read(self, n: int) -> None:
+        got = self.spool.read(max_records=n, max_bytes=10_000)
+        expected = [(s, p) for s, p in self.unacked() if s >= self.read_pos][:n]
+        assert [(r.seq, r.payload) for r in got] == expected[: len(got)]
+        assert got or not expected
+        if got:
+            self.read_pos = got[-1].seq + 1
+
+    @rule()
+    def ack_what_was_read(self) -> None:
+        if self.read_pos > self.cursor:
+            self.spool.ack(self.read_pos - 1)
+            self.cursor = self.read_pos
+
+    @rule()
+    def rewind(self) -> None:
+        self.spool.rewind()
+        self.read_pos = self.cursor
+
+    @rule()
+    def spill(self) -> None:
+        assert self.spool.flush(timeout=5)
+
+    @rule()
+    def reopen(self) -> None:
+        self.spool.close()
+        self.spool = self.open()
+        self.read_pos = self.cursor
+
+    @invariant()
+    def pending_counts_the_unacknowledged(self) -> None:
+        assert self.spool.pending >= len(self.unacked())
+
+    def teardown(self) -> None:
+        self.spool.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestSpoolVersusModel = SpoolVersusModel.TestCase
+TestSpoolVersusModel.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
