@@ -14,6 +14,7 @@ import msgspec
 
 from guardrails.detectors.base import Detector
 from guardrails.detectors.lists import Allowlist
+from guardrails.rules import TextView
 from guardrails.verdict import Action, Finding, Verdict, strongest
 
 # Types whose redaction removes the text outright: there is nothing a reader should see in its place.
@@ -98,8 +99,9 @@ class Chain:
     def findings(self, text: str, part: int = 0, extra: Sequence[Step] = ()) -> list[Finding]:
         """Actioned findings of every step (and `extra` steps) on `text`, sorted by span."""
         out: list[Finding] = []
+        view = TextView(text)
         for step in (*self.steps, *extra):
-            for raw in step.detector.scan(text):
+            for raw in step.detector.scan(text, view):
                 f = step.judge(raw, text, self.allowlist, part)
                 if f is not None:
                     out.append(f)

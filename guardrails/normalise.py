@@ -2,15 +2,16 @@
 
 `skeleton(text)` folds what attackers use to hide words from pattern matching: compatibility forms
 (NFKC/NFKD: fullwidth, math alphanumerics, ligatures), accents, zero-width and bidi controls, Unicode tag
-characters (decoded, since they smuggle ASCII), homoglyphs (Cyrillic/Greek look-alikes), case and leetspeak
-inside words. `despace` joins letter-spaced words ("i g n o r e"); `encoded_segments` finds base64, hex and
-percent-encoded runs that decode to text, to be normalised and scanned again.
+characters (decoded, since they smuggle ASCII), homoglyphs (Cyrillic/Greek look-alikes), case and leetspeak. `despace` joins letter-spaced words ("i g n o r e"); `encoded_segments` finds base64, hex and
+percent-encoded tokens that decode to text, to be normalised and scanned again. The skeleton is for
+matching only: digits fold to letters and "l" to "i", so patterns are written in that alphabet.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
 import unicodedata
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -27,25 +28,49 @@ INVISIBLE_CLASS = (r"\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u20
 INVISIBLE_RUN = regex.compile(f"[{INVISIBLE_CLASS}]{{1,4096}}")
 TAG_RUN = regex.compile(r"[\U000e0000-\U000e007f]{1,4096}")
 
-_HOMOGLYPHS = str.maketrans({
-    # Cyrillic
-    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
-    "т": "t", "у": "y", "х": "x", "ѕ": "s", "і": "i", "ї": "i", "ј": "j", "һ": "h", "ԁ": "d", "ԛ": "q",
-    "ԝ": "w", "ո": "n", "ս": "u", "ց": "g", "ɡ": "g", "ɑ": "a", "ı": "i", "ȷ": "j", "ʀ": "r", "ɪ": "i",
-    # Greek
-    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t",
-    "υ": "u", "χ": "x", "γ": "y", "ω": "w", "ς": "c", "σ": "o", "μ": "u",
-    # punctuation look-alikes
-    "‐": "-", "‑": "-", "‒": "-", "–": "-", "—": "-", "―": "-", "−": "-", "‘": "'", "’": "'", "‚": "'",
-    "“": '"', "”": '"', "„": '"', "‹": "<", "›": ">", "«": '"', "»": '"', "⁄": "/", "∕": "/",
-})
-_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a",
-                       "$": "s", "!": "i", "|": "i"})
-# A token that mixes letters with leet characters ("1gn0re", "pr3v!ous"); plain numbers stay numbers.
-_LEET_TOKEN = regex.compile(r"[a-z0-9@$!|]*(?:[a-z][0-9@$!|]|[0-9@$!|][a-z])[a-z0-9@$!|]*")
+# Look-alikes folded to the ASCII character they imitate (Cyrillic, Greek, IPA, punctuation), by target.
+_LOOKALIKES = {
+    'a': "\u0430\u0251\u03b1",
+    'b': "\u0432\u03b2",
+    'e': "\u0435\u0451\u03b5",
+    'k': "\u043a\u03ba",
+    'm': "\u043c",
+    'h': "\u043d\u04bb",
+    'o': "\u043e\u03bf\u03c3",
+    'p': "\u0440\u03c1",
+    'c': "\u0441\u03c2",
+    't': "\u0442\u03c4",
+    'y': "\u0443\u03b3",
+    'x': "\u0445\u03c7",
+    's': "\u0455",
+    'i': "\u0456\u0457\u0131\u026a\u03b9",
+    'j': "\u0458\u0237",
+    'd': "\u0501",
+    'q': "\u051b",
+    'w': "\u051d\u03c9",
+    'n': "\u0578\u03b7",
+    'u': "\u057d\u03c5\u03bc",
+    'g': "\u0581\u0261",
+    'r': "\u0280",
+    'v': "\u03bd",
+    '-': "\u2010\u2011\u2012\u2013\u2014\u2015\u2212",
+    "'": "\u2018\u2019\u201a",
+    '"': "\u201c\u201d\u201e\u00ab\u00bb",
+    '<': "\u2039",
+    '>': "\u203a",
+    '/': "\u2044\u2215",
+}
+_HOMOGLYPHS = str.maketrans({c: ascii_ for ascii_, chars in _LOOKALIKES.items() for c in chars})
+# Leetspeak and look-alike digits, applied everywhere (patterns never contain digits), and "l" read as "i":
+# leet "1" stands for either ("a11", "1gnore"), so the skeleton has no "l" and neither do compiled patterns.
+_LEET = str.maketrans({"0": "o", "1": "i", "2": "z", "3": "e", "4": "a", "5": "s", "6": "b", "7": "t", "8": "b",
+                       "9": "g", "@": "a", "$": "s", "l": "i"})
+# Letter-spacing check without a regex pass, on bytes: letters -> "a", separators -> " ", others -> "#".
+_SHAPE = bytes(ord("a") if 97 <= c <= 122 else ord(" ") if chr(c) in " .-_*/|" else ord("#") for c in range(256))
+_SPACED_SHAPES = (b" a a a a", b"  a  a  a  a", b"   a   a   a   a")
 _NON_ASCII_RUN = regex.compile(r"[^\x00-\x7f]+")
-_SPACED = regex.compile(r"(?<![a-z])[a-z](?:[ .\-_*/|]{1,3}[a-z](?![a-z])){3,}")
-_SEPARATOR_RUN = regex.compile(r"[ .\-_*/|]+")
+_SPACED = re.compile(r"(?<![a-z])[a-z](?:[ .\-_*/|]{1,3}[a-z](?![a-z])){3,}")
+_SEPARATOR_RUN = re.compile(r"[ .\-_*/|]+")
 
 
 @lru_cache(maxsize=8192)
@@ -83,22 +108,10 @@ class MappedText:
         return e if end else s
 
 
-def _unleet(m: regex.Match[str]) -> str:
-    token = m.group()
-    core = token.rstrip("!|$@")  # "instructions!" keeps its punctuation
-    return core.translate(_LEET) + token[len(core):]
-
-
-def _leet(text: str) -> str:
-    if not _LEET_TOKEN.search(text):
-        return text
-    return _LEET_TOKEN.sub(_unleet, text)
-
-
 def skeleton(text: str) -> MappedText:
     """Fold `text` for pattern matching (see module doc); offsets map back through `source_span`."""
     if text.isascii():
-        return MappedText(_leet(text.lower()))
+        return MappedText(text.lower().translate(_LEET))
     parts: list[str] = []
     starts: list[int] = []
     sources: list[tuple[int, int, bool]] = []
@@ -122,12 +135,13 @@ def skeleton(text: str) -> MappedText:
         pos = m.end()
     if pos < len(text):
         put(text[pos:].lower(), pos, len(text), True)
-    return MappedText(_leet("".join(parts)), tuple(starts), tuple(sources))
+    return MappedText("".join(parts).translate(_LEET), tuple(starts), tuple(sources))
 
 
 def despace(text: str) -> MappedText | None:
-    """Join letter-spaced words ("i g n o r e  a l l") in an already folded text; None if there are none."""
-    if _SPACED.search(text) is None:
+    """Join letter-spaced words ("i g n o r e  a i i") in a skeleton; None if there are none."""
+    shape = f" {text} ".encode("ascii", "replace").translate(_SHAPE)
+    if not any(s in shape for s in _SPACED_SHAPES) or _SPACED.search(text) is None:
         return None
     parts: list[str] = []
     starts: list[int] = []
@@ -153,9 +167,10 @@ def despace(text: str) -> MappedText | None:
     return MappedText("".join(parts), tuple(starts), tuple(sources))
 
 
-_BASE64 = regex.compile(r"(?<![A-Za-z0-9+/_\-])[A-Za-z0-9+/_\-]{16,8192}={0,2}")
-_HEX = regex.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){12,4096}(?![0-9A-Fa-f])")
+_BASE64 = regex.compile(r"[A-Za-z0-9+/_\-]{16,8192}={0,2}")
+_HEX = regex.compile(r"(?:[0-9A-Fa-f]{2}[:]?){12,4096}")
 _PERCENT = regex.compile(r"(?:%[0-9A-Fa-f]{2}[^%\s]{0,3}){6,4096}")
+_TRIM = "\"'`()[]{}<>,;.!?"
 
 
 def _printable(data: bytes) -> str | None:
@@ -169,40 +184,42 @@ def _printable(data: bytes) -> str | None:
     return text
 
 
-def encoded_segments(text: str, max_segments: int = 16) -> Iterator[tuple[int, int, str]]:
-    """(start, end, decoded text) for base64, hex and percent-encoded runs of `text` that decode to prose."""
-    count = 0
-    for m in _BASE64.finditer(text):
-        raw = m.group()
-        if raw.isalpha() or raw.isdigit():
-            continue
-        data = raw.replace("-", "+").replace("_", "/")
+def _decode(token: str) -> str | None:
+    if _HEX.fullmatch(token):
+        try:
+            return _printable(bytes.fromhex(token.replace(":", "")))
+        except ValueError:
+            return None
+    if "%" in token and _PERCENT.fullmatch(token):
+        plain = unquote(token)
+        return plain if _printable(plain.encode()) is not None else None
+    if _BASE64.fullmatch(token) and not (token.isalpha() or token.isdigit()):
+        data = token.rstrip("=").replace("-", "+").replace("_", "/")
         try:
             decoded = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
         except (binascii.Error, ValueError):
+            return None
+        return _printable(decoded)
+    return None
+
+
+def encoded_segments(text: str, max_segments: int = 16) -> Iterator[tuple[int, int, str]]:
+    """(start, end, decoded text) for base64, hex and percent-encoded tokens of `text` that decode to prose.
+
+    Only whitespace-delimited tokens of 16+ characters are candidates (one `split`, no regex pass).
+    """
+    count = 0
+    pos = 0
+    for raw in [w for w in text.split() if len(w) >= 16]:
+        start = text.find(raw, pos)
+        pos = start + len(raw)
+        token = raw.strip(_TRIM) if raw[0] in _TRIM or raw[-1] in _TRIM else raw
+        if len(token) < 16:
             continue
-        plain = _printable(decoded)
+        plain = _decode(token)
         if plain is not None:
-            yield m.start(), m.end(), plain
+            offset = start + raw.find(token)
+            yield offset, offset + len(token), plain
             count += 1
             if count >= max_segments:
                 return
-    for m in _HEX.finditer(text):
-        try:
-            decoded = bytes.fromhex(m.group().replace(" ", "").replace(":", ""))
-        except ValueError:
-            continue
-        plain = _printable(decoded)
-        if plain is not None:
-            yield m.start(), m.end(), plain
-            count += 1
-            if count >= max_segments:
-                return
-    if "%" in text:
-        for m in _PERCENT.finditer(text):
-            plain = unquote(m.group())
-            if plain != m.group() and _printable(plain.encode()) is not None:
-                yield m.start(), m.end(), plain
-                count += 1
-                if count >= max_segments:
-                    return

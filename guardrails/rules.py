@@ -1,7 +1,7 @@
 """Span rules: the unit every span detector is made of, usable on a whole text or incrementally on a stream.
 
-A `PatternRule` is one bounded regular expression plus a pure validator; a `KeywordRule` is a set of words
-and phrases in one Aho-Corasick automaton. Both scan a whole text (`scan`) and advance over a growing
+A `PatternRule` is one bounded regular expression plus a pure validator (`guardrails.keywords` holds the
+Aho-Corasick based rules). Every rule can scan a whole text (`scan`) and advance over a growing
 buffer (`advance`), and `advance` is exact: it reports a finding only once no later text can change it,
 and it reports exactly the findings `scan` would report on the whole text. That is what lets the stream
 guard emit early without ever letting a match escape split across chunks.
@@ -15,12 +15,12 @@ then searched in the `regex` module's partial mode.
 
 from __future__ import annotations
 
+import re
 import re._constants as sre_c
 import re._parser as sre_parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import ahocorasick
 import regex
 
 from guardrails.verdict import Finding
@@ -29,6 +29,37 @@ from guardrails.verdict import Finding
 # when the validator narrows it), None to reject it.
 Validator = Callable[["regex.Match[str]"], "tuple[str, float] | tuple[str, float, int, int] | None"]
 _HAS_DIGIT = regex.compile(r"\d")
+
+
+class TextView:
+    """One text and what several rules derive from it, computed once: its fold, its anchor positions."""
+
+    __slots__ = ("_digit", "_folded", "memo", "text")
+
+    def __init__(self, text: str):
+        self.text = text
+        self._folded: str | None = None
+        self._digit: bool | None = None
+        self.memo: dict[object, object] = {}
+
+    @property
+    def folded(self) -> str:
+        if self._folded is None:
+            self._folded = fold(self.text)
+        return self._folded
+
+    def contains(self, probe: re.Pattern[str]) -> bool:
+        """Whether `probe` occurs in the text (memoised, so rules sharing a probe search once)."""
+        got = self.memo.get(probe)
+        if got is None:
+            got = self.memo[probe] = probe.search(self.text) is not None
+        return got  # type: ignore[return-value]
+
+    @property
+    def has_digit(self) -> bool:
+        if self._digit is None:
+            self._digit = _HAS_DIGIT.search(self.text) is not None
+        return self._digit
 
 
 class UnboundedPattern(ValueError):
@@ -135,7 +166,9 @@ class PatternRule:
     """One bounded regular expression for one detector; the span is group `v` when the pattern has one.
 
     `requires` / `requires_lower` are literal substrings of which every match contains at least one (in the
-    text / in `fold(text)`): a whole-text scan skips the rule when none is present.
+    text / in `fold(text)`), `requires_digit` / `requires_nonascii` say every match holds such a character,
+    `requires_re` is a (Python `re`) pattern every match contains: a whole-text scan skips the rule when
+    one of these cannot hold.
     """
 
     detector: str
@@ -146,6 +179,8 @@ class PatternRule:
     requires: tuple[str, ...] = ()
     requires_lower: tuple[str, ...] = ()
     requires_digit: bool = False
+    requires_nonascii: bool = False
+    requires_re: re.Pattern[str] | None = None
     flags: int = 0
     regex: regex.Pattern[str] = field(init=False)
     width: int = field(init=False)
@@ -162,7 +197,7 @@ class PatternRule:
         set_(self, "_has_value", "v" in self.regex.groupindex)
         set_(self, "_stop", regex.compile("(?r)" + stopper, regex.IGNORECASE) if stopper else None)
 
-    def _finding(self, m: regex.Match[str], base: int) -> Finding | None:
+    def finding(self, m: regex.Match[str], base: int = 0) -> Finding | None:
         start, end = m.span("v") if self._has_value and m.start("v") >= 0 else m.span()
         if self.validate is None:
             type_, score = self.type, self.score
@@ -176,36 +211,50 @@ class PatternRule:
                 type_, score = got  # type: ignore[misc]
         return Finding(start=start + base, end=end + base, detector=self.detector, type=type_, score=score)
 
-    def applies(self, text: str, folded: str | None) -> bool:
-        """Cheap necessary condition: False means no match can exist anywhere in `text`."""
+    def applies(self, view: TextView) -> bool:
+        """Cheap necessary condition: False means no match can exist anywhere in the text."""
+        text = view.text
+        if self.requires_nonascii and text.isascii():
+            return False
         if self.requires and not any(r in text for r in self.requires):
             return False
-        if self.requires_lower and folded is not None and not any(r in folded for r in self.requires_lower):
+        if self.requires_lower and not any(r in view.folded for r in self.requires_lower):
             return False
-        return not (self.requires_digit and _HAS_DIGIT.search(text) is None)
+        if self.requires_digit and not view.has_digit:
+            return False
+        return self.requires_re is None or view.contains(self.requires_re)
 
-    def scan(self, text: str, folded: str | None = None) -> list[Finding]:
-        """Every validated match in the whole `text` (`folded`: `fold(text)`, enables the keyword prefilter)."""
-        if not self.applies(text, folded):
+    def scan(self, view: TextView) -> list[Finding]:
+        """Every validated match in the whole text of `view`."""
+        if not self.applies(view):
             return []
         out = []
-        for m in self.regex.finditer(text):
-            f = self._finding(m, 0)
+        for m in self.regex.finditer(view.text):
+            f = self.finding(m)
             if f is not None:
                 out.append(f)
         return out
 
-    def advance(self, buf: str, pos: int, finished: bool) -> tuple[list[Finding], int]:
-        """Findings of attempts starting in `buf[pos:]` that are final, and where the next call resumes.
+    def settled(self, buf: str, start: int) -> bool:
+        """True when an attempt starting at `start` cannot depend on text after the end of `buf`."""
+        n = len(buf)
+        if start + self.width <= n:
+            return True
+        return self._stop is not None and start < n - self.lookahead and \
+            self._stop.search(buf, start, n - self.lookahead) is not None
 
-        Offsets are relative to `buf`; `buf` must hold enough text before `pos` for look-behinds. With
-        `finished` every remaining attempt is final.
+    def advance(self, view: TextView, pos: int, finished: bool) -> tuple[list[Finding], int]:
+        """Findings of attempts starting at or after `pos` that are final, and where the next call resumes.
+
+        `view` holds the stream's buffer; offsets are relative to it, and it must hold enough text before
+        `pos` for look-behinds. With `finished` every remaining attempt is final.
         """
+        buf = view.text
         n = len(buf)
         out: list[Finding] = []
         if finished:
             for m in self.regex.finditer(buf, pos):
-                f = self._finding(m, 0)
+                f = self.finding(m)
                 if f is not None:
                     out.append(f)
             return out, n
@@ -221,7 +270,7 @@ class PatternRule:
                 if m.start() >= lo:
                     break
                 last_end = m.end()
-                f = self._finding(m, 0)
+                f = self.finding(m)
                 if f is not None:
                     out.append(f)
         start = max(lo, last_end)
@@ -235,72 +284,3 @@ def fold(text: str) -> str:
     if len(folded) == len(text):
         return folded
     return "".join((c.casefold() or c)[0] for c in text)
-
-
-def _is_word(c: str) -> bool:
-    return c.isalnum() or c == "_"
-
-
-class KeywordRule:
-    """Whole-word, case-insensitive occurrences of any of `terms`, found in one Aho-Corasick pass.
-
-    Every occurrence is reported, overlapping ones included (the chain merges overlaps); a term that starts
-    or ends with a word character must sit on a word boundary on that side.
-    """
-
-    def __init__(self, detector: str, type_: str, terms: Iterable[str], score: float = 1.0):
-        self.detector, self.type, self.score = detector, type_, score
-        self._auto = ahocorasick.Automaton()
-        self.maxlen = 0
-        firsts: set[str] = set()
-        for term in terms:
-            key = fold(term.strip())
-            if not key:
-                continue
-            self._auto.add_word(key, len(key))
-            self.maxlen = max(self.maxlen, len(key))
-            firsts.add(key[0])
-        self._firsts = frozenset(firsts)
-        self.width = self.maxlen + 1
-        self.empty = self.maxlen == 0
-        if not self.empty:
-            self._auto.make_automaton()
-
-    def _occurrences(self, folded: str, pos: int, limit: int, finished: bool) -> list[Finding]:
-        n = len(folded)
-        out = []
-        for end_incl, length in self._auto.iter(folded, pos, n):
-            s, e = end_incl - length + 1, end_incl + 1
-            if s >= limit:
-                continue
-            if _is_word(folded[s]) and s > 0 and _is_word(folded[s - 1]):
-                continue
-            if _is_word(folded[e - 1]) and e < n and _is_word(folded[e]):
-                continue
-            out.append(Finding(start=s, end=e, detector=self.detector, type=self.type, score=self.score))
-        out.sort()
-        return out
-
-    def scan(self, text: str, folded: str | None = None) -> list[Finding]:
-        """Every whole-word occurrence in `text` (`folded`: `fold(text)`, when the caller has it)."""
-        if self.empty:
-            return []
-        f = fold(text) if folded is None else folded
-        return self._occurrences(f, 0, len(f) + 1, True)
-
-    def advance(self, buf: str, pos: int, finished: bool, folded: str | None = None) -> tuple[list[Finding], int]:
-        """As `PatternRule.advance`: final occurrences starting at or after `pos`, and the resume point."""
-        if self.empty:
-            return [], len(buf)
-        f = fold(buf) if folded is None else folded
-        n = len(f)
-        frontier = n
-        if not finished:
-            for s in range(max(pos, n - self.maxlen), n):
-                if f[s] in self._firsts and self._auto.match(f[s:n]):
-                    frontier = s
-                    break
-        return self._occurrences(f, pos, frontier, finished), frontier
-
-
-Rule = PatternRule | KeywordRule

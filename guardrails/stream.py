@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from guardrails.chain import Chain, Step, dedupe, redact
 from guardrails.detectors.base import RuleDetector
-from guardrails.rules import KeywordRule, fold
+from guardrails.rules import TextView
 from guardrails.verdict import Finding, Verdict, strongest
 
 CONTEXT = 64  # characters kept before the resume point, for look-behinds and word boundaries
@@ -37,7 +37,6 @@ class StreamGuard:
             if not isinstance(step.detector, RuleDetector):
                 raise TypeError(f"detector {step.detector.name!r} cannot run on a stream")
             self._rules.extend((rule, step) for rule in step.detector.rules)
-        self._needs_fold = any(isinstance(r, KeywordRule) for r, _ in self._rules)
         self._resume = [0] * len(self._rules)
         self._buf = ""
         self._base = 0  # absolute offset of self._buf[0]
@@ -79,14 +78,11 @@ class StreamGuard:
 
     def _advance(self, finished: bool) -> str:
         buf, base = self._buf, self._base
-        folded = fold(buf) if self._needs_fold else None
+        view = TextView(buf)
         frontier = base + len(buf)
         for i, (rule, step) in enumerate(self._rules):
             pos = self._resume[i] - base
-            if isinstance(rule, KeywordRule):
-                found, resume = rule.advance(buf, pos, finished, folded)
-            else:
-                found, resume = rule.advance(buf, pos, finished)
+            found, resume = rule.advance(view, pos, finished)
             self._resume[i] = resume + base
             frontier = min(frontier, resume + base)
             for raw in found:

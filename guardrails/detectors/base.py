@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from guardrails.rules import KeywordRule, PatternRule, Rule, fold
+from guardrails.keywords import AnchoredRule, KeywordRule
+from guardrails.rules import PatternRule, TextView
 from guardrails.verdict import Finding
+
+Rule = PatternRule | KeywordRule | AnchoredRule
 
 
 @runtime_checkable
@@ -15,7 +18,9 @@ class Detector(Protocol):
     name: str
     version: str
 
-    def scan(self, text: str) -> list[Finding]: ...
+    def scan(self, text: str, view: TextView | None = None) -> list[Finding]:
+        """Findings in `text`; `view` (a TextView of `text`) shares derived forms between detectors."""
+        ...
 
 
 class RuleDetector:
@@ -25,14 +30,12 @@ class RuleDetector:
 
     def __init__(self, name: str, version: str, rules: tuple[Rule, ...]):
         self.name, self.version, self.rules = name, version, rules
-        self._needs_fold = any(isinstance(r, KeywordRule) or (isinstance(r, PatternRule) and r.requires_lower)
-                               for r in rules)
         self.width = max((r.width for r in rules), default=0)
 
-    def scan(self, text: str) -> list[Finding]:
+    def scan(self, text: str, view: TextView | None = None) -> list[Finding]:
         """Every rule's findings over the whole text, in rule order."""
-        folded = fold(text) if self._needs_fold else None
+        v = TextView(text) if view is None else view
         out: list[Finding] = []
         for rule in self.rules:
-            out.extend(rule.scan(text, folded))
+            out.extend(rule.scan(v))
         return out

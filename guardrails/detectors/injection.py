@@ -2,22 +2,23 @@
 
 The text is folded to a skeleton (see `guardrails.normalise`), letter-spaced words are joined, and base64,
 hex and percent-encoded runs that decode to prose are normalised and scanned again (depth-bounded). A
-pattern runs only when one of its trigger words occurs (one Aho-Corasick pass). Evidence combines per
+pattern runs only near its trigger words (one Aho-Corasick pass finds them). Evidence combines per
 finding type as 1 - prod(1 - weight); encoded evidence counts a little more, since hiding is a signal.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import ahocorasick
-import regex
 import yaml
 
 from guardrails.normalise import MappedText, despace, encoded_segments, skeleton
+from guardrails.rules import TextView
 from guardrails.verdict import Finding
 
 NAME = "injection"
@@ -25,6 +26,8 @@ TYPES = ("PROMPT_INJECTION", "JAILBREAK", "SYSTEM_PROMPT_EXTRACTION")
 _SEP = r"[\W_]+"
 _GAP = r"(?:(?!(?:my|our)\b)[\w']{1,30}[\W_]+){0,3}"
 ENCODED_BONUS = 0.1
+# A pattern is searched from this far before to this far after each of its trigger words.
+WINDOW_BEFORE, WINDOW_AFTER = 240, 240
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +35,9 @@ class InjectionPattern:
     id: str
     type: str
     weight: float
-    regex: regex.Pattern[str]
-    triggers: tuple[str, ...]
+    regex: re.Pattern[str]
+    triggers: tuple[str, ...]  # the pattern is searched around these
+    also: tuple[tuple[str, ...], ...] = ()  # ... and only when a word of each of these groups occurs
 
 
 def expand(notation: str) -> str:
@@ -55,14 +59,17 @@ def load_patterns(path: Path | None = None) -> tuple[str, tuple[InjectionPattern
         pid = item.get("id", "?")
         try:
             type_ = categories[item["category"]]
-            compiled = regex.compile(expand(item["regex"]), regex.V0)
+            compiled = re.compile(expand(item["regex"]))
             weight = float(item["weight"])
-        except (KeyError, regex.error, TypeError, ValueError) as e:
+        except (KeyError, re.error, TypeError, ValueError) as e:
             raise ValueError(f"injection pattern {pid!r}: {e}") from e
         if not 0.0 < weight <= 1.0:
             raise ValueError(f"injection pattern {pid!r}: weight must be in (0, 1]")
-        triggers = tuple(str(t).lower().replace("l", "i") for t in item.get("triggers") or ())
-        out.append(InjectionPattern(pid, type_, weight, compiled, triggers))
+        groups = item.get("triggers") or []
+        if groups and not isinstance(groups[0], list):
+            groups = [groups]
+        folded = [tuple(skeleton(str(t)).text for t in g) for g in groups]
+        out.append(InjectionPattern(pid, type_, weight, compiled, folded[0] if folded else (), tuple(folded[1:])))
     return str(doc.get("version", "0")), tuple(out)
 
 
@@ -76,13 +83,31 @@ class InjectionDetector:
         self.decode_depth = decode_depth
         self._always = tuple(i for i, p in enumerate(self.patterns) if not p.triggers)
         self._triggers = ahocorasick.Automaton()
-        index: dict[str, list[int]] = {}
+        index: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
         for i, p in enumerate(self.patterns):
             for t in p.triggers:
-                index.setdefault(t, []).append(i)
-        for word, ids in index.items():
-            self._triggers.add_word(word, tuple(ids))
+                index.setdefault(t, ([], []))[0].append(i)
+            for g, group in enumerate(p.also, start=1):
+                for t in group:
+                    index.setdefault(t, ([], []))[1].append((i, g))
+        for word, (ids, groups) in index.items():
+            self._triggers.add_word(word, (tuple(ids), tuple(groups)))
         self._triggers.make_automaton()
+
+    def _search(self, i: int, text: str, ends: list[int]) -> re.Match[str] | None:
+        """Pattern `i` searched only in windows around its trigger occurrences (ends, ascending)."""
+        pattern = self.patterns[i].regex
+        n = len(text)
+        lo = hi = -1
+        for end in ends:
+            a, b = max(0, end - WINDOW_BEFORE), min(n, end + WINDOW_AFTER)
+            if a <= hi:
+                hi = b
+                continue
+            if hi >= 0 and (m := pattern.search(text, lo, hi)) is not None:
+                return m
+            lo, hi = a, b
+        return pattern.search(text, lo, hi) if hi >= 0 else None
 
     def _hits(self, text: str, depth: int) -> dict[int, tuple[int, int, float]]:
         """Pattern index -> (start, end, weight) in `text`'s offsets, over every view of `text`."""
@@ -93,14 +118,17 @@ class InjectionDetector:
         if spaced is not None:
             views.append((spaced.text, [spaced, skel]))
         for view_text, maps in views:
-            folded = view_text.replace("l", "i")
-            wanted = set(self._always)
-            for _end, ids in self._triggers.iter(folded):
-                wanted.update(ids)
-            for i in sorted(wanted):
-                if i in hits:
+            occurrences: dict[int, list[int]] = {i: [len(view_text)] for i in self._always}
+            seen_groups: set[tuple[int, int]] = set()
+            for end, (ids, groups) in self._triggers.iter(view_text):
+                for i in ids:
+                    occurrences.setdefault(i, []).append(end)
+                seen_groups.update(groups)
+            for i in sorted(occurrences):
+                if i in hits or any((i, g) not in seen_groups for g in range(1, len(self.patterns[i].also) + 1)):
                     continue
-                m = self.patterns[i].regex.search(folded)
+                m = (self.patterns[i].regex.search(view_text) if i in self._always
+                     else self._search(i, view_text, occurrences[i]))
                 if m is None:
                     continue
                 s, e = m.span()
@@ -115,7 +143,7 @@ class InjectionDetector:
                         hits[i] = (s, e, boosted)
         return hits
 
-    def scan(self, text: str) -> list[Finding]:
+    def scan(self, text: str, view: TextView | None = None) -> list[Finding]:
         """One finding per injection type with evidence, scored in [0, 1]; spans point into `text`."""
         by_type: dict[str, list[tuple[int, int, float]]] = {}
         for i, hit in self._hits(text, self.decode_depth).items():

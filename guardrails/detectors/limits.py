@@ -3,6 +3,7 @@ scripts inside one word (homoglyph spoofing), and text outside a tenant's allowe
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
@@ -11,7 +12,7 @@ import regex
 
 from guardrails.detectors.base import RuleDetector
 from guardrails.normalise import INVISIBLE_CLASS
-from guardrails.rules import PatternRule
+from guardrails.rules import PatternRule, TextView
 from guardrails.verdict import Finding
 
 LIMITS = "limits"
@@ -21,18 +22,46 @@ VERSION = "1.0.0"
 _NOT_TAG_INVISIBLE = INVISIBLE_CLASS.replace(r"\U000e0000-\U000e007f", "")
 
 
+_CONTROL_CLASS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+
+
 def invisible() -> RuleDetector:
     """Span rules (stream-safe) for Unicode tag runs, zero-width/bidi/format runs and control characters."""
+    # One cheap `re` probe for all three classes: on ordinary text none of the rules runs.
+    probe = re.compile(f"[{INVISIBLE_CLASS}{_CONTROL_CLASS}]")
     return RuleDetector(INVISIBLE, VERSION, (
-        PatternRule(INVISIBLE, "TAG_CHARACTERS", pattern=r"[\U000e0000-\U000e007f]{1,256}", score=1.0),
-        PatternRule(INVISIBLE, "INVISIBLE_CHARS", pattern=f"[{_NOT_TAG_INVISIBLE}]{{1,256}}", score=0.9),
-        PatternRule(INVISIBLE, "CONTROL_CHARS", pattern=r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]{1,256}", score=0.8),
+        PatternRule(INVISIBLE, "TAG_CHARACTERS", pattern=r"[\U000e0000-\U000e007f]{1,256}", score=1.0,
+                    requires_nonascii=True, requires_re=probe),
+        PatternRule(INVISIBLE, "INVISIBLE_CHARS", pattern=f"[{_NOT_TAG_INVISIBLE}]{{1,256}}", score=0.9,
+                    requires_nonascii=True, requires_re=probe),
+        PatternRule(INVISIBLE, "CONTROL_CHARS", pattern=f"[{_CONTROL_CLASS}]{{1,256}}", score=0.8,
+                    requires_re=probe),
     ))
 
 
-_CONFUSABLE_SCRIPTS = r"\u0370-\u03ff\u0400-\u04ff\u0500-\u052f"
-_MIXED_WORD = regex.compile(
-    rf"(?<![\w])(?=\w{{0,40}}[A-Za-z])(?=\w{{0,40}}[{_CONFUSABLE_SCRIPTS}])\w{{2,40}}(?!\w)")
+_CONFUSABLE_RUN = regex.compile(r"[\u0370-\u03ff\u0400-\u052f]{1,64}")
+_ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def mixed_script_words(text: str) -> list[tuple[int, int]]:
+    """Spans of words that mix Latin letters with Greek or Cyrillic ones ("p\u0430ypal" with a Cyrillic a)."""
+    out: list[tuple[int, int]] = []
+    n = len(text)
+    for m in _CONFUSABLE_RUN.finditer(text):
+        s, e = m.span()
+        if out and s < out[-1][1]:
+            continue
+        before = s > 0 and text[s - 1] in _ASCII_LETTERS
+        after = e < n and text[e] in _ASCII_LETTERS
+        if before or after:
+            while s > 0 and (text[s - 1].isalnum() or text[s - 1] == "_"):
+                s -= 1
+            while e < n and (text[e].isalnum() or text[e] == "_"):
+                e += 1
+            out.append((s, e))
+    return out
+
+
 _LETTER = regex.compile(r"[^\W\d_]")
 
 
@@ -62,7 +91,7 @@ class Limits:
         self.allowed = frozenset(s.upper() for s in allowed_scripts) if allowed_scripts else None
         self.max_foreign_ratio = max_foreign_ratio
 
-    def scan(self, text: str) -> list[Finding]:
+    def scan(self, text: str, view: TextView | None = None) -> list[Finding]:
         out = []
         if self.max_chars is not None and len(text) > self.max_chars:
             out.append(Finding(start=self.max_chars, end=len(text), detector=LIMITS, type="LENGTH_EXCEEDED",
@@ -70,8 +99,8 @@ class Limits:
         if text.isascii():
             return out
         if self.mixed_script:
-            for m in _MIXED_WORD.finditer(text):
-                out.append(Finding(start=m.start(), end=m.end(), detector=LIMITS, type="MIXED_SCRIPT", score=0.7))
+            for s, e in mixed_script_words(text):
+                out.append(Finding(start=s, end=e, detector=LIMITS, type="MIXED_SCRIPT", score=0.7))
         if self.allowed is not None:
             letters = _LETTER.findall(text)
             foreign = sum(1 for c in letters if script_of(c) not in self.allowed)

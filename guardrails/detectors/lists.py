@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import regex
 
 from guardrails.detectors.base import RuleDetector
-from guardrails.rules import KeywordRule, PatternRule, Rule, fold
+from guardrails.keywords import KeywordRule
+from guardrails.rules import PatternRule, fold
 
 BLOCKLIST = "blocklist"
 VERSION = "1.0.0"
@@ -18,7 +19,7 @@ def blocklist(terms: Sequence[str], regexes: Sequence[str] = (), type_: str = "B
 
     Raises ValueError (UnboundedPattern) or regex.error for a regex that cannot be used on a stream.
     """
-    rules: list[Rule] = []
+    rules: list[PatternRule | KeywordRule] = []
     if any(t.strip() for t in terms):
         rules.append(KeywordRule(BLOCKLIST, type_, terms))
     for pattern in regexes:

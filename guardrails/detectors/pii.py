@@ -11,6 +11,7 @@ import ipaddress
 
 import regex
 
+from guardrails.keywords import AnchoredRule, KeywordAnchors, RegexAnchors
 from guardrails.rules import PatternRule
 
 NAME = "pii"
@@ -151,7 +152,10 @@ def _ssn(m: regex.Match[str]) -> tuple[str, float] | None:
 
 
 def _ipv4(m: regex.Match[str]) -> tuple[str, float] | None:
-    ip = ipaddress.IPv4Address(m.group())
+    try:
+        ip = ipaddress.IPv4Address(m.group())
+    except ValueError:
+        return None  # an octet over 255, or a leading zero
     if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_reserved or str(ip) == "255.255.255.255":
         return "IP_ADDRESS", 0.2
     if ip.is_private or ip.is_link_local:
@@ -240,46 +244,58 @@ _DATE = (r"(?:\d{1,2}[/.\-]\d{1,2}[/.\-](?:19|20)?\d{2}"
          rf"|{_MONTH}[ ]\d{{1,2}}(?:st|nd|rd|th)?,?[ ](?:19|20)\d{{2}})")
 
 
-def rules() -> tuple[PatternRule, ...]:
-    """The PII rules, in priority order (the chain keeps the first type when spans overlap)."""
+_CONTEXT = {
+    "ssn": ("ssn", "social security", "ss#"),
+    "phone": ("phone", "tel", "telephone", "mobile", "cell", "cellphone", "fax", "whatsapp", "sms", "call me",
+              "text me", "reach me"),
+    "dob": ("date of birth", "birth date", "birthdate", "born", "dob", "d.o.b", "birthday", "geburtsdatum",
+            "geboren", "fecha de nacimiento", "date de naissance", "né le", "née le", "nee le", "ne le"),
+}
+
+
+def rules() -> tuple[PatternRule | AnchoredRule, ...]:
+    """The PII rules, in priority order (the chain keeps the first type when spans overlap).
+
+    Number-shaped rules are tried only at the start of each digit run, context rules only at their
+    keywords: two shared passes over the text instead of one regex scan per rule.
+    """
+    # Every number-shaped rule needs a digit run of 13+ or one followed by a separator and a digit.
+    digits = RegexAnchors(r"\d(?<!\d\d)(?=\d{12}|\d{0,15}[ .\-/]\d)", 18)
+    words = KeywordAnchors(_CONTEXT)
     return (
         PatternRule(NAME, "EMAIL", validate=_email, requires=("@",), pattern=(
             r"(?<![\w.%+\-])[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,62}[A-Za-z0-9_%+\-])?@"
             r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,4}[A-Za-z]{2,24}(?![\w\-]|\.[A-Za-z0-9])")),
-        PatternRule(NAME, "CREDIT_CARD", validate=_card, requires_digit=True, pattern=(
-            r"(?<![\d\-.,])(?:\d[ \-]?){12,18}\d(?![\d]|[.,]\d)")),
+        AnchoredRule(NAME, "CREDIT_CARD", digits, validate=_card, pattern=(
+            r"\d(?<![\-.,]\d)(?:[ \-]?\d){12,18}(?![\d]|[.,]\d)")),
         PatternRule(NAME, "IBAN", validate=_iban, requires_digit=True, pattern=(
-            r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}(?![A-Za-z0-9])")),
-        PatternRule(NAME, "US_SSN", validate=_ssn, requires_digit=True, pattern=(
-            r"(?<![\d\-])(?!000|666|9\d\d)\d{3}[\- ](?!00)\d{2}[\- ](?!0000)\d{4}(?![\d\-]|\.\d)")),
-        PatternRule(NAME, "US_SSN", validate=_ssn, requires_digit=True, requires_lower=("ssn", "social", "ss#"),
-                    pattern=(r"(?i:(?<![a-z])(?:ssn|social security(?: number| no\.?| #)?|ss#)(?![a-z]))"
-                             r"[^\d\n]{0,15}(?P<v>\d{3}[\- ]?\d{2}[\- ]?\d{4})(?![\d\-])")),
-        PatternRule(NAME, "PHONE_NUMBER", validate=_phone, requires_digit=True, pattern=(
-            r"(?<![\w+\-.])(?:"
-            r"\+[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}(?:[ .\-]?\d{1,5}){0,5}"
-            r"|(?:1[ .\-])?(?:\([2-9]\d{2}\)[ .\-]?|[2-9]\d{2}[ .\-])[2-9]\d{2}[ .\-]\d{4}"
-            r")(?![\d\-]|\.\d)")),
-        PatternRule(NAME, "PHONE_NUMBER", validate=_national_phone, requires_digit=True, pattern=(
-            r"(?<![\w+\-./:])0\d{1,4}(?:[ \-/]\d{2,8}){1,4}(?![\d\-/:]|\.\d)")),
-        PatternRule(NAME, "PHONE_NUMBER", validate=_phone, requires_digit=True,
-                    requires_lower=("phone", "tel", "mobile", "cell", "fax", "whatsapp", "sms", "call", "text",
-                                    "reach"),
-                    pattern=(r"(?i:(?<![a-z])(?:phone|tel|telephone|mobile|cell|cellphone|fax|whatsapp|sms|"
-                             r"call me|text me|reach me)(?![a-z]))[^\d\n+]{0,12}"
-                             r"(?P<v>\+?\d[\d ().\-]{5,18}\d)(?![\d\-])")),
-        PatternRule(NAME, "IP_ADDRESS", validate=_ipv4, requires=(".",), pattern=(
-            r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-            r"(?![\w]|\.\d)")),
+            r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?:[ ]?[A-Z0-9]){11,30}(?![A-Za-z0-9])")),
+        AnchoredRule(NAME, "US_SSN", digits, validate=_ssn, pattern=(
+            r"\d(?<!-\d)\d{2}[\- ]\d{2}[\- ]\d{4}(?![\d\-]|\.\d)")),
+        AnchoredRule(NAME, "US_SSN", words, group="ssn", validate=_ssn, pattern=(
+            r"(?i:ssn|social security(?: number| no\.?| #)?|ss#)(?![a-z])[^\d\n]{0,15}"
+            r"(?P<v>\d{3}[\- ]?\d{2}[\- ]?\d{4})(?![\d\-])")),
+        PatternRule(NAME, "PHONE_NUMBER", validate=_phone, requires=("+",), pattern=(
+            r"\+(?<![\w+\-.]\+)[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}(?:[ .\-]?\d{1,5}){0,5}"
+            r"(?![\d\-]|\.\d)")),
+        PatternRule(NAME, "PHONE_NUMBER", validate=_phone, requires=("(",), pattern=(
+            r"\((?<![\w+\-.]\()[2-9]\d{2}\)[ .\-]?[2-9]\d{2}[ .\-]\d{4}(?![\d\-]|\.\d)")),
+        AnchoredRule(NAME, "PHONE_NUMBER", digits, validate=_phone, pattern=(
+            r"\d(?<![\w+\-.]\d)(?:(?<=1)[ .\-](?:\([2-9]\d{2}\)[ .\-]?|[2-9]\d{2}[ .\-])|(?<=[2-9])\d{2}[ .\-])"
+            r"[2-9]\d{2}[ .\-]\d{4}(?![\d\-]|\.\d)")),
+        AnchoredRule(NAME, "PHONE_NUMBER", digits, validate=_national_phone, first="0", pattern=(
+            r"0(?<![\w+\-./:]0)\d{1,4}(?:[ \-/]\d{2,8}){1,4}(?![\d\-/:]|\.\d)")),
+        AnchoredRule(NAME, "PHONE_NUMBER", words, group="phone", validate=_phone, pattern=(
+            r"(?i:phone|tel|telephone|mobile|cell|cellphone|fax|whatsapp|sms|call me|text me|reach me)(?![a-z])"
+            r"[^\d\n+]{0,12}(?P<v>\+?\d[\d ().\-]{5,18}\d)(?![\d\-])")),
+        AnchoredRule(NAME, "IP_ADDRESS", digits, validate=_ipv4, requires=(".",), pattern=(
+            r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w]|\.\d)")),
         PatternRule(NAME, "IP_ADDRESS", validate=_ipv6, requires=(":",), pattern=(
             r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
             r"(?![\w:]|\.\w)")),
-        PatternRule(NAME, "DATE_OF_BIRTH", validate=_dob, requires_digit=True,
-                    requires_lower=("birth", "born", "dob", "d.o.b", "geb", "nacimiento", "naissance", "née",
-                                    "nee le", "né le", "ne le"),
-                    pattern=(r"(?i:(?<![a-z])(?:date of birth|birth ?date|born(?: on| in)?|dob|d\.o\.b\.?|"
-                             r"birthday(?: is)?|geburtsdatum|geboren(?: am)?|fecha de nacimiento|"
-                             r"date de naissance|n[ée]e? le)(?![a-z]))"
-                             r"[ \t:,\-]{0,4}(?:(?:was|is|on|am|el|le)[ \t]{1,3})?"
-                             rf"(?P<v>{_DATE})(?![\d])")),
+        AnchoredRule(NAME, "DATE_OF_BIRTH", words, group="dob", validate=_dob, pattern=(
+            r"(?i:date of birth|birth ?date|born(?: on| in)?|dob|d\.o\.b\.?|birthday(?: is)?|geburtsdatum|"
+            r"geboren(?: am)?|fecha de nacimiento|date de naissance|n[ée]e? le)(?![a-z])"
+            r"[ \t:,\-]{0,4}(?:(?:was|is|on|am|el|le)[ \t]{1,3})?"
+            rf"(?P<v>{_DATE})(?![\d])")),
     )

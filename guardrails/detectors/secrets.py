@@ -15,6 +15,7 @@ from collections import Counter
 
 import regex
 
+from guardrails.keywords import AnchoredRule, KeywordAnchors
 from guardrails.rules import PatternRule
 
 NAME = "secrets"
@@ -92,9 +93,14 @@ def _url_credentials(m: regex.Match[str]) -> tuple[str, float] | None:
     return "PASSWORD", 0.9
 
 
+# Each vendor format starts with one of these; the rule is tried only where one starts a word.
+_VENDOR_PREFIXES = ("AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xoxa-",
+                    "xoxb-", "xoxp-", "xoxo-", "xoxs-", "xoxr-", "xoxe-", "https://hooks.slack.com/", "AIza",
+                    "sk_live_", "sk_test_", "rk_live_", "rk_test_", "sk-", "hf_", "npm_", "pypi-", "SG.", "SK",
+                    "AccountKey=")
 _VENDOR = (
-    r"(?<![A-Za-z0-9_\-])(?:"
-    r"(?P<AWS_ACCESS_KEY>(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|ABIA|ACCA)[A-Z2-7]{16})"
+    r"(?:"
+    r"(?P<AWS_ACCESS_KEY>(?:AKIA|ASIA)[A-Z2-7]{16})"
     r"|(?P<GITHUB_TOKEN>gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{70,100})"
     r"|(?P<GITLAB_TOKEN>glpat-[A-Za-z0-9_\-]{20,50})"
     r"|(?P<SLACK_TOKEN>xox[abposre]-(?:[A-Za-z0-9]{1,40}-){1,5}[A-Za-z0-9]{4,64})"
@@ -118,8 +124,10 @@ _PRIVATE_KEY = (
     r"Version:[^\n]{0,60}|Comment:[^\n]{0,80})){0,120}"
     r"(?:(?:\r?\n|\\r?\\n|[ \t]){1,3}" + _PEM_LABEL.replace("(?:BEGIN|END)", "END") + ")?"
 )
+_KEYWORD_ANCHORS = ("api", "apikey", "secret", "client", "access", "auth", "refresh", "bearer", "token", "password",
+                    "passwd", "passphrase", "pwd", "private", "credential")
 _KEYWORD = (
-    r"(?i:(?<![a-z0-9])(?P<k>api[_\-. ]?key|apikey|api[_\-. ]?secret|api[_\-. ]?token|secret[_\-. ]?key|"
+    r"(?i:(?P<k>api[_\-. ]?key|apikey|api[_\-. ]?secret|api[_\-. ]?token|secret[_\-. ]?key|"
     r"client[_\-. ]?secret|secret[_\-. ]?access[_\-. ]?key|access[_\-. ]?key(?:[_\-. ]?id)?|"
     r"auth[_\-. ]?token|access[_\-. ]?token|refresh[_\-. ]?token|bearer|token|secret|password|passwd|"
     r"passphrase|pwd|private[_\-. ]?key|credentials?)(?![a-z0-9]))"
@@ -128,20 +136,17 @@ _KEYWORD = (
 )
 
 
-def rules() -> tuple[PatternRule, ...]:
-    """The secret rules, in priority order."""
+def rules() -> tuple[PatternRule | AnchoredRule, ...]:
+    """The secret rules, in priority order; vendor formats and keyword values share one anchor pass."""
+    anchors = KeywordAnchors({"vendor": _VENDOR_PREFIXES, "keyword": _KEYWORD_ANCHORS})
     return (
         PatternRule(NAME, "PRIVATE_KEY", pattern=_PRIVATE_KEY, score=1.0, requires=("PRIVATE KEY",)),
-        PatternRule(NAME, "API_KEY", pattern=_VENDOR, validate=_vendor, requires=(
-            "AKIA", "ASIA", "AGPA", "AIDA", "AROA", "AIPA", "ANPA", "ANVA", "ABIA", "ACCA", "gh", "github_pat_",
-            "glpat-", "xox", "hooks.slack.com", "AIza", "_live_", "_test_", "sk-", "hf_", "npm_", "pypi-",
-            "SG.", "SK", "AccountKey=")),
+        AnchoredRule(NAME, "API_KEY", anchors, group="vendor", pattern=_VENDOR, validate=_vendor),
         PatternRule(NAME, "JWT", pattern=(r"(?<![A-Za-z0-9_\-])eyJ[A-Za-z0-9_\-]{8,2000}\.eyJ[A-Za-z0-9_\-]{8,4000}"
                                           r"\.[A-Za-z0-9_\-]{0,1000}(?![A-Za-z0-9_\-])"),
                     validate=_jwt, requires=("eyJ",)),
         PatternRule(NAME, "PASSWORD", validate=_url_credentials, requires=("://",), pattern=(
             r"(?<![\w+.\-])[A-Za-z][A-Za-z0-9+.\-]{1,20}://[^\s:/@]{1,64}:(?P<v>[^\s:/@]{1,128})@"
             r"[A-Za-z0-9.\-\[\]]{1,255}")),
-        PatternRule(NAME, "SECRET", pattern=_KEYWORD, validate=_keyword_secret,
-                    requires_lower=("key", "secret", "token", "bearer", "pass", "pwd", "credential")),
+        AnchoredRule(NAME, "SECRET", anchors, group="keyword", pattern=_KEYWORD, validate=_keyword_secret),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +28,7 @@ RISKY = [
     "\nMIIEowIBAAKCAQEA7bq9\n", "-----END RSA PRIVATE KEY-----", CANARY, "zebra-", "ZEBRA-CANARY-7731",
     "forbidden fruit", "forbidden", "\u200b", "\u202e", "\U000e0041", "\x07",
 ]
-FILLER = st.text(alphabet=st.sampled_from(list("abcXYZ 0123456789.,:;-+@_/()\n\t'\"=") + ["é", "Ж", "🙂"]),
+FILLER = st.text(alphabet=st.sampled_from([*"abcXYZ 0123456789.,:;-+@_/()\n\t'\"=", "é", "Ж", "🙂"]),
                  max_size=12)
 TEXTS = st.lists(st.one_of(st.sampled_from(RISKY), FILLER), max_size=14).map("".join)
 
@@ -34,7 +36,7 @@ TEXTS = st.lists(st.one_of(st.sampled_from(RISKY), FILLER), max_size=14).map("".
 def chunked(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts})
     bounds = [0, *points, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,183 @@
+"""Anchored span rules: keyword sets, and patterns tried only where an anchor occurs.
+
+A regex attempt at every position of a text is what makes many rules expensive. Here one pass finds the
+anchors (keywords through an Aho-Corasick automaton over the folded text, or a cheap regex such as digit
+runs), shared by every rule of a detector through the `TextView`, and each rule tries its pattern only at
+those positions. `KeywordRule` reports whole-word occurrences of words and phrases (blocklists);
+`AnchoredRule` matches a pattern at each anchor ("password", "phone", a digit run...). Both follow the
+`PatternRule` contract: `scan` on a whole text, exact `advance` on a growing buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import ahocorasick
+import regex
+
+from guardrails.rules import PatternRule, TextView, Validator, fold
+from guardrails.verdict import Finding
+
+
+def _is_word(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+class KeywordAnchors:
+    """Whole-word starts of terms (case-insensitive) in the folded text, each term in a named group so
+    several rules can share one automaton pass."""
+
+    def __init__(self, groups: dict[str, Iterable[str]]):
+        self.auto = ahocorasick.Automaton()
+        self.maxlen = 0
+        firsts: set[str] = set()
+        keys: dict[str, set[str]] = {}
+        for group, terms in groups.items():
+            for term in terms:
+                key = fold(term.strip())
+                if key:
+                    keys.setdefault(key, set()).add(group)
+        for key, names in keys.items():
+            self.auto.add_word(key, (len(key), frozenset(names)))
+            self.maxlen = max(self.maxlen, len(key))
+            firsts.add(key[0])
+        self.firsts = frozenset(firsts)
+        self.empty = self.maxlen == 0
+        if not self.empty:
+            self.auto.make_automaton()
+
+    def spans(self, view: TextView, group: str) -> list[tuple[int, int]]:
+        """(start, end) of every occurrence of a `group` term, overlaps included, starting a word."""
+        found = view.memo.get(self)
+        if found is None:
+            f = view.folded
+            found = [] if self.empty else [
+                (end - length + 1, end + 1, names) for end, (length, names) in self.auto.iter(f)
+                if not (end - length + 1 > 0 and _is_word(f[end - length]))]
+            view.memo[self] = found
+        return [(s, e) for s, e, names in found if group in names]  # type: ignore[attr-defined]
+
+    def pending(self, view: TextView, pos: int) -> int:
+        """The first position >= `pos` where the end of the text is a prefix of a term (len if none)."""
+        f = view.folded
+        n = len(f)
+        for s in range(max(pos, n - self.maxlen), n):
+            if f[s] in self.firsts and self.auto.match(f[s:n]):
+                return s
+        return n
+
+
+class RegexAnchors:
+    """Starts of the matches of a short, local `pattern` (whether it matches at a position depends only on
+    the few characters around it, e.g. a digit not preceded by a digit)."""
+
+    def __init__(self, pattern: str, max_len: int):
+        self.regex = regex.compile(pattern)
+        self.maxlen = max_len
+
+    def spans(self, view: TextView, group: str = "") -> list[tuple[int, int]]:
+        got = view.memo.get(self)
+        if got is None:
+            got = [m.span() for m in self.regex.finditer(view.text)]
+            view.memo[self] = got
+        return got  # type: ignore[return-value]
+
+    def pending(self, view: TextView, pos: int) -> int:
+        """The first position >= `pos` where an anchor touches the end of the text or is incomplete."""
+        text = view.text
+        n = len(text)
+        for m in self.regex.finditer(text, max(pos, n - self.maxlen), partial=True):
+            if m.partial or m.end() >= n:
+                return m.start()
+        return n
+
+
+Anchors = KeywordAnchors | RegexAnchors
+
+
+class KeywordRule:
+    """Whole-word, case-insensitive occurrences of any of `terms`; overlapping ones all reported."""
+
+    def __init__(self, detector: str, type_: str, terms: Iterable[str], score: float = 1.0):
+        self.detector, self.type, self.score = detector, type_, score
+        self.anchors = KeywordAnchors({type_: terms})
+        self.width = self.anchors.maxlen + 1
+
+    def _found(self, view: TextView, pos: int, limit: int) -> list[Finding]:
+        f = view.folded
+        n = len(f)
+        out = []
+        for s, e in self.anchors.spans(view, self.type):
+            if s < pos or s >= limit:
+                continue
+            if _is_word(f[e - 1]) and e < n and _is_word(f[e]):
+                continue
+            out.append(Finding(start=s, end=e, detector=self.detector, type=self.type, score=self.score))
+        out.sort()
+        return out
+
+    def scan(self, view: TextView) -> list[Finding]:
+        """Every whole-word occurrence in the text."""
+        return self._found(view, 0, len(view.text) + 1)
+
+    def advance(self, view: TextView, pos: int, finished: bool) -> tuple[list[Finding], int]:
+        """As `PatternRule.advance`: final occurrences starting at or after `pos`, and the resume point."""
+        frontier = len(view.text) if finished else self.anchors.pending(view, pos)
+        return self._found(view, pos, frontier), frontier
+
+
+class AnchoredRule:
+    """`pattern` tried (with `match`) at every anchor start (of `group`, for keyword anchors).
+
+    The pattern must start by matching the anchor itself (and, given `first`, with one of its characters);
+    `validate`, the value group `v` and the `requires` prefilter work as in `PatternRule`.
+    """
+
+    def __init__(self, detector: str, type_: str, anchors: Anchors, pattern: str, *, group: str = "",
+                 score: float = 0.9, validate: Validator | None = None, requires: tuple[str, ...] = (),
+                 first: str = ""):
+        self.detector, self.type, self.group = detector, type_, group
+        self._first = first  # when set, the characters a match can start with: skips hopeless anchors
+        self._rule = PatternRule(detector, type_, pattern=pattern, score=score, validate=validate,
+                                 requires=requires)
+        self.anchors = anchors
+        self.regex: regex.Pattern[str] = self._rule.regex
+        self.width = self._rule.width
+
+    def _starts(self, view: TextView, pos: int, limit: int) -> list[int]:
+        text, first = view.text, self._first
+        starts = {s for s, _e in self.anchors.spans(view, self.group)
+                  if pos <= s < limit and (not first or text[s] in first)}
+        return sorted(starts)
+
+    def scan(self, view: TextView) -> list[Finding]:
+        """Validated matches at every anchor of the whole text."""
+        if not self._rule.applies(view):
+            return []
+        out = []
+        for s in self._starts(view, 0, len(view.text) + 1):
+            m = self.regex.match(view.text, s)
+            if m is not None:
+                finding = self._rule.finding(m)
+                if finding is not None:
+                    out.append(finding)
+        return out
+
+    def advance(self, view: TextView, pos: int, finished: bool) -> tuple[list[Finding], int]:
+        """As `PatternRule.advance`; an anchor whose attempt might still change holds the frontier."""
+        buf = view.text
+        frontier = len(buf) if finished else self.anchors.pending(view, pos)
+        out = []
+        for s in self._starts(view, pos, frontier):
+            if finished or s + self.width <= len(buf):
+                m = self.regex.match(buf, s)
+            else:
+                m = self.regex.match(buf, s, partial=True)
+                if m is not None and (m.partial or not self._rule.settled(buf, s)):
+                    frontier = s
+                    break
+            if m is not None:
+                finding = self._rule.finding(m)
+                if finding is not None:
+                    out.append(finding)
+        return out, frontier
