@@ -126,7 +126,7 @@ class DurableEventSink:
         self._failing_since: float | None = None
         self.published = self.delivered = self.send_failures = 0
         self.rejected: Counter[str] = Counter()
-        self._last_reject_log = 0.0
+        self._last_reject_log = self._last_failure_log = -1e9
         self._send_seconds = None
         if registry is not None:
             self._send_seconds = Histogram("servoloop_sink_batch_send_seconds", "Time for the downstream to confirm a batch",
@@ -236,7 +236,10 @@ class DurableEventSink:
                 self.send_failures += 1
                 if self._failing_since is None:
                     self._failing_since = started
-                    log.warning("event sink: downstream failed (%s); events wait in the spool", e)
+                if started - self._last_failure_log > 30.0:
+                    self._last_failure_log = started
+                    log.warning("event sink: downstream failing for %.0fs (%s); %d events wait in the spool",
+                                started - self._failing_since, e, self._spool.pending)
                 self._spool.rewind()
                 self._spool.spill()
                 if self._closing:

@@ -1,7 +1,7 @@
 """The ingester's consumer loop against the real broker: batches, commit-after-store, retries, restarts.
 
-The store side is a recording stand-in here (`Recorder`); the integration with feedback.store's real
-`ingest_batch` over chDB is tested where both exist.
+Most tests use a recording stand-in for the store (`Recorder`) to observe batches and inject failures; the
+last one runs the whole path into the real store (`feedback.store.ingest_batch` over chDB).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from feedback.broker import EmbeddedBroker
-from feedback.ingest import Ingester, Source
+from feedback.ingest import Ingester, Source, store_handler
 from feedback.kafka import ConfluentDownstream, consumer_config
 from feedback.settings import IngestSettings
 from feedback.sink import DurableEventSink
 from feedback.spool import Spool
+from feedback.store import ChdbStore, count_rows, dead_letters, migrate
 from schemas.events import FeedbackEvent, InferenceEvent, decode_event
+from tests.support.clickhouse_http import shared_chdb_session
 
 
 class Recorder:
@@ -195,3 +197,34 @@ async def test_the_loop_rides_out_a_broker_kill_and_commits_after_the_restart(
     await ing.stop()
     assert sorted(set(store.values), key=int) == [b"%d" % i for i in range(400)]
     assert committed(s3_broker, group, topic, 1) == {0: 400}
+
+
+async def test_through_sink_broker_and_ingester_every_event_lands_in_clickhouse_once_even_when_read_twice(
+    broker: EmbeddedBroker, prefix: str, tmp_path: Path
+) -> None:
+    store = ChdbStore(shared_chdb_session(), f"t_{uuid.uuid4().hex[:12]}")
+    await migrate(store)
+    topics = [prefix + "inferences", prefix + "feedback"]
+    broker.create_topics(topics, partitions=2)
+    sink = DurableEventSink(Spool(tmp_path / "spool"), ConfluentDownstream(broker.bootstrap_servers), topic_prefix=prefix)
+    await sink.start()
+    for i in range(1000):
+        e = InferenceEvent(tenant=f"t{i % 3}", request_id=str(i))
+        sink.publish(e)
+        sink.publish(FeedbackEvent(tenant=e.tenant, target_id=e.event_id, kind="rating", rating=i % 5))
+    assert await sink.wait_delivered(30)
+    await sink.aclose()
+    p = Producer({"bootstrap.servers": broker.bootstrap_servers})
+    p.produce(topics[0], b"\xc1 not an event")
+    assert p.flush(10) == 0
+
+    for _ in range(2):  # a second group reads everything again: a redelivery as large as it gets
+        ing = Ingester(broker.bootstrap_servers, topics, store_handler(store),
+                       settings=IngestSettings(group_id=f"g-{uuid.uuid4().hex[:8]}", batch_max_wait_s=0.1))
+        await ing.start()
+        await wait_until(lambda ing=ing: sum(ing.committed.values()) == 2001)
+        await ing.stop()
+    assert await count_rows(store, "inferences") == 1000
+    assert await count_rows(store, "feedback") == 1000
+    assert [d.reason for d in await dead_letters(store)] == ["undecodable"]
+    await store.query(f"DROP DATABASE IF EXISTS {store.database}")

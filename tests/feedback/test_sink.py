@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from feedback.broker import EmbeddedBroker, free_port
 from feedback.kafka import ConfluentDownstream, KafkaPythonDownstream
+from feedback.settings import BrokerSettings, EventSettings
 from feedback.sink import (
     Downstream,
     DownstreamUnavailable,
@@ -22,10 +24,13 @@ from feedback.sink import (
     EventRecord,
     SinkHealth,
     StoreDownstream,
+    build_event_sink,
 )
 from feedback.spool import Spool, SpoolHealth
+from feedback.store import ChdbStore, count_rows, migrate
 from schemas.events import InferenceEvent, decode_event, encode_event
 from tests.feedback.conftest import Consumed
+from tests.support.clickhouse_http import shared_chdb_session
 
 REPO = Path(__file__).resolve().parents[2]
 TOPIC = "inferences"
@@ -245,6 +250,34 @@ async def test_without_a_broker_batches_go_through_the_spool_to_the_store_and_su
     await sink.aclose()
     assert written == list(range(3000))
     assert sink.send_failures == 2
+
+
+async def test_built_from_settings_with_broker_mode_none_events_land_in_clickhouse(tmp_path: Path, prefix: str) -> None:
+    store = ChdbStore(shared_chdb_session(), f"t_{uuid.uuid4().hex[:12]}")
+    await migrate(store)
+    settings = EventSettings(broker=BrokerSettings(mode="none", topic_prefix=prefix))
+    sink = build_event_sink(settings, spool_dir=tmp_path / "spool", store=store)
+    await sink.start()
+    for i in range(1500):
+        sink.publish(event(i))
+    assert await sink.wait_delivered(30)
+    await sink.aclose()
+    assert await count_rows(store, "inferences") == 1500
+    await store.query(f"DROP DATABASE IF EXISTS {store.database}")
+
+
+async def test_built_from_settings_with_a_broker_events_reach_its_topics(
+    broker: EmbeddedBroker, prefix: str, tmp_path: Path, read: Callable[..., list[Consumed]]
+) -> None:
+    broker.create_topics([prefix + TOPIC])
+    for client in ("confluent", "kafka-python"):
+        settings = EventSettings(broker=BrokerSettings(mode="external", client=client, topic_prefix=prefix))
+        sink = build_event_sink(settings, spool_dir=tmp_path / client, bootstrap_servers=broker.bootstrap_servers)
+        await sink.start()
+        sink.publish(event(0 if client == "confluent" else 1))
+        assert await sink.wait_delivered(30)
+        await sink.aclose()
+    assert sorted(numbers(read(broker.bootstrap_servers, [prefix + TOPIC], expect=2))) == [0, 1]
 
 
 async def test_publish_costs_a_few_microseconds(tmp_path: Path, prefix: str) -> None:
