@@ -20,7 +20,8 @@ from guardrails.verdict import Finding
 
 
 def _is_word(c: str) -> bool:
-    return c.isalnum() or c == "_"
+    # "_" is a boundary: identifiers like aws_secret_access_key or DB_PASSWORD hold keywords as words
+    return c.isalnum()
 
 
 class KeywordAnchors:
@@ -96,7 +97,10 @@ Anchors = KeywordAnchors | RegexAnchors
 
 
 class KeywordRule:
-    """Whole-word, case-insensitive occurrences of any of `terms`; overlapping ones all reported."""
+    """Whole-word, case-insensitive occurrences of any of `terms`; overlapping ones all reported.
+
+    A word boundary is anything but a letter or digit (so "_" separates words, as in identifiers).
+    """
 
     def __init__(self, detector: str, type_: str, terms: Iterable[str], score: float = 1.0):
         self.detector, self.type, self.score = detector, type_, score

@@ -26,6 +26,9 @@ TYPES = ("PROMPT_INJECTION", "JAILBREAK", "SYSTEM_PROMPT_EXTRACTION")
 _SEP = r"[\W_]+"
 _GAP = r"(?:(?!(?:my|our)\b)[\w']{1,30}[\W_]+){0,3}"
 ENCODED_BONUS = 0.1
+# A phrase in quotes is usually mentioned, not meant ("what does 'ignore previous instructions' mean?").
+QUOTED_FACTOR = 0.4
+_QUOTES = "'\"`"
 # A pattern is searched from this far before to this far after each of its trigger words.
 WINDOW_BEFORE, WINDOW_AFTER = 240, 240
 
@@ -71,6 +74,11 @@ def load_patterns(path: Path | None = None) -> tuple[str, tuple[InjectionPattern
         folded = [tuple(skeleton(str(t)).text for t in g) for g in groups]
         out.append(InjectionPattern(pid, type_, weight, compiled, folded[0] if folded else (), tuple(folded[1:])))
     return str(doc.get("version", "0")), tuple(out)
+
+
+def _quoted(text: str, start: int, end: int) -> bool:
+    """True when text[start:end] sits right inside a pair of quotes."""
+    return start > 0 and text[start - 1] in _QUOTES and any(c in _QUOTES for c in text[end:end + 3])
 
 
 class InjectionDetector:
@@ -132,9 +140,12 @@ class InjectionDetector:
                 if m is None:
                     continue
                 s, e = m.span()
+                weight = self.patterns[i].weight
+                if _quoted(view_text, s, e):
+                    weight *= QUOTED_FACTOR
                 for mapped in maps:
                     s, e = mapped.source_span(s, e)
-                hits[i] = (s, e, self.patterns[i].weight)
+                hits[i] = (s, e, weight)
         if depth > 0:
             for s, e, plain in encoded_segments(text):
                 for i, (_s, _e, w) in self._hits(plain, depth - 1).items():

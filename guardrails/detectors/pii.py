@@ -266,8 +266,8 @@ def rules() -> tuple[PatternRule | AnchoredRule, ...]:
         PatternRule(NAME, "EMAIL", validate=_email, requires=("@",), pattern=(
             r"(?<![\w.%+\-])[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,62}[A-Za-z0-9_%+\-])?@"
             r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,4}[A-Za-z]{2,24}(?![\w\-]|\.[A-Za-z0-9])")),
-        AnchoredRule(NAME, "CREDIT_CARD", digits, validate=_card, pattern=(
-            r"\d(?<![\-.,]\d)(?:[ \-]?\d){12,18}(?![\d]|[.,]\d)")),
+        AnchoredRule(NAME, "CREDIT_CARD", digits, validate=_card, pattern=(  # not inside an IBAN: "DE25 6782..."
+            r"\d(?<![A-Za-z\-.,]\d)(?<![A-Z]{2}\d{2} \d)(?:[ \-]?\d){12,18}(?![\d]|[.,]\d)")),
         PatternRule(NAME, "IBAN", validate=_iban, requires_digit=True, pattern=(
             r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?:[ ]?[A-Z0-9]){11,30}(?![A-Za-z0-9])")),
         AnchoredRule(NAME, "US_SSN", digits, validate=_ssn, pattern=(
@@ -284,7 +284,9 @@ def rules() -> tuple[PatternRule | AnchoredRule, ...]:
             r"\d(?<![\w+\-.]\d)(?:(?<=1)[ .\-](?:\([2-9]\d{2}\)[ .\-]?|[2-9]\d{2}[ .\-])|(?<=[2-9])\d{2}[ .\-])"
             r"[2-9]\d{2}[ .\-]\d{4}(?![\d\-]|\.\d)")),
         AnchoredRule(NAME, "PHONE_NUMBER", digits, validate=_national_phone, first="0", pattern=(
-            r"0(?<![\w+\-./:]0)\d{1,4}(?:[ \-/]\d{2,8}){1,4}(?![\d\-/:]|\.\d)")),
+            # trunk-prefix national numbers: "020 7946 0958", "030/1234567", "06 12 34 56 78"
+            r"0(?<![\w+\-./:]0)(?:[1-9](?:[ .\-]\d{2}){4}|\d{1,4}[ \-/]\d{3,8}(?:[ \-/]\d{2,8}){0,3})"
+            r"(?![\d\-/:]|\.\d)")),
         AnchoredRule(NAME, "PHONE_NUMBER", words, group="phone", validate=_phone, pattern=(
             r"(?i:phone|tel|telephone|mobile|cell|cellphone|fax|whatsapp|sms|call me|text me|reach me)(?![a-z])"
             r"[^\d\n+]{0,12}(?P<v>\+?\d[\d ().\-]{5,18}\d)(?![\d\-])")),
