@@ -2,7 +2,7 @@
 
 Open-loop load (requests start on schedule whether or not earlier ones finished) at each offered rate,
 for a fixed duration, against: the upstream directly, the gateway over HTTP, the gateway over gRPC —
-with auth and rate limiting on. Added latency = gateway percentile − direct percentile at the same rate.
+with auth and rate limiting on. Added latency = gateway percentile - direct percentile at the same rate.
 Then streaming: tokens/s of the real engine on the tiny model alone vs. through the gateway.
 
     .venv/bin/python benchmarks/gateway_overhead.py            # full run (≈3 min)
@@ -25,9 +25,9 @@ import aiohttp
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import free_port, pct, wait_http, write_result  # noqa: E402
-from schemas.pb import inference_pb2 as pb  # noqa: E402
-from schemas.pb import inference_pb2_grpc as pb_grpc  # noqa: E402
+from benchmarks.common import free_port, pct, wait_http, write_result
+from schemas.pb import inference_pb2 as pb
+from schemas.pb import inference_pb2_grpc as pb_grpc
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ console = Console(stderr=True)
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file (or $SERVOLOOP_CONFIG)")]
 
 
-def _settings(config: Path | None):  # noqa: ANN202
+def _settings(config: Path | None):
     from servoloop.settings import load_settings
 
     return load_settings(config)
@@ -37,7 +37,7 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _ensure_model(settings) -> None:  # noqa: ANN001
+def _ensure_model(settings) -> None:
     """Build the bundled tiny model when a configured local model directory is the default one and missing."""
     from servoloop.settings import DEFAULT_TINY_MODEL_DIR
 
@@ -62,7 +62,7 @@ def up(config: ConfigOpt = None,
     _setup_logging(settings.log_level)
     _ensure_model(settings)
 
-    def ready(server) -> None:  # noqa: ANN001
+    def ready(server) -> None:
         console.print(f"[green]servoloop is up[/green]: HTTP http://{server.host}:{server.http_port}/v1  "
                       f"gRPC {server.host}:{server.grpc_port}\n"
                       "create a key: [bold]servoloop keys create --tenant demo[/bold]")
