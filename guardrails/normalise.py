@@ -66,11 +66,11 @@ _HOMOGLYPHS = str.maketrans({c: ascii_ for ascii_, chars in _LOOKALIKES.items() 
 _LEET = str.maketrans({"0": "o", "1": "i", "2": "z", "3": "e", "4": "a", "5": "s", "6": "b", "7": "t", "8": "b",
                        "9": "g", "@": "a", "$": "s", "l": "i"})
 # Letter-spacing check without a regex pass, on bytes: letters -> "a", separators -> " ", others -> "#".
-_SHAPE = bytes(ord("a") if 97 <= c <= 122 else ord(" ") if chr(c) in " .-_*/|" else ord("#") for c in range(256))
+_SHAPE = bytes(ord("a") if 97 <= c <= 122 else ord(" ") if chr(c) in " .-_*/|'" else ord("#") for c in range(256))
 _SPACED_SHAPES = (b" a a a a", b"  a  a  a  a", b"   a   a   a   a")
 _NON_ASCII_RUN = regex.compile(r"[^\x00-\x7f]+")
-_SPACED = re.compile(r"(?<![a-z])[a-z](?:[ .\-_*/|]{1,3}[a-z](?![a-z])){3,}")
-_SEPARATOR_RUN = re.compile(r"[ .\-_*/|]+")
+_SPACED = re.compile(r"(?<![a-z])[a-z](?:[ .\-_*/|']{1,3}[a-z](?![a-z])){3,}")
+_SEPARATOR_RUN = re.compile(r"[ .\-_*/|']+")
 
 
 @lru_cache(maxsize=8192)
@@ -210,6 +210,8 @@ def encoded_segments(text: str, max_segments: int = 16) -> Iterator[tuple[int, i
     """
     count = 0
     pos = 0
+    if "<" in text or ">" in text:  # tokens inside markup: <div>BASE64</div> (same length, same offsets)
+        text = text.replace("<", " ").replace(">", " ")
     for raw in [w for w in text.split() if len(w) >= 16]:
         start = text.find(raw, pos)
         pos = start + len(raw)

@@ -232,6 +232,9 @@ def _email(m: regex.Match[str]) -> tuple[str, float] | None:
     local, _, domain = raw.rpartition("@")
     if ".." in local or domain.rsplit(".", 1)[-1].lower() in _FILE_TLDS:
         return None  # "icon@2x.png" is a file name
+    token_start = max(m.string.rfind(c, 0, m.start()) for c in " \t\n\"'<(") + 1
+    if "://" in m.string[max(token_start, m.start() - 300):m.start()]:
+        return None  # "https://user:token@host" is a URL's credentials (the secrets detector's), not a mailbox
     return "EMAIL", 0.95
 
 
@@ -264,7 +267,7 @@ def rules() -> tuple[PatternRule | AnchoredRule, ...]:
     words = KeywordAnchors(_CONTEXT)
     return (
         PatternRule(NAME, "EMAIL", validate=_email, requires=("@",), pattern=(
-            r"(?<![\w.%+\-])[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,62}[A-Za-z0-9_%+\-])?@"
+            r"(?<![\w.%+\-])(?<!//)[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,62}[A-Za-z0-9_%+\-])?@"
             r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,4}[A-Za-z]{2,24}(?![\w\-]|\.[A-Za-z0-9])")),
         AnchoredRule(NAME, "CREDIT_CARD", digits, validate=_card, pattern=(  # not inside an IBAN: "DE25 6782..."
             r"\d(?<![A-Za-z\-.,]\d)(?<![A-Z]{2}\d{2} \d)(?:[ \-]?\d){12,18}(?![\d]|[.,]\d)")),

@@ -1,9 +1,10 @@
 """Deterministic generator of the labelled guardrail evaluation set.
 
-    python tests/data/guardrails/generate.py        # rewrites eval_dev.jsonl and eval_heldout.jsonl
+    python tests/data/guardrails/generate.py   # rewrites eval_dev.jsonl, eval_heldout.jsonl, eval_blind.jsonl
 
-Two splits built from disjoint sentence templates, attack phrasings and seeds: `dev` (what detector work
-may look at) and `heldout` (only ever reported). Each line: {"id", "split", "kind", "text", "spans":
+Three splits built from disjoint sentence templates, attack phrasings and seeds: `dev` (what detector work
+may look at), `heldout` (first measured blind; its misses then prompted general fixes, so it is reported
+before and after them) and `blind` (written after those fixes and never used to change a detector). Each line: {"id", "split", "kind", "text", "spans":
 [{"type", "start", "end"}], "attack": type or null, "obfuscation": how an attack is hidden, or null}. `kind` is pii | secret | injection | benign | tricky
 (benign text that looks risky: invalid card numbers, private IPs, placeholders, security talk...).
 """
@@ -114,7 +115,7 @@ def obfuscate(text: str, how: str, rng: Random) -> str:
 
 def build(split: str, seed: int, counts: dict[str, int]) -> list[dict[str, object]]:
     rng = Random(seed)
-    t = templates.DEV if split == "dev" else templates.HELDOUT
+    t = {"dev": templates.DEV, "heldout": templates.HELDOUT, "blind": templates.BLIND}[split]
     rows: list[dict[str, object]] = []
 
     def add(kind: str, text: str, spans: list[dict[str, object]], attack: str | None = None,
@@ -146,7 +147,8 @@ def build(split: str, seed: int, counts: dict[str, int]) -> list[dict[str, objec
 def main() -> None:
     dev = build("dev", 20251101, {"pii": 420, "secret": 330, "injection": 300, "benign": 700, "tricky": 450})
     held = build("heldout", 777013, {"pii": 280, "secret": 220, "injection": 200, "benign": 450, "tricky": 300})
-    for name, rows in (("eval_dev.jsonl", dev), ("eval_heldout.jsonl", held)):
+    blind = build("blind", 4242, {"pii": 250, "secret": 200, "injection": 216, "benign": 400, "tricky": 300})
+    for name, rows in (("eval_dev.jsonl", dev), ("eval_heldout.jsonl", held), ("eval_blind.jsonl", blind)):
         with open(HERE / name, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
