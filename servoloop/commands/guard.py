@@ -11,10 +11,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from guardrails import Policy
+    from guardrails.redteam import Attack, Result, Summary
 
 app = typer.Typer(help="Guardrails: check a text against a policy, evaluate detectors on a labelled set.",
                   no_args_is_help=True)
@@ -25,7 +29,7 @@ TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="tenant whose pol
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="model whose policy applies")]
 
 
-def _policy(policy: Path | None, tenant: str, model: str):  # noqa: ANN202
+def _policy(policy: Path | None, tenant: str, model: str) -> Policy:
     from guardrails import default_policy_set, load_policy_set
 
     return (load_policy_set(policy) if policy else default_policy_set()).resolve(tenant, model)
@@ -70,7 +74,7 @@ def eval_(dataset: Annotated[Path, typer.Argument(help="labelled JSONL (see test
 
 
 async def _run_redteam(url: str, key: str, model: str | None, attacks_path: Path | None, concurrency: int,
-                       timeout: float) -> Any:
+                       request_timeout_s: float) -> Summary:
     import httpx
 
     from guardrails.redteam import Summary, judge, load_attacks, new_canary
@@ -81,13 +85,13 @@ async def _run_redteam(url: str, key: str, model: str | None, attacks_path: Path
     if base.endswith("/v1"):
         base = base[:-3]
     summary = Summary()
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=request_timeout_s) as client:
         if model is None:
             listed = (await client.get("/v1/models")).json()
             model = listed["data"][0]["id"]
         gate = asyncio.Semaphore(concurrency)
 
-        async def one(attack):  # noqa: ANN001, ANN202
+        async def one(attack: Attack) -> Result:
             rendered = attack.render(new_canary())
             async with gate:
                 try:
