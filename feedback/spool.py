@@ -9,8 +9,7 @@ segments wholly below it are deleted. On open, a torn or corrupt tail record is 
 everything before it replays. At-least-once: after a crash, records acknowledged since the last persisted
 cursor replay again (consumers deduplicate by event id).
 
-Segment file `<first seq, 20 digits>.seg`: frames of `<u32 length><u32 crc32c><u64 seq><payload>`; the CRC
-covers length, seq and payload.
+The file formats, recovery and the segment reader live in `feedback.segments`.
 """
 
 from __future__ import annotations
@@ -18,28 +17,39 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import struct
 import threading
 from collections import deque
 from collections.abc import Iterator
 from enum import StrEnum
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
 
-import crc32c
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from feedback.segments import (
+    HEADER,
+    MAX_RECORD_BYTES,
+    FrameScan,
+    SegmentReader,
+    SpoolRecord,
+    encode_frame,
+    fsync_dir,
+    list_segments,
+    read_cursor,
+    recover_tail,
+    scan_frames,
+    segment_name,
+    write_cursor,
+)
 from schemas.errors import ErrorKind, ServoloopError
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "HEADER", "MAX_RECORD_BYTES", "FrameScan", "Spool", "SpoolClosed", "SpoolError", "SpoolFull", "SpoolHealth",
+    "SpoolLocked", "SpoolRecord", "encode_frame", "scan_frames",
+]
 
-HEADER = struct.Struct("<IIQ")  # payload length, crc32c, seq
-_CRC_PREFIX = struct.Struct("<IQ")  # what the CRC covers besides the payload
-_CURSOR = struct.Struct("<QI")
-MAX_RECORD_BYTES = 64 * 1024 * 1024
-_READ_CHUNK = 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 class SpoolError(ServoloopError):
@@ -70,199 +80,6 @@ class SpoolHealth(StrEnum):
     OK = "ok"  # no backlog on disk
     SPILLING = "spilling"  # a backlog is on disk, waiting for the downstream
     FULL = "full"  # appends are refused (over the cap), or the disk fails writes
-
-
-class SpoolRecord(NamedTuple):
-    seq: int
-    payload: bytes
-
-
-# ---- functional core: frames ------------------------------------------------------------------------
-
-
-def encode_frame(seq: int, payload: bytes) -> bytes:
-    """One record on disk: header plus payload."""
-    n = len(payload)
-    crc = crc32c.crc32c(payload, crc32c.crc32c(_CRC_PREFIX.pack(n, seq)))
-    return HEADER.pack(n, crc, seq) + payload
-
-
-class FrameScan(NamedTuple):
-    records: list[SpoolRecord]
-    end: int  # offset just past the last valid frame
-    stop: Literal["end", "partial", "corrupt"]  # buffer used up exactly / incomplete frame / bad frame
-    needed: int  # for "partial": the size of the incomplete frame (header alone when the header is cut)
-
-
-def scan_frames(buf: bytes, start: int = 0, after_seq: int = -1, max_records: int = -1) -> FrameScan:
-    """Decode consecutive frames from `buf[start:]`; stops at the first incomplete or invalid one.
-
-    A frame is invalid when its length is over MAX_RECORD_BYTES, its CRC does not match, or its seq does not
-    increase. Stops early (stop "end") after `max_records` when that is >= 0. Never raises on any input.
-    """
-    records: list[SpoolRecord] = []
-    view = memoryview(buf)
-    pos, n, last = start, len(buf), after_seq
-    while True:
-        if pos == n or len(records) == max_records:
-            return FrameScan(records, pos, "end", 0)
-        if n - pos < HEADER.size:
-            return FrameScan(records, pos, "partial", HEADER.size)
-        length, crc, seq = HEADER.unpack_from(buf, pos)
-        if length > MAX_RECORD_BYTES:
-            return FrameScan(records, pos, "corrupt", 0)
-        end = pos + HEADER.size + length
-        if end > n:
-            return FrameScan(records, pos, "partial", HEADER.size + length)
-        payload = view[pos + HEADER.size : end]
-        if crc32c.crc32c(payload, crc32c.crc32c(_CRC_PREFIX.pack(length, seq))) != crc or seq <= last:
-            return FrameScan(records, pos, "corrupt", 0)
-        records.append(SpoolRecord(seq, bytes(payload)))
-        last, pos = seq, end
-
-
-def _segment_name(first_seq: int) -> str:
-    return f"{first_seq:020d}.seg"
-
-
-def _list_segments(directory: Path) -> list[int]:
-    return sorted(int(p.stem) for p in directory.glob("*.seg") if p.stem.isdigit())
-
-
-def _read_cursor(directory: Path) -> int:
-    try:
-        raw = (directory / "cursor").read_bytes()
-        seq, crc = _CURSOR.unpack(raw)
-        if crc32c.crc32c(raw[:8]) == crc:
-            return seq
-        log.warning("spool %s: cursor file is corrupt; replaying everything on disk", directory)
-    except FileNotFoundError:
-        pass
-    except (OSError, struct.error):
-        log.warning("spool %s: cursor file unreadable; replaying everything on disk", directory)
-    return 0
-
-
-def _write_cursor(directory: Path, seq: int) -> None:
-    raw = struct.pack("<Q", seq)
-    tmp = directory / "cursor.tmp"
-    with open(tmp, "wb") as f:
-        f.write(raw + struct.pack("<I", crc32c.crc32c(raw)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / "cursor")
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _recover_tail(directory: Path, segments: list[int]) -> tuple[int, int]:
-    """Truncate a torn or corrupt tail; drop segments left empty. Returns (last seq on disk or -1, bytes cut)."""
-    cut = 0
-    while segments:
-        path = directory / _segment_name(segments[-1])
-        data = path.read_bytes()
-        scan = scan_frames(data)
-        if scan.end < len(data):
-            log.warning("spool %s: truncating %d bytes of torn/corrupt tail (%s)", path, len(data) - scan.end, scan.stop)
-            cut += len(data) - scan.end
-            with open(path, "r+b") as f:
-                f.truncate(scan.end)
-                os.fsync(f.fileno())
-        if scan.records:
-            return scan.records[-1].seq, cut
-        path.unlink()
-        segments.pop()
-    return -1, cut
-
-
-# ---- the reader of segment files ---------------------------------------------------------------------
-
-
-class _SegmentReader:
-    """Reads records in seq order from segment files; used only by the spool's one reader."""
-
-    def __init__(self, directory: Path):
-        self._dir = directory
-        self._segment = -1
-        self._file: BinaryIO | None = None
-        self._offset = 0
-        self._pos_seq = -1  # the from_seq that the current position serves; -1: unknown
-        self.corrupt_segments = 0
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file, self._segment, self._pos_seq = None, -1, -1
-
-    def _open(self, segment: int) -> bool:
-        self.close()
-        try:
-            self._file = open(self._dir / _segment_name(segment), "rb")
-        except FileNotFoundError:
-            return False
-        self._segment, self._offset = segment, 0
-        return True
-
-    def _chunk(self, size: int) -> bytes:
-        """About `size` bytes from the current offset: a whole frame at least, when the file holds one."""
-        assert self._file is not None
-        self._file.seek(self._offset)
-        buf = self._file.read(size)
-        if len(buf) >= HEADER.size:
-            need = HEADER.size + HEADER.unpack_from(buf)[0]
-            if len(buf) < need <= HEADER.size + MAX_RECORD_BYTES:
-                buf += self._file.read(need - len(buf))
-        return buf
-
-    def read(self, from_seq: int, until_seq: int, segments: list[int], max_records: int, max_bytes: int) -> list[SpoolRecord]:
-        """Records with from_seq <= seq < until_seq, in order; fewer when the files hold no more (yet)."""
-        if self._pos_seq != from_seq or self._file is None:
-            at_or_before = [s for s in segments if s <= from_seq]
-            first = at_or_before[-1] if at_or_before else next((s for s in segments if s > from_seq), None)
-            if first is None or not self._open(first):
-                return []
-        out: list[SpoolRecord] = []
-        size = 0
-        while True:
-            want = min(_READ_CHUNK, max(64 * 1024, max_bytes - size + HEADER.size * (max_records - len(out))))
-            scan = scan_frames(self._chunk(want), max_records=max_records - len(out))
-            advance, done = 0, False
-            for rec in scan.records:
-                if rec.seq >= until_seq:
-                    done = True
-                    break
-                advance += HEADER.size + len(rec.payload)
-                if rec.seq >= from_seq:
-                    out.append(rec)
-                    size += len(rec.payload)
-                    from_seq = rec.seq + 1
-                    if len(out) >= max_records or size >= max_bytes:
-                        done = True
-                        break
-            self._offset += advance
-            self._pos_seq = from_seq
-            if done:
-                return out
-            if scan.records:
-                continue
-            # Nothing decodable at the offset: the segment is used up, torn or corrupt.
-            later = [s for s in segments if s > self._segment]
-            if not later:
-                return out  # caught up with the writer
-            if scan.stop != "end":
-                self.corrupt_segments += 1
-                log.error("spool %s: %s record in sealed segment %d at byte %d; skipping the rest of it",
-                          self._dir, scan.stop, self._segment, self._offset)
-            if not self._open(later[0]):
-                return out
-            self._pos_seq = from_seq
 
 
 # ---- the spool -------------------------------------------------------------------------------------------
@@ -299,19 +116,19 @@ class Spool:
         self._interval, self._write_through = fsync_interval_s, write_through
         self._mem_max_records, self._mem_max_bytes = memory_max_records, memory_max_bytes
 
-        cursor = _read_cursor(self._dir)
-        segments = _list_segments(self._dir)
+        cursor = read_cursor(self._dir)
+        segments = list_segments(self._dir)
         for i in range(len(segments) - 1):  # segments wholly acknowledged before the last run ended
             if segments[i + 1] <= cursor:
-                (self._dir / _segment_name(segments[i])).unlink()
-        segments = _list_segments(self._dir)
-        last_seq, self.recovered_cut_bytes = _recover_tail(self._dir, segments)
+                (self._dir / segment_name(segments[i])).unlink()
+        segments = list_segments(self._dir)
+        last_seq, self.recovered_cut_bytes = recover_tail(self._dir, segments)
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._written_cv = threading.Condition(self._lock)
         self._segments = segments
-        self._sizes = {s: (self._dir / _segment_name(s)).stat().st_size for s in segments}
+        self._sizes = {s: (self._dir / segment_name(s)).stat().st_size for s in segments}
         self._disk_total = sum(self._sizes.values())
         self._cursor = self._persisted_cursor = cursor
         self._next_seq = max(cursor, last_seq + 1)
@@ -321,7 +138,7 @@ class Spool:
         self._mem_start = self._next_seq
         self._mem_bytes = 0
         self._read_seq = cursor
-        self._reader = _SegmentReader(self._dir)
+        self._reader = SegmentReader(self._dir)
         self._active_fd: int | None = None
         self._pressure = self._force = self._closing = self._closed = False
         self._io_error: str | None = None
@@ -555,9 +372,9 @@ class Spool:
     def _roll(self, first_seq: int) -> None:
         if self._active_fd is not None:
             os.close(self._active_fd)
-        path = self._dir / _segment_name(first_seq)
+        path = self._dir / segment_name(first_seq)
         self._active_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         with self._lock:
             self._segments.append(first_seq)
             self._sizes[first_seq] = size = os.fstat(self._active_fd).st_size
@@ -565,7 +382,7 @@ class Spool:
 
     def _collect_garbage(self, cursor: int) -> None:
         if cursor != self._persisted_cursor:
-            _write_cursor(self._dir, cursor)
+            write_cursor(self._dir, cursor)
             self._persisted_cursor = cursor
         with self._lock:
             segs = self._segments
@@ -578,7 +395,7 @@ class Spool:
             os.close(self._active_fd)
             self._active_fd = None
         for s in dead:
-            (self._dir / _segment_name(s)).unlink(missing_ok=True)
+            (self._dir / segment_name(s)).unlink(missing_ok=True)
         with self._lock:
             for s in dead:
                 self._segments.remove(s)
