@@ -29,15 +29,23 @@ from feedback.store.queries import (
     latest,
     version_stats,
 )
-from feedback.store.writer import IngestResult, decode_batch, ingest_batch, write_events
+from feedback.store.writer import (
+    IngestResult,
+    PreparedBatch,
+    decode_batch,
+    ingest_batch,
+    prepare_batch,
+    write_events,
+    write_prepared,
+)
 from schemas.errors import ConfigError
 
 __all__ = [
     "ChdbSession", "ChdbStore", "ClickHouseStore", "IngestResult", "MigrationError", "ParamValue",
-    "RatedInference", "Store", "StoreError", "StoreUnavailable", "VersionStats", "applied_migrations",
-    "count_rows", "dead_letters", "decode_batch", "feedback_with_inferences", "get_inference",
-    "get_inferences", "inferences_in_window", "ingest_batch", "latest", "migrate", "open_store",
-    "version_stats", "write_events",
+    "PreparedBatch", "RatedInference", "Store", "StoreError", "StoreUnavailable", "VersionStats",
+    "applied_migrations", "count_rows", "dead_letters", "decode_batch", "feedback_with_inferences",
+    "get_inference", "get_inferences", "inferences_in_window", "ingest_batch", "latest", "migrate",
+    "open_store", "prepare_batch", "version_stats", "write_events", "write_prepared",
 ]
 
 

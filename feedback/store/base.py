@@ -46,6 +46,8 @@ class Store(Protocol):
     async def insert(self, table: str, data: pa.Table) -> int:
         """Append `data` (columns named as in `table`; others get their defaults). Returns rows written.
 
+        Rows go in as given, duplicates included: they collapse at merge time and in FINAL/argMax reads.
+
         Raises StoreError if rejected, StoreUnavailable if the store cannot be reached.
         """
         ...

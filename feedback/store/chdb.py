@@ -22,6 +22,9 @@ import pyarrow as pa
 from feedback.store.base import ParamValue, StoreError, StoreUnavailable, format_param, identifier
 
 T = TypeVar("T")
+# Rows go in as given: no merge pass over the block at insert time (for ReplacingMergeTree that pass
+# costs ~60% of the insert). Duplicates collapse at merge time and in FINAL/argMax reads.
+_INSERT_SETTINGS = "optimize_on_insert = 0"
 _CODE = re.compile(r"Code: (\d+)")
 
 
@@ -148,7 +151,7 @@ class ChdbStore:
 
         def run(conn: Any) -> int:
             _sl_batch = data  # the engine resolves Python(_sl_batch) from this frame
-            conn.query(f"INSERT INTO {target} ({columns}) SELECT * FROM Python(_sl_batch)")
+            conn.query(f"INSERT INTO {target} ({columns}) SETTINGS {_INSERT_SETTINGS} SELECT * FROM Python(_sl_batch)")
             return data.num_rows
 
         if data.num_rows == 0:

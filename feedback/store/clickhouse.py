@@ -20,6 +20,9 @@ _NO_ROWS = re.compile(
     re.IGNORECASE,
 )
 
+# Rows go in as given (see chdb.py): duplicates collapse at merge time and in FINAL/argMax reads.
+_INSERT_SETTINGS = {"optimize_on_insert": 0}
+
 
 def _translate(e: Exception) -> StoreError:
     import aiohttp
@@ -67,7 +70,7 @@ class ClickHouseStore:
             return 0
         self._check_open()
         try:
-            await self._client.insert_arrow(identifier(table), data, database=self._database)
+            await self._client.insert_arrow(identifier(table), data, database=self._database, settings=_INSERT_SETTINGS)
         except Exception as e:
             raise _translate(e) from e
         return data.num_rows

@@ -7,7 +7,10 @@ the same events again (a redelivered Kafka batch, a retried insert) never change
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 import msgspec
 import pyarrow as pa
@@ -17,16 +20,32 @@ from feedback.store.columns import to_arrow
 from schemas.errors import InvalidRequest
 from schemas.events import DeadLetter, Event, MalformedEvent, decode_event
 
+T = TypeVar("T")
+
 # Below this many events, converting on the loop costs less than a hop to a worker thread.
 _INLINE_MAX = 512
 
+Tables = list[tuple[str, pa.Table]]
 
-def _tables(events: Sequence[Event]) -> list[tuple[str, pa.Table]]:
+
+def _tables(events: Sequence[Event]) -> Tables:
     unique: dict[str, Event] = {e.event_id: e for e in events}  # in-batch repeats: one row each
     groups: dict[type[Event], list[Event]] = {}
     for e in unique.values():
         groups.setdefault(type(e), []).append(e)
     return [(cls.table, to_arrow(evs)) for cls, evs in groups.items()]
+
+
+async def _off_loop(fn: Callable[[], T], size: int) -> T:
+    return fn() if size <= _INLINE_MAX else await asyncio.to_thread(fn)
+
+
+async def _insert_all(store: Store, tables: Tables) -> dict[str, int]:
+    # One insert per table and batch: chDB pays ~20-70 ms per insert whatever its size, so no chunking.
+    written: dict[str, int] = {}
+    for table, data in tables:
+        written[table] = written.get(table, 0) + await store.insert(table, data)
+    return written
 
 
 async def write_events(store: Store, events: Sequence[Event]) -> dict[str, int]:
@@ -37,11 +56,7 @@ async def write_events(store: Store, events: Sequence[Event]) -> dict[str, int]:
     """
     if not events:
         return {}
-    tables = _tables(events) if len(events) <= _INLINE_MAX else await asyncio.to_thread(_tables, events)
-    written: dict[str, int] = {}
-    for table, data in tables:
-        written[table] = written.get(table, 0) + await store.insert(table, data)
-    return written
+    return await _insert_all(store, await _off_loop(partial(_tables, events), len(events)))
 
 
 class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +88,34 @@ def decode_batch(values: Sequence[bytes | None],
     return good, dead
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A decoded batch ready to insert: Arrow tables per event table, and the dead letters among them."""
+
+    received: int
+    tables: Tables
+    dead_letters: tuple[DeadLetter, ...]
+
+
+def prepare_batch(values: Sequence[bytes | None],
+                  source: Sequence[tuple[str, int, int]] | None = None) -> PreparedBatch:
+    """The CPU half of `ingest_batch` (decode, dedupe, convert): pure, never raises on bad bytes.
+
+    A consumer may prepare batch N+1 on a worker thread while `write_prepared` stores batch N: the
+    engine inserts without the GIL, so on two cores the halves overlap.
+    """
+    if source is not None and len(source) != len(values):
+        raise InvalidRequest(f"source has {len(source)} entries for {len(values)} values")
+    good, dead = decode_batch(values, source)
+    return PreparedBatch(len(values), _tables([*good, *dead]) if good or dead else [], tuple(dead))
+
+
+async def write_prepared(store: Store, batch: PreparedBatch) -> IngestResult:
+    """The I/O half of `ingest_batch`: one insert per table. Raises StoreError/StoreUnavailable; retry is safe."""
+    written = await _insert_all(store, batch.tables)
+    return IngestResult(received=batch.received, written=written, dead_letters=batch.dead_letters)
+
+
 async def ingest_batch(store: Store, values: Sequence[bytes], *,
                        source: Sequence[tuple[str, int, int]] | None = None) -> IngestResult:
     """Decode a batch of Kafka record values and write it: good events to their tables, bad ones as dead letters.
@@ -81,11 +124,5 @@ async def ingest_batch(store: Store, values: Sequence[bytes], *,
     its dead-letter id. Malformed bytes never raise; StoreError/StoreUnavailable do, and then nothing
     should be committed: calling again with the same batch is safe.
     """
-    if source is not None and len(source) != len(values):
-        raise InvalidRequest(f"source has {len(source)} entries for {len(values)} values")
-    if len(values) <= _INLINE_MAX:
-        good, dead = decode_batch(values, source)
-    else:
-        good, dead = await asyncio.to_thread(decode_batch, values, source)
-    written = await write_events(store, [*good, *dead])
-    return IngestResult(received=len(values), written=written, dead_letters=tuple(dead))
+    batch = await _off_loop(partial(prepare_batch, values, source), len(values))
+    return await write_prepared(store, batch)

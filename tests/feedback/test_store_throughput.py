@@ -6,12 +6,21 @@ line) so a loaded CI machine does not flake, yet a regression by an order of mag
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 import pytest
 
-from feedback.store import ChdbStore, count_rows, ingest_batch, migrate, write_events
+from feedback.store import (
+    ChdbStore,
+    count_rows,
+    ingest_batch,
+    migrate,
+    prepare_batch,
+    write_events,
+    write_prepared,
+)
 from schemas.events import InferenceEvent, Message, encode_event
 from tests.support.clickhouse_http import shared_chdb_session
 
@@ -43,13 +52,24 @@ async def test_the_chdb_store_takes_100k_inference_events_well_above_the_pipelin
         await write_events(store, events[i:i + BATCH])
     write_rate = N / (time.perf_counter() - started)
 
+    batches = [values[i:i + BATCH] for i in range(0, N, BATCH)]
     started = time.perf_counter()
-    for i in range(0, N, BATCH):
-        await ingest_batch(store, values[i:i + BATCH])  # the same ids again: decode + write, deduplicated
+    for batch in batches:
+        await ingest_batch(store, batch)  # the same ids again: decode + write, deduplicated
     ingest_rate = N / (time.perf_counter() - started)
 
+    started = time.perf_counter()  # a consumer that prepares batch N+1 while batch N is inserted
+    upcoming = asyncio.ensure_future(asyncio.to_thread(prepare_batch, batches[0]))
+    for i in range(len(batches)):
+        prepared = await upcoming
+        if i + 1 < len(batches):
+            upcoming = asyncio.ensure_future(asyncio.to_thread(prepare_batch, batches[i + 1]))
+        await write_prepared(store, prepared)
+    overlapped_rate = N / (time.perf_counter() - started)
+
     print(f"\nchDB store, {N} InferenceEvents in batches of {BATCH}: write_events {write_rate:,.0f} events/s, "
-          f"ingest_batch (decode + write) {ingest_rate:,.0f} events/s")
+          f"ingest_batch (decode + write) {ingest_rate:,.0f} events/s, "
+          f"prepare_batch overlapped with write_prepared {overlapped_rate:,.0f} events/s")
     assert await count_rows(store, "inferences") == N
-    assert write_rate > 10_000 and ingest_rate > 8_000
+    assert write_rate > 10_000 and ingest_rate > 8_000 and overlapped_rate > 8_000
     await store.query(f"DROP DATABASE {store.database}")

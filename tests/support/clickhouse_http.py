@@ -110,12 +110,14 @@ def _execute(conn: Any, st: _Statement) -> tuple[bytes, dict[str, Any]]:
                 raise ValueError(f"Code: 115. DB::Exception: Unknown setting '{name}'. (UNKNOWN_SETTING)")
         names = ", ".join("'" + n + "'" for n in st.settings)
         current = conn.query(f"SELECT name, value FROM system.settings WHERE name IN ({names})", "JSONCompact")
-        saved = {n: v for n, v in json.loads(current.bytes())["data"]}
+        now = {n: v for n, v in json.loads(current.bytes())["data"]}
         for name in st.settings:
-            if name not in saved:
+            if name not in now:
                 raise ValueError(f"Code: 115. DB::Exception: Unknown setting '{name}'. (UNKNOWN_SETTING)")
         for name, value in st.settings.items():
-            conn.query(f"SET {name} = {{v:String}}", "TabSeparated", params={"v": value})
+            if now[name] != value:  # only what differs, restored afterwards
+                saved[name] = now[name]
+                conn.query(f"SET {name} = {{v:String}}", "TabSeparated", params={"v": value})
     try:
         if st.insert_format is not None:
             inserter = conn.send_insert(st.sql, st.insert_format)
