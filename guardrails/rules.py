@@ -29,6 +29,9 @@ from guardrails.verdict import Finding
 # when the validator narrows it), None to reject it.
 Validator = Callable[["regex.Match[str]"], "tuple[str, float] | tuple[str, float, int, int] | None"]
 _HAS_DIGIT = regex.compile(r"\d")
+# The most characters before a match that a pattern's look-behinds or a validator may read; a stream keeps
+# at least this much text before the point it resumes from.
+LOOKBACK = 60
 
 
 class TextView:
@@ -62,7 +65,11 @@ class TextView:
         return self._digit
 
 
-class UnboundedPattern(ValueError):
+class BadPattern(ValueError):
+    """A rule's pattern does not parse, or cannot be used on a stream."""
+
+
+class UnboundedPattern(BadPattern):
     """A rule's pattern can match unboundedly long text (`*`, `+`, `{n,}`) or uses a back-reference."""
 
 
@@ -91,6 +98,7 @@ class _Shape:
         self.negated: list[str] = []  # each: a class body whose complement is consumable
         self.anything = False
         self.lookahead = 1  # chars examined past a match's end: `\b` and `$` peek at one
+        self.lookbehind = 0  # chars examined before a match's start
 
     def width(self, sub: Iterable[tuple[object, object]], consuming: bool = True) -> int:
         total = 0
@@ -112,6 +120,8 @@ class _Shape:
                 w = self.width(av[1], False)  # type: ignore[index]  # examined, not consumed
                 if av[0] > 0:  # type: ignore[index]
                     self.lookahead = max(self.lookahead, w)
+                else:
+                    self.lookbehind = max(self.lookbehind, w)
                 total += w
             elif op is getattr(sre_c, "ATOMIC_GROUP", None):
                 total += self.width(av, consuming)  # type: ignore[arg-type]
@@ -154,10 +164,17 @@ class _Shape:
 def pattern_shape(pattern: str) -> tuple[int, int, str | None]:
     """(most chars an attempt examines, most chars it peeks past a match, stopper pattern or None).
 
-    Raises UnboundedPattern for unbounded repetition, back-references or conditionals.
+    Raises UnboundedPattern for unbounded repetition, back-references, conditionals or a look-behind longer
+    than LOOKBACK.
     """
     shape = _Shape()
-    width = shape.width(sre_parse.parse(pattern))
+    try:
+        parsed = sre_parse.parse(pattern)
+    except re.error as e:
+        raise BadPattern(f"not a valid regular expression: {e}") from e
+    width = shape.width(parsed)
+    if shape.lookbehind > LOOKBACK:
+        raise UnboundedPattern(f"look-behinds may read at most {LOOKBACK} characters")
     return width, shape.lookahead, shape.stopper()
 
 

@@ -77,8 +77,11 @@ def load_patterns(path: Path | None = None) -> tuple[str, tuple[InjectionPattern
 
 
 def _quoted(text: str, start: int, end: int) -> bool:
-    """True when text[start:end] sits right inside a pair of quotes."""
-    return start > 0 and text[start - 1] in _QUOTES and any(c in _QUOTES for c in text[end:end + 3])
+    """True when the match opens right after a quote that closes before (or just after) its end."""
+    if start == 0 or text[start - 1] not in _QUOTES:
+        return False
+    close = text.find(text[start - 1], start + 1, end + 3)
+    return close > start + 3
 
 
 class InjectionDetector:

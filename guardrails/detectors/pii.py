@@ -12,7 +12,7 @@ import ipaddress
 import regex
 
 from guardrails.keywords import AnchoredRule, KeywordAnchors, RegexAnchors
-from guardrails.rules import PatternRule
+from guardrails.rules import LOOKBACK, PatternRule
 
 NAME = "pii"
 VERSION = "1.0.0"
@@ -188,10 +188,15 @@ def _phone(m: regex.Match[str]) -> tuple[str, float] | None:
     return "PHONE_NUMBER", (0.85 if has_context(m) else 0.8)
 
 
+_IBAN_GROUPS_BEFORE = regex.compile(r"(?:^|\s)[A-Z]{2}\d{2}(?: [A-Z0-9]{4}){0,7} $")
+
+
 def _national_phone(m: regex.Match[str]) -> tuple[str, float] | None:
     number = digits_of(m.group())
     if not 9 <= len(number) <= 11 or len(set(number)) < 3:
         return None
+    if _IBAN_GROUPS_BEFORE.search(m.string, max(0, m.start() - LOOKBACK), m.start()):
+        return None  # the tail of an IBAN written in groups ("DE89 3704 0044 0532 ...")
     return "PHONE_NUMBER", 0.7
 
 
@@ -232,8 +237,9 @@ def _email(m: regex.Match[str]) -> tuple[str, float] | None:
     local, _, domain = raw.rpartition("@")
     if ".." in local or domain.rsplit(".", 1)[-1].lower() in _FILE_TLDS:
         return None  # "icon@2x.png" is a file name
-    token_start = max(m.string.rfind(c, 0, m.start()) for c in " \t\n\"'<(") + 1
-    if "://" in m.string[max(token_start, m.start() - 300):m.start()]:
+    before = m.string[max(0, m.start() - LOOKBACK):m.start()]
+    token = before[max(before.rfind(c) for c in " \t\n\"'<(") + 1:]
+    if "://" in token:
         return None  # "https://user:token@host" is a URL's credentials (the secrets detector's), not a mailbox
     return "EMAIL", 0.95
 

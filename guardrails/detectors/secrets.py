@@ -131,7 +131,7 @@ _KEYWORD = (
     r"client[_\-. ]?secret|secret[_\-. ]?access[_\-. ]?key|access[_\-. ]?key(?:[_\-. ]?id)?|"
     r"auth[_\-. ]?token|access[_\-. ]?token|refresh[_\-. ]?token|bearer|token|secret|password|passwd|"
     r"passphrase|pwd|private[_\-. ]?key|credentials?)(?![a-z0-9]))"
-    r"[\"']?[ \t]{0,3}(?:[:=]|=>|:=|->|(?i:is|was))?[ \t]{0,3}[\"'`]?"
+    r"[\"']?(?:[ \t]{0,3}(?:[:=]|=>|:=|->)|[ \t]{1,3}(?i:is|was)(?![a-z])|[ \t])[ \t]{0,3}[\"'`]?"
     r"(?P<v>[A-Za-z0-9+/_\-.=~!@#$%^&*?]{6,200})"
 )
 

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -73,8 +73,9 @@ def eval_(dataset: Annotated[Path, typer.Argument(help="labelled JSONL (see test
         print(f"- {m['id']}: {'; '.join(m['errors'])}")
 
 
-async def _run_redteam(url: str, key: str, model: str | None, attacks_path: Path | None, concurrency: int,
-                       request_timeout_s: float) -> Summary:
+async def run_redteam(url: str, key: str, model: str | None = None, attacks_path: Path | None = None,
+                      concurrency: int = 4, request_timeout_s: float = 60.0, transport: Any = None) -> Summary:
+    """Send every attack to `url`'s /v1/chat/completions and judge each answer (`transport`: for tests)."""
     import httpx
 
     from guardrails.redteam import Summary, judge, load_attacks, new_canary
@@ -85,7 +86,8 @@ async def _run_redteam(url: str, key: str, model: str | None, attacks_path: Path
     if base.endswith("/v1"):
         base = base[:-3]
     summary = Summary()
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=request_timeout_s) as client:
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=request_timeout_s,
+                                 transport=transport) as client:
         if model is None:
             listed = (await client.get("/v1/models")).json()
             model = listed["data"][0]["id"]
@@ -120,7 +122,7 @@ def redteam(url: Annotated[str, typer.Option(help="gateway base URL, e.g. http:/
             timeout: Annotated[float, typer.Option(help="seconds per request")] = 60.0,
             as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON only")] = False) -> None:
     """Send the bundled attack set to a live gateway; report what got through (exit 1 if anything did)."""
-    summary = asyncio.run(_run_redteam(url, key, model, attacks, concurrency, timeout))
+    summary = asyncio.run(run_redteam(url, key, model, attacks, concurrency, timeout))
     report = summary.as_dict()
     if as_json:
         print(json.dumps(report, indent=2))

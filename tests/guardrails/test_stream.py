@@ -27,6 +27,8 @@ RISKY = [
     "postgres://admin:S3cr3tPw@db.internal:5432/app", "-----BEGIN RSA PRIVATE KEY-----",
     "\nMIIEowIBAAKCAQEA7bq9\n", "-----END RSA PRIVATE KEY-----", CANARY, "zebra-", "ZEBRA-CANARY-7731",
     "forbidden fruit", "forbidden", "\u200b", "\u202e", "\U000e0041", "\x07",
+    "https://x-access-token:", "@github.com", "DE89 3704 0044 0532 0130 01", "0532 0130 01", "06 12 34 56 78",
+    "aws_secret_access_key = ", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzQ8aBc", "pro123x",
 ]
 FILLER = st.text(alphabet=st.sampled_from([*"abcXYZ 0123456789.,:;-+@_/()\n\t'\"=", "é", "Ж", "🙂"]),
                  max_size=12)

@@ -19,8 +19,8 @@ from pathlib import Path
 from random import Random
 
 sys.path.insert(0, str(Path(__file__).parent))
-import templates  # noqa: E402
-import values  # noqa: E402
+import templates
+import values
 
 HERE = Path(__file__).parent
 FIELD = re.compile(r"\{([A-Z_]+)\}")
