@@ -101,8 +101,9 @@ def prepare_batch(values: Sequence[bytes | None],
                   source: Sequence[tuple[str, int, int]] | None = None) -> PreparedBatch:
     """The CPU half of `ingest_batch` (decode, dedupe, convert): pure, never raises on bad bytes.
 
-    A consumer may prepare batch N+1 on a worker thread while `write_prepared` stores batch N: the
-    engine inserts without the GIL, so on two cores the halves overlap.
+    A consumer may prepare batch N+1 on a worker thread while `write_prepared` stores batch N (the engine
+    inserts without holding the GIL); whether that pays depends on free cores (measured in
+    tests/feedback/test_store_throughput.py: no gain on a loaded 2-core machine).
     """
     if source is not None and len(source) != len(values):
         raise InvalidRequest(f"source has {len(source)} entries for {len(values)} values")
