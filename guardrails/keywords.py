@@ -10,6 +10,7 @@ those positions. `KeywordRule` reports whole-word occurrences of words and phras
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 
 import ahocorasick
@@ -53,19 +54,24 @@ class KeywordAnchors:
         if found is None:
             f = view.folded
             found = [] if self.empty else [
-                (end - length + 1, end + 1, names) for end, (length, names) in self.auto.iter(f)
+                (end - length + 1, end + 1, names) for end, (length, names) in self.auto.iter(f, view.start)
                 if not (end - length + 1 > 0 and _is_word(f[end - length]))]
             view.memo[self] = found
         return [(s, e) for s, e, names in found if group in names]  # type: ignore[attr-defined]
 
     def pending(self, view: TextView, pos: int) -> int:
         """The first position >= `pos` where the end of the text is a prefix of a term (len if none)."""
-        f = view.folded
-        n = len(f)
-        for s in range(max(pos, n - self.maxlen), n):
-            if f[s] in self.firsts and self.auto.match(f[s:n]):
+        key = (self, "pending")
+        found = view.memo.get(key)
+        if found is None:  # every such position in the text's last `maxlen` characters, shared by all rules
+            f = view.folded
+            n = len(f)
+            found = view.memo[key] = [s for s in range(max(view.start, n - self.maxlen), n)
+                                      if f[s] in self.firsts and self.auto.match(f[s:n])]
+        for s in found:  # type: ignore[attr-defined]
+            if s >= pos:
                 return s
-        return n
+        return len(view.text)
 
 
 class RegexAnchors:
@@ -79,7 +85,7 @@ class RegexAnchors:
     def spans(self, view: TextView, group: str = "") -> list[tuple[int, int]]:
         got = view.memo.get(self)
         if got is None:
-            got = [m.span() for m in self.regex.finditer(view.text)]
+            got = [m.span() for m in self.regex.finditer(view.text, view.start)]
             view.memo[self] = got
         return got  # type: ignore[return-value]
 
@@ -134,25 +140,30 @@ class AnchoredRule:
     """`pattern` tried (with `match`) at every anchor start (of `group`, for keyword anchors).
 
     The pattern must start by matching the anchor itself (and, given `first`, with one of its characters);
-    `validate`, the value group `v` and the `requires` prefilter work as in `PatternRule`.
+    `validate`, the value group `v` and the `requires*` prefilters work as in `PatternRule`.
     """
 
     def __init__(self, detector: str, type_: str, anchors: Anchors, pattern: str, *, group: str = "",
                  score: float = 0.9, validate: Validator | None = None, requires: tuple[str, ...] = (),
-                 first: str = ""):
+                 requires_shape: tuple[bytes, ...] = (), first: str = ""):
         self.detector, self.type, self.group = detector, type_, group
         self._first = first  # when set, the characters a match can start with: skips hopeless anchors
         self._rule = PatternRule(detector, type_, pattern=pattern, score=score, validate=validate,
-                                 requires=requires)
+                                 requires=requires, requires_shape=requires_shape)
         self.anchors = anchors
         self.regex: regex.Pattern[str] = self._rule.regex
         self.width = self._rule.width
 
     def _starts(self, view: TextView, pos: int, limit: int) -> list[int]:
-        text, first = view.text, self._first
-        starts = {s for s, _e in self.anchors.spans(view, self.group)
-                  if pos <= s < limit and (not first or text[s] in first)}
-        return sorted(starts)
+        key = (self.anchors, self.group, self._first)
+        starts = view.memo.get(key)
+        if starts is None:  # shared by every rule with the same anchors, group and first characters
+            text, first = view.text, self._first
+            starts = view.memo[key] = sorted({s for s, _e in self.anchors.spans(view, self.group)
+                                              if not first or text[s] in first})
+        if pos == 0 and limit > len(view.text):
+            return starts  # type: ignore[return-value]
+        return starts[bisect_left(starts, pos):bisect_left(starts, limit)]  # type: ignore[arg-type]
 
     def scan(self, view: TextView) -> list[Finding]:
         """Validated matches at every anchor of the whole text."""

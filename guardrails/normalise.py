@@ -171,6 +171,10 @@ _BASE64 = regex.compile(r"[A-Za-z0-9+/_\-]{16,8192}={0,2}")
 _HEX = regex.compile(r"(?:[0-9A-Fa-f]{2}[:]?){12,4096}")
 _PERCENT = regex.compile(r"(?:%[0-9A-Fa-f]{2}[^%\s]{0,3}){6,4096}")
 _TRIM = "\"'`()[]{}<>,;.!?"
+# Characters of base64, hex and percent-encoded tokens -> "a", everything else -> " ": a text whose shape
+# holds no run of 16 "a" has no candidate token (one C-speed test instead of a split).
+_TOKEN_SHAPE = bytes(ord("a") if chr(c).isascii() and (chr(c).isalnum() or chr(c) in "+/=_%:-") else ord(" ")
+                     for c in range(256))
 
 
 def _printable(data: bytes) -> str | None:
@@ -208,6 +212,8 @@ def encoded_segments(text: str, max_segments: int = 16) -> Iterator[tuple[int, i
 
     Only whitespace-delimited tokens of 16+ characters are candidates (one `split`, no regex pass).
     """
+    if text.isascii() and b"a" * 16 not in text.encode("ascii").translate(_TOKEN_SHAPE):
+        return
     count = 0
     pos = 0
     if "<" in text or ">" in text:  # tokens inside markup: <div>BASE64</div> (same length, same offsets)

@@ -6,11 +6,12 @@ buffer (`advance`), and `advance` is exact: it reports a finding only once no la
 and it reports exactly the findings `scan` would report on the whole text. That is what lets the stream
 guard emit early without ever letting a match escape split across chunks.
 
-How a pattern rule knows an attempt is final: the rule's pattern is parsed once to learn the most
-characters an attempt can examine (`width`, so unbounded patterns are refused) and the set of characters a
-match can consume. An attempt starting at `s` is final when `s + width <= n`, or when a character it cannot
-consume lies between `s` and the buffer's end; only the few positions after the last such "stopper" are
-then searched in the `regex` module's partial mode.
+How a pattern rule knows an attempt is final: the `regex` module's partial mode finds the leftmost position
+where a match is complete or could complete with more text; positions before it have failed for good. A
+complete match is final once no later text can change it: the pattern is parsed once to learn the most
+characters an attempt can examine (`width`, so unbounded patterns are refused) and the characters a match
+can consume, and an attempt at `s` is settled when `s + width <= n` or a character it cannot consume lies
+between `s` and the buffer's end.
 """
 
 from __future__ import annotations
@@ -34,15 +35,25 @@ _HAS_DIGIT = regex.compile(r"\d")
 LOOKBACK = 60
 
 
+# Byte "shapes" of ASCII text for C-speed prefilters (`bytes.translate` then substring tests): digits -> d,
+# upper-case letters -> U, the separators number patterns use -> s, other printable -> x, controls -> c.
+_SHAPE = bytes(
+    ord("d") if chr(c).isdigit() else ord("U") if chr(c).isupper() else ord("s") if chr(c) in " .-/"
+    else ord("c") if (c < 32 and c not in (9, 10, 13)) or c == 127 else ord("x") for c in range(256))
+
+
 class TextView:
-    """One text and what several rules derive from it, computed once: its fold, its anchor positions."""
+    """One text and what several rules derive from it, computed once: fold, shape, anchor positions."""
 
-    __slots__ = ("_digit", "_folded", "memo", "text")
+    __slots__ = ("_digit", "_folded", "_shape", "_shaped", "memo", "start", "text")
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, folded: str | None = None, start: int = 0):
         self.text = text
-        self._folded: str | None = None
+        self.start = start  # anchors are only needed from here on (a stream's earliest resume point)
+        self._folded = folded
         self._digit: bool | None = None
+        self._shape: bytes | None = None
+        self._shaped = False
         self.memo: dict[object, object] = {}
 
     @property
@@ -50,6 +61,14 @@ class TextView:
         if self._folded is None:
             self._folded = fold(self.text)
         return self._folded
+
+    @property
+    def shape(self) -> bytes | None:
+        """The text's byte shape (see _SHAPE), or None for non-ASCII text (no shape prefilter applies)."""
+        if not self._shaped:
+            self._shape = self.text.encode("ascii").translate(_SHAPE) if self.text.isascii() else None
+            self._shaped = True
+        return self._shape
 
     def contains(self, probe: re.Pattern[str]) -> bool:
         """Whether `probe` occurs in the text (memoised, so rules sharing a probe search once)."""
@@ -63,6 +82,11 @@ class TextView:
         if self._digit is None:
             self._digit = _HAS_DIGIT.search(self.text) is not None
         return self._digit
+
+    def may_contain(self, shapes: tuple[bytes, ...]) -> bool:
+        """False only when the text is ASCII and its shape holds none of `shapes`."""
+        shape = self.shape
+        return shape is None or any(s in shape for s in shapes)
 
 
 class BadPattern(ValueError):
@@ -184,8 +208,9 @@ class PatternRule:
 
     `requires` / `requires_lower` are literal substrings of which every match contains at least one (in the
     text / in `fold(text)`), `requires_digit` / `requires_nonascii` say every match holds such a character,
-    `requires_re` is a (Python `re`) pattern every match contains: a whole-text scan skips the rule when
-    one of these cannot hold.
+    `requires_re` is a (Python `re`) pattern every match contains, `requires_shape` byte shapes of which
+    an ASCII text must contain one (see TextView.shape): a whole-text scan skips the rule when one of these
+    cannot hold.
     """
 
     detector: str
@@ -198,6 +223,7 @@ class PatternRule:
     requires_digit: bool = False
     requires_nonascii: bool = False
     requires_re: re.Pattern[str] | None = None
+    requires_shape: tuple[bytes, ...] = ()
     flags: int = 0
     regex: regex.Pattern[str] = field(init=False)
     width: int = field(init=False)
@@ -239,6 +265,8 @@ class PatternRule:
             return False
         if self.requires_digit and not view.has_digit:
             return False
+        if self.requires_shape and not view.may_contain(self.requires_shape):
+            return False
         return self.requires_re is None or view.contains(self.requires_re)
 
     def scan(self, view: TextView) -> list[Finding]:
@@ -264,7 +292,9 @@ class PatternRule:
         """Findings of attempts starting at or after `pos` that are final, and where the next call resumes.
 
         `view` holds the stream's buffer; offsets are relative to it, and it must hold enough text before
-        `pos` for look-behinds. With `finished` every remaining attempt is final.
+        `pos` for look-behinds. With `finished` every remaining attempt is final. Each step is one
+        partial-mode search: it returns the leftmost position where a match is complete or could still
+        complete, so every position before it has failed for good.
         """
         buf = view.text
         n = len(buf)
@@ -275,24 +305,18 @@ class PatternRule:
                 if f is not None:
                     out.append(f)
             return out, n
-        lo = max(pos, n - self.width + 1)
-        if self._stop is not None and lo < n - self.lookahead:
-            # a stopper at L ends every attempt before it; it is final once the look-ahead past L is known
-            stop = self._stop.search(buf, lo, n - self.lookahead)
-            if stop is not None:
-                lo = stop.start() + 1
-        last_end = pos
-        if lo > pos:
-            for m in self.regex.finditer(buf, pos):
-                if m.start() >= lo:
-                    break
-                last_end = m.end()
-                f = self.finding(m)
-                if f is not None:
-                    out.append(f)
-        start = max(lo, last_end)
-        pending = self.regex.search(buf, start, partial=True) if start < n else None
-        return out, (pending.start() if pending is not None else n)
+        while pos < n:
+            m = self.regex.search(buf, pos, partial=True)
+            if m is None:
+                return out, n
+            start = m.start()
+            if m.partial or not self.settled(buf, start):
+                return out, start
+            f = self.finding(m)
+            if f is not None:
+                out.append(f)
+            pos = max(m.end(), start + 1)
+        return out, n
 
 
 def fold(text: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 import time
@@ -75,6 +76,8 @@ async def vllm_stream(model_dir: Path, dtype: str, prompts: list[list[int]]) -> 
         timings["batch24_tokens_per_s"] = sum(batch) / (time.perf_counter() - batch_started)
     finally:
         engine.shutdown()
+        del engine  # collect it now: AsyncLLM.__del__ at interpreter exit fails on half-torn-down modules
+        gc.collect()
     return texts, timings
 
 

@@ -1,79 +1,34 @@
 """Prompt injection and jailbreak: maintained pattern sets matched on normalised text, with a score.
 
 The text is folded to a skeleton (see `guardrails.normalise`), letter-spaced words are joined, and base64,
-hex and percent-encoded runs that decode to prose are normalised and scanned again (depth-bounded). A
-pattern runs only near its trigger words (one Aho-Corasick pass finds them). Evidence combines per
-finding type as 1 - prod(1 - weight); encoded evidence counts a little more, since hiding is a signal.
+hex and percent-encoded runs that decode to prose are normalised and scanned again (depth-bounded). One
+Aho-Corasick pass finds trigger words and pattern heads: a pattern is tried only when a word of each of its
+trigger groups occurs, and then only with `match` where one of its heads starts a word. Evidence combines
+per finding type as 1 - prod(1 - weight); encoded evidence counts a little more, since hiding is a signal.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import ahocorasick
-import yaml
 
+from guardrails.detectors.injection_patterns import load_patterns
 from guardrails.normalise import MappedText, despace, encoded_segments, skeleton
 from guardrails.rules import TextView
 from guardrails.verdict import Finding
 
 NAME = "injection"
 TYPES = ("PROMPT_INJECTION", "JAILBREAK", "SYSTEM_PROMPT_EXTRACTION")
-_SEP = r"[\W_]+"
-_GAP = r"(?:(?!(?:my|our)\b)[\w']{1,30}[\W_]+){0,3}"
 ENCODED_BONUS = 0.1
 # A phrase in quotes is usually mentioned, not meant ("what does 'ignore previous instructions' mean?").
 QUOTED_FACTOR = 0.4
 _QUOTES = "'\"`"
-# A pattern is searched from this far before to this far after each of its trigger words.
-WINDOW_BEFORE, WINDOW_AFTER = 240, 240
-
-
-@dataclass(frozen=True, slots=True)
-class InjectionPattern:
-    id: str
-    type: str
-    weight: float
-    regex: re.Pattern[str]
-    triggers: tuple[str, ...]  # the pattern is searched around these
-    also: tuple[tuple[str, ...], ...] = ()  # ... and only when a word of each of these groups occurs
-
-
-def expand(notation: str) -> str:
-    """The `regex` source for a pattern written in the data file's notation (spaces, `~`, l = i)."""
-    body = notation.replace("l", "i").replace(" ?", "\x00").replace(" ", _SEP).replace("~", _GAP)
-    return "(?<![a-z0-9])(?:" + body.replace("\x00", r"[\W_]*") + ")"
-
-
-def load_patterns(path: Path | None = None) -> tuple[str, tuple[InjectionPattern, ...]]:
-    """(version, patterns) from `path` or the bundled `guardrails/data/injection.yaml`.
-
-    Raises ValueError naming the pattern id when a pattern is malformed or does not compile.
-    """
-    raw = path.read_text() if path else resources.files("guardrails").joinpath("data/injection.yaml").read_text()
-    doc: dict[str, Any] = yaml.safe_load(raw)
-    categories: dict[str, str] = doc["categories"]
-    out = []
-    for item in doc["patterns"]:
-        pid = item.get("id", "?")
-        try:
-            type_ = categories[item["category"]]
-            compiled = re.compile(expand(item["regex"]))
-            weight = float(item["weight"])
-        except (KeyError, re.error, TypeError, ValueError) as e:
-            raise ValueError(f"injection pattern {pid!r}: {e}") from e
-        if not 0.0 < weight <= 1.0:
-            raise ValueError(f"injection pattern {pid!r}: weight must be in (0, 1]")
-        groups = item.get("triggers") or []
-        if groups and not isinstance(groups[0], list):
-            groups = [groups]
-        folded = [tuple(skeleton(str(t)).text for t in g) for g in groups]
-        out.append(InjectionPattern(pid, type_, weight, compiled, folded[0] if folded else (), tuple(folded[1:])))
-    return str(doc.get("version", "0")), tuple(out)
+# Word characters of the skeleton; everything else becomes a space in the view heads are looked up in.
+_BOUNDARY = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
+# A pattern without heads is searched from this far before to this far after its first-group triggers.
+WINDOW_BEFORE, WINDOW_AFTER = 120, 360
 
 
 def _quoted(text: str, start: int, end: int) -> bool:
@@ -90,20 +45,37 @@ class InjectionDetector:
     name = NAME
 
     def __init__(self, path: Path | None = None, *, decode_depth: int = 2):
-        self.version, self.patterns = load_patterns(path)
+        self.version, self.patterns, _ = load_patterns(path)
         self.decode_depth = decode_depth
-        self._always = tuple(i for i, p in enumerate(self.patterns) if not p.triggers)
-        self._triggers = ahocorasick.Automaton()
-        index: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+        # Trigger words (anywhere): which patterns could match at all. Each (pattern, group) is one integer;
+        # a pattern is gated in when its set of group ids is a subset of the ids seen.
+        gid: dict[tuple[int, int], int] = {}
         for i, p in enumerate(self.patterns):
-            for t in p.triggers:
-                index.setdefault(t, ([], []))[0].append(i)
-            for g, group in enumerate(p.also, start=1):
-                for t in group:
-                    index.setdefault(t, ([], []))[1].append((i, g))
-        for word, (ids, groups) in index.items():
-            self._triggers.add_word(word, (tuple(ids), tuple(groups)))
+            for g in range(len(p.groups)):
+                gid[(i, g)] = len(gid)
+        self._required = tuple((i, frozenset(gid[(i, g)] for g in range(len(p.groups))))
+                               for i, p in enumerate(self.patterns))
+        words: dict[str, tuple[set[int], set[int]]] = {}
+        for i, p in enumerate(self.patterns):
+            for g, group in enumerate(p.groups):
+                for word in group:
+                    ids, windowed = words.setdefault(word, (set(), set()))
+                    ids.add(gid[(i, g)])
+                    if g == 0 and not p.heads:
+                        windowed.add(i)  # patterns without heads are searched around these words
+        self._triggers = ahocorasick.Automaton()
+        for word, (ids, windowed) in words.items():
+            self._triggers.add_word(word, (frozenset(ids), tuple(sorted(windowed))))
         self._triggers.make_automaton()
+        # Heads (at word starts only: the key starts with the boundary space of the boundary view).
+        heads: dict[str, set[int]] = {}
+        for i, p in enumerate(self.patterns):
+            for head in p.heads:
+                heads.setdefault(" " + head.translate(_BOUNDARY), set()).add(i)
+        self._heads = ahocorasick.Automaton()
+        for key, ids in heads.items():
+            self._heads.add_word(key, (frozenset(ids), len(key)))
+        self._heads.make_automaton()
 
     def _search(self, i: int, text: str, ends: list[int]) -> re.Match[str] | None:
         """Pattern `i` searched only in windows around its trigger occurrences (ends, ascending)."""
@@ -120,6 +92,35 @@ class InjectionDetector:
             lo, hi = a, b
         return pattern.search(text, lo, hi) if hi >= 0 else None
 
+    def _view_hits(self, text: str) -> dict[int, re.Match[str]]:
+        """Pattern index -> its first match in one view; a pattern is tried only when all its groups occur."""
+        seen: set[int] = set()
+        first_group_ends: dict[int, list[int]] = {}
+        for end, (ids, windowed) in self._triggers.iter(text):
+            seen |= ids
+            for i in windowed:
+                first_group_ends.setdefault(i, []).append(end)
+        gated = {i for i, required in self._required if required <= seen}
+        found: dict[int, re.Match[str]] = {}
+        if not gated:
+            return found
+        starts: dict[int, list[int]] = {}
+        if any(self.patterns[i].heads for i in gated):
+            for end, (ids, length) in self._heads.iter(" " + text.translate(_BOUNDARY)):
+                for i in ids & gated:
+                    starts.setdefault(i, []).append(end - length + 1)
+        for i in sorted(gated):
+            pattern = self.patterns[i]
+            if pattern.heads:
+                for s in starts.get(i, ()):
+                    m = pattern.regex.match(text, s)
+                    if m is not None:
+                        found[i] = m
+                        break
+            elif (m := self._search(i, text, first_group_ends[i])) is not None:
+                found[i] = m
+        return found
+
     def _hits(self, text: str, depth: int) -> dict[int, tuple[int, int, float]]:
         """Pattern index -> (start, end, weight) in `text`'s offsets, over every view of `text`."""
         hits: dict[int, tuple[int, int, float]] = {}
@@ -129,18 +130,8 @@ class InjectionDetector:
         if spaced is not None:
             views.append((spaced.text, [spaced, skel]))
         for view_text, maps in views:
-            occurrences: dict[int, list[int]] = {i: [len(view_text)] for i in self._always}
-            seen_groups: set[tuple[int, int]] = set()
-            for end, (ids, groups) in self._triggers.iter(view_text):
-                for i in ids:
-                    occurrences.setdefault(i, []).append(end)
-                seen_groups.update(groups)
-            for i in sorted(occurrences):
-                if i in hits or any((i, g) not in seen_groups for g in range(1, len(self.patterns[i].also) + 1)):
-                    continue
-                m = (self.patterns[i].regex.search(view_text) if i in self._always
-                     else self._search(i, view_text, occurrences[i]))
-                if m is None:
+            for i, m in self._view_hits(view_text).items():
+                if i in hits:
                     continue
                 s, e = m.span()
                 weight = self.patterns[i].weight

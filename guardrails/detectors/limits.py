@@ -35,7 +35,7 @@ def invisible() -> RuleDetector:
         PatternRule(INVISIBLE, "INVISIBLE_CHARS", pattern=f"[{_NOT_TAG_INVISIBLE}]{{1,256}}", score=0.9,
                     requires_nonascii=True, requires_re=probe),
         PatternRule(INVISIBLE, "CONTROL_CHARS", pattern=f"[{_CONTROL_CLASS}]{{1,256}}", score=0.8,
-                    requires_re=probe),
+                    requires_re=probe, requires_shape=(b"c",)),
     ))
 
 

@@ -11,7 +11,8 @@ import ipaddress
 
 import regex
 
-from guardrails.keywords import AnchoredRule, KeywordAnchors, RegexAnchors
+from guardrails.detectors.anchors import context_anchors
+from guardrails.keywords import AnchoredRule, RegexAnchors
 from guardrails.rules import LOOKBACK, PatternRule
 
 NAME = "pii"
@@ -253,33 +254,26 @@ _DATE = (r"(?:\d{1,2}[/.\-]\d{1,2}[/.\-](?:19|20)?\d{2}"
          rf"|{_MONTH}[ ]\d{{1,2}}(?:st|nd|rd|th)?,?[ ](?:19|20)\d{{2}})")
 
 
-_CONTEXT = {
-    "ssn": ("ssn", "social security", "ss#"),
-    "phone": ("phone", "tel", "telephone", "mobile", "cell", "cellphone", "fax", "whatsapp", "sms", "call me",
-              "text me", "reach me"),
-    "dob": ("date of birth", "birth date", "birthdate", "born", "dob", "d.o.b", "birthday", "geburtsdatum",
-            "geboren", "fecha de nacimiento", "date de naissance", "né le", "née le", "nee le", "ne le"),
-}
-
-
 def rules() -> tuple[PatternRule | AnchoredRule, ...]:
     """The PII rules, in priority order (the chain keeps the first type when spans overlap).
 
     Number-shaped rules are tried only at the start of each digit run, context rules only at their
     keywords: two shared passes over the text instead of one regex scan per rule.
     """
-    # Every number-shaped rule needs a digit run of 13+ or one followed by a separator and a digit.
+    # Every number-shaped rule needs a digit run of 13+ or one followed by a separator and a digit: in an
+    # ASCII text's shape, "dsd" or 13 d's (checked before the anchor pass runs at all).
     digits = RegexAnchors(r"\d(?<!\d\d)(?=\d{12}|\d{0,15}[ .\-/]\d)", 18)
-    words = KeywordAnchors(_CONTEXT)
+    clusters = (b"dsd", b"d" * 13)
+    words = context_anchors()
     return (
         PatternRule(NAME, "EMAIL", validate=_email, requires=("@",), pattern=(
             r"(?<![\w.%+\-])(?<!//)[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,62}[A-Za-z0-9_%+\-])?@"
             r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,4}[A-Za-z]{2,24}(?![\w\-]|\.[A-Za-z0-9])")),
-        AnchoredRule(NAME, "CREDIT_CARD", digits, validate=_card, pattern=(  # not inside an IBAN: "DE25 6782..."
+        AnchoredRule(NAME, "CREDIT_CARD", digits, validate=_card, requires_shape=clusters, pattern=(  # not inside an IBAN: "DE25 6782..."
             r"\d(?<![A-Za-z\-.,]\d)(?<![A-Z]{2}\d{2} \d)(?:[ \-]?\d){12,18}(?![\d]|[.,]\d)")),
-        PatternRule(NAME, "IBAN", validate=_iban, requires_digit=True, pattern=(
+        PatternRule(NAME, "IBAN", validate=_iban, requires_digit=True, requires_shape=(b"UUdd",), pattern=(
             r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?:[ ]?[A-Z0-9]){11,30}(?![A-Za-z0-9])")),
-        AnchoredRule(NAME, "US_SSN", digits, validate=_ssn, pattern=(
+        AnchoredRule(NAME, "US_SSN", digits, validate=_ssn, requires_shape=clusters, pattern=(
             r"\d(?<!-\d)\d{2}[\- ]\d{2}[\- ]\d{4}(?![\d\-]|\.\d)")),
         AnchoredRule(NAME, "US_SSN", words, group="ssn", validate=_ssn, pattern=(
             r"(?i:ssn|social security(?: number| no\.?| #)?|ss#)(?![a-z])[^\d\n]{0,15}"
@@ -289,17 +283,17 @@ def rules() -> tuple[PatternRule | AnchoredRule, ...]:
             r"(?![\d\-]|\.\d)")),
         PatternRule(NAME, "PHONE_NUMBER", validate=_phone, requires=("(",), pattern=(
             r"\((?<![\w+\-.]\()[2-9]\d{2}\)[ .\-]?[2-9]\d{2}[ .\-]\d{4}(?![\d\-]|\.\d)")),
-        AnchoredRule(NAME, "PHONE_NUMBER", digits, validate=_phone, pattern=(
+        AnchoredRule(NAME, "PHONE_NUMBER", digits, validate=_phone, requires_shape=clusters, pattern=(
             r"\d(?<![\w+\-.]\d)(?:(?<=1)[ .\-](?:\([2-9]\d{2}\)[ .\-]?|[2-9]\d{2}[ .\-])|(?<=[2-9])\d{2}[ .\-])"
             r"[2-9]\d{2}[ .\-]\d{4}(?![\d\-]|\.\d)")),
-        AnchoredRule(NAME, "PHONE_NUMBER", digits, validate=_national_phone, first="0", pattern=(
+        AnchoredRule(NAME, "PHONE_NUMBER", digits, validate=_national_phone, first="0", requires_shape=clusters, pattern=(
             # trunk-prefix national numbers: "020 7946 0958", "030/1234567", "06 12 34 56 78"
             r"0(?<![\w+\-./:]0)(?:[1-9](?:[ .\-]\d{2}){4}|\d{1,4}[ \-/]\d{3,8}(?:[ \-/]\d{2,8}){0,3})"
             r"(?![\d\-/:]|\.\d)")),
         AnchoredRule(NAME, "PHONE_NUMBER", words, group="phone", validate=_phone, pattern=(
             r"(?i:phone|tel|telephone|mobile|cell|cellphone|fax|whatsapp|sms|call me|text me|reach me)(?![a-z])"
             r"[^\d\n+]{0,12}(?P<v>\+?\d[\d ().\-]{5,18}\d)(?![\d\-])")),
-        AnchoredRule(NAME, "IP_ADDRESS", digits, validate=_ipv4, requires=(".",), pattern=(
+        AnchoredRule(NAME, "IP_ADDRESS", digits, validate=_ipv4, requires=(".",), requires_shape=clusters, pattern=(
             r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w]|\.\d)")),
         PatternRule(NAME, "IP_ADDRESS", validate=_ipv6, requires=(":",), pattern=(
             r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"

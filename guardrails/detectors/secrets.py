@@ -15,7 +15,8 @@ from collections import Counter
 
 import regex
 
-from guardrails.keywords import AnchoredRule, KeywordAnchors
+from guardrails.detectors.anchors import context_anchors
+from guardrails.keywords import AnchoredRule
 from guardrails.rules import PatternRule
 
 NAME = "secrets"
@@ -93,11 +94,6 @@ def _url_credentials(m: regex.Match[str]) -> tuple[str, float] | None:
     return "PASSWORD", 0.9
 
 
-# Each vendor format starts with one of these; the rule is tried only where one starts a word.
-_VENDOR_PREFIXES = ("AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xoxa-",
-                    "xoxb-", "xoxp-", "xoxo-", "xoxs-", "xoxr-", "xoxe-", "https://hooks.slack.com/", "AIza",
-                    "sk_live_", "sk_test_", "rk_live_", "rk_test_", "sk-", "hf_", "npm_", "pypi-", "SG.", "SK",
-                    "AccountKey=")
 _VENDOR = (
     r"(?:"
     r"(?P<AWS_ACCESS_KEY>(?:AKIA|ASIA)[A-Z2-7]{16})"
@@ -124,8 +120,6 @@ _PRIVATE_KEY = (
     r"Version:[^\n]{0,60}|Comment:[^\n]{0,80})){0,120}"
     r"(?:(?:\r?\n|\\r?\\n|[ \t]){1,3}" + _PEM_LABEL.replace("(?:BEGIN|END)", "END") + ")?"
 )
-_KEYWORD_ANCHORS = ("api", "apikey", "secret", "client", "access", "auth", "refresh", "bearer", "token", "password",
-                    "passwd", "passphrase", "pwd", "private", "credential")
 _KEYWORD = (
     r"(?i:(?P<k>api[_\-. ]?key|apikey|api[_\-. ]?secret|api[_\-. ]?token|secret[_\-. ]?key|"
     r"client[_\-. ]?secret|secret[_\-. ]?access[_\-. ]?key|access[_\-. ]?key(?:[_\-. ]?id)?|"
@@ -138,7 +132,7 @@ _KEYWORD = (
 
 def rules() -> tuple[PatternRule | AnchoredRule, ...]:
     """The secret rules, in priority order; vendor formats and keyword values share one anchor pass."""
-    anchors = KeywordAnchors({"vendor": _VENDOR_PREFIXES, "keyword": _KEYWORD_ANCHORS})
+    anchors = context_anchors()
     return (
         PatternRule(NAME, "PRIVATE_KEY", pattern=_PRIVATE_KEY, score=1.0, requires=("PRIVATE KEY",)),
         AnchoredRule(NAME, "API_KEY", anchors, group="vendor", pattern=_VENDOR, validate=_vendor),
