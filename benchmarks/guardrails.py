@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine  # noqa: E402
 from guardrails import default_policy_set  # noqa: E402
 from guardrails.evaluation import detector_of, evaluate, read_jsonl  # noqa: E402
 
@@ -231,19 +231,6 @@ def eval_summary(policy: Any) -> dict[str, Any]:
         out[split] = {"examples": r["examples"], "detectors": r["detectors"],
                       "injection_false_positive_rate": r["injection"]["false_positive_rate"]}
     return out
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def markdown(res: dict[str, Any]) -> str:
