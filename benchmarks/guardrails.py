@@ -253,7 +253,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"\nStream guard, {st['chunk_chars']}-character chunks (adversarial 16 KB responses): "
                      f"{st['p50_us_per_chunk']} µs p50 / {st['p99_us_per_chunk']} µs p99 per chunk; the whole "
                      f"stream costs {st['stream_us_per_kb']} µs per KB against {st['whole_text_us_per_kb']} µs "
-                     f"per KB for one check of the whole text ({st['overhead_ratio']}×).")
+                     f"per KB for one check of the whole text ({st['overhead_ratio']}x).")
     p = res["presidio"]
     if p.get("available"):
         lines += [
@@ -263,8 +263,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"| servoloop full default input chain | {p['ours_full_chain_us_per_kb']} | | |",
             f"| Presidio analyzer ({p['nlp']}) | {p['presidio_us_per_kb']} | {p['presidio_quality']['recall']} | "
             f"{p['presidio_quality']['precision']} |",
-            "", f"Presidio is {p['speed_ratio_vs_pii_detector']}× slower than the PII detector and "
-                f"{p['speed_ratio_vs_full_chain']}× slower than the whole default input chain.",
+            "", f"Presidio is {p['speed_ratio_vs_pii_detector']}x slower than the PII detector and "
+                f"{p['speed_ratio_vs_full_chain']}x slower than the whole default input chain.",
         ]
     else:
         lines += ["", f"Presidio comparison skipped: {p['reason']}"]

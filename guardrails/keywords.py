@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import ahocorasick
 import regex
 
-from guardrails.rules import PatternRule, TextView, Validator, fold
+from guardrails.rules import PatternRule, TextView, Validator, fold, pattern_starts
 from guardrails.verdict import Finding
 
 
@@ -59,6 +59,10 @@ class KeywordAnchors:
             view.memo[self] = found
         return [(s, e) for s, e, names in found if group in names]  # type: ignore[attr-defined]
 
+    def start_chars(self) -> frozenset[str]:
+        """The ASCII characters a term can begin with."""
+        return frozenset(c for c in map(chr, range(128)) if fold(c) in self.firsts)
+
     def pending(self, view: TextView, pos: int) -> int:
         """The first position >= `pos` where the end of the text is a prefix of a term (len if none)."""
         key = (self, "pending")
@@ -76,11 +80,13 @@ class KeywordAnchors:
 
 class RegexAnchors:
     """Starts of the matches of a short, local `pattern` (whether it matches at a position depends only on
-    the few characters around it, e.g. a digit not preceded by a digit)."""
+    the `max_len` characters from it, e.g. a digit not preceded by a digit)."""
 
     def __init__(self, pattern: str, max_len: int):
         self.regex = regex.compile(pattern)
         self.maxlen = max_len
+        _prefix, first = pattern_starts(pattern)
+        self._first = regex.compile(first) if first else None
 
     def spans(self, view: TextView, group: str = "") -> list[tuple[int, int]]:
         got = view.memo.get(self)
@@ -89,14 +95,22 @@ class RegexAnchors:
             view.memo[self] = got
         return got  # type: ignore[return-value]
 
+    def start_chars(self) -> frozenset[str] | None:
+        """The ASCII characters an anchor can begin with (None: can't tell)."""
+        if self._first is None:
+            return None
+        return frozenset(c for c in map(chr, range(128)) if self._first.match(c))
+
     def pending(self, view: TextView, pos: int) -> int:
-        """The first position >= `pos` where an anchor touches the end of the text or is incomplete."""
+        """The first position >= `pos` whose anchor may still change with more text: one that could start
+        an anchor within the last `max_len` characters."""
         text = view.text
         n = len(text)
-        for m in self.regex.finditer(text, max(pos, n - self.maxlen), partial=True):
-            if m.partial or m.end() >= n:
-                return m.start()
-        return n
+        lo = max(pos, n - self.maxlen)
+        if self._first is None:
+            return lo
+        m = self._first.search(text, lo)
+        return m.start() if m is not None else n
 
 
 Anchors = KeywordAnchors | RegexAnchors
@@ -125,6 +139,9 @@ class KeywordRule:
             out.append(Finding(start=s, end=e, detector=self.detector, type=self.type, score=self.score))
         out.sort()
         return out
+
+    def start_chars(self) -> frozenset[str] | None:
+        return self.anchors.start_chars()
 
     def scan(self, view: TextView) -> list[Finding]:
         """Every whole-word occurrence in the text."""
@@ -164,6 +181,9 @@ class AnchoredRule:
         if pos == 0 and limit > len(view.text):
             return starts  # type: ignore[return-value]
         return starts[bisect_left(starts, pos):bisect_left(starts, limit)]  # type: ignore[arg-type]
+
+    def start_chars(self) -> frozenset[str] | None:
+        return self.anchors.start_chars()
 
     def scan(self, view: TextView) -> list[Finding]:
         """Validated matches at every anchor of the whole text."""

@@ -23,7 +23,7 @@ from guardrails.detectors.base import Detector
 from guardrails.detectors.canary import canary_detector
 from guardrails.detectors.lists import Allowlist
 from guardrails.rules import UnboundedPattern
-from guardrails.stream import StreamGuard
+from guardrails.stream import BATCH_CHARS, StreamGuard
 from guardrails.verdict import Action, GuardrailVerdict, Side, Verdict, summarise
 from schemas.errors import ConfigError
 
@@ -108,9 +108,9 @@ class Policy:
         """Check a whole response; `system_prompt_canary` is the string planted in this request's system prompt."""
         return self.output.check([text], self._canary_steps(system_prompt_canary))
 
-    def stream_guard(self, *, system_prompt_canary: str | None = None) -> StreamGuard:
+    def stream_guard(self, *, system_prompt_canary: str | None = None, batch_chars: int = BATCH_CHARS) -> StreamGuard:
         """A guard for one streamed response; its output equals `check_output` on the whole text."""
-        return StreamGuard(self.output, self._canary_steps(system_prompt_canary))
+        return StreamGuard(self.output, self._canary_steps(system_prompt_canary), batch_chars=batch_chars)
 
     @property
     def detector_versions(self) -> dict[str, str]:

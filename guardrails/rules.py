@@ -6,12 +6,12 @@ buffer (`advance`), and `advance` is exact: it reports a finding only once no la
 and it reports exactly the findings `scan` would report on the whole text. That is what lets the stream
 guard emit early without ever letting a match escape split across chunks.
 
-How a pattern rule knows an attempt is final: the `regex` module's partial mode finds the leftmost position
-where a match is complete or could complete with more text; positions before it have failed for good. A
-complete match is final once no later text can change it: the pattern is parsed once to learn the most
-characters an attempt can examine (`width`, so unbounded patterns are refused) and the characters a match
-can consume, and an attempt at `s` is settled when `s + width <= n` or a character it cannot consume lies
-between `s` and the buffer's end.
+How a pattern rule knows an attempt is final: the pattern is parsed once to learn the most characters an
+attempt can examine (`width`, so unbounded patterns are refused), the characters a match can consume, and
+the literal prefix or first characters a match starts with. An attempt at `s` is settled when
+`s + width <= n` or a character it cannot consume lies between `s` and the buffer's end; matches starting
+where attempts are settled are final, and the stream resumes at the first place in the unsettled tail where
+an attempt could begin.
 """
 
 from __future__ import annotations
@@ -185,6 +185,70 @@ class _Shape:
         return (f"(?![{body}])" if body else "") + guards + f"[{self.negated[0]}]"
 
 
+def _starts(seq: list[tuple[object, object]]) -> tuple[set[str] | None, bool]:
+    """Class pieces for the characters a match of `seq` can start with (None: any), and whether `seq`
+    can match the empty string (then what follows it may start the match too)."""
+    for k, (op, av) in enumerate(seq):
+        if op in (sre_c.ASSERT, sre_c.ASSERT_NOT, sre_c.AT):
+            continue
+        if op is sre_c.LITERAL or op is sre_c.IN:
+            shape = _Shape()
+            shape._consumes(op, av)
+            if shape.anything or shape.negated:
+                return None, False
+            return set(shape.positive), False
+        if op in (sre_c.SUBPATTERN, getattr(sre_c, "ATOMIC_GROUP", None)):
+            inner, empty = _starts(list(av[-1] if op is sre_c.SUBPATTERN else av))  # type: ignore[index,arg-type]
+        elif op is sre_c.BRANCH:
+            inner, empty = set(), False
+            for branch in av[1]:  # type: ignore[index]
+                got, e = _starts(list(branch))
+                if got is None:
+                    return None, False
+                inner |= got
+                empty = empty or e
+        elif op in (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT, getattr(sre_c, "POSSESSIVE_REPEAT", None)):
+            lo, _hi, body = av  # type: ignore[misc]
+            inner, empty = _starts(list(body))
+            empty = empty or lo == 0
+        else:
+            return None, False
+        if inner is None:
+            return None, False
+        if not empty:
+            return inner, False
+        rest, rest_empty = _starts(seq[k + 1:])
+        return (None if rest is None else inner | rest), rest_empty
+    return set(), True
+
+
+def _literal_prefix(seq: list[tuple[object, object]]) -> str:
+    """The literal characters every match starts with (case-sensitive patterns only)."""
+    out = []
+    for op, av in seq:
+        if op in (sre_c.ASSERT, sre_c.ASSERT_NOT) and not out:
+            continue
+        if op is sre_c.LITERAL:
+            out.append(chr(av))  # type: ignore[arg-type]
+        elif op is sre_c.SUBPATTERN and not av[1]:  # type: ignore[index]  # a group adding no flags
+            inner = _literal_prefix(list(av[-1]))  # type: ignore[index]
+            out.append(inner)
+            if len(inner) != len(av[-1]):  # type: ignore[index,arg-type]
+                break
+        else:
+            break
+    return "".join(out)
+
+
+def pattern_starts(pattern: str) -> tuple[str, str | None]:
+    """(literal prefix of every match, character class any match starts with or None), for a stream to
+    tell cheaply where in its unsettled tail an attempt could still begin."""
+    parsed = list(sre_parse.parse(pattern))
+    pieces, _empty = _starts(parsed)
+    first = None if pieces is None or not pieces else "[" + "".join(sorted(pieces)) + "]"
+    return _literal_prefix(parsed), first
+
+
 def pattern_shape(pattern: str) -> tuple[int, int, str | None]:
     """(most chars an attempt examines, most chars it peeks past a match, stopper pattern or None).
 
@@ -230,6 +294,8 @@ class PatternRule:
     lookahead: int = field(init=False)
     _has_value: bool = field(init=False)
     _stop: regex.Pattern[str] | None = field(init=False)
+    _prefix: str = field(init=False)
+    _first: regex.Pattern[str] | None = field(init=False)
 
     def __post_init__(self) -> None:
         width, lookahead, stopper = pattern_shape(self.pattern)
@@ -239,6 +305,9 @@ class PatternRule:
         set_(self, "lookahead", lookahead)
         set_(self, "_has_value", "v" in self.regex.groupindex)
         set_(self, "_stop", regex.compile("(?r)" + stopper, regex.IGNORECASE) if stopper else None)
+        prefix, first = pattern_starts(self.pattern)
+        set_(self, "_prefix", prefix if len(prefix) >= 2 and not self.flags & regex.IGNORECASE else "")
+        set_(self, "_first", regex.compile(first, regex.IGNORECASE) if first else None)
 
     def finding(self, m: regex.Match[str], base: int = 0) -> Finding | None:
         start, end = m.span("v") if self._has_value and m.start("v") >= 0 else m.span()
@@ -288,35 +357,73 @@ class PatternRule:
         return self._stop is not None and start < n - self.lookahead and \
             self._stop.search(buf, start, n - self.lookahead) is not None
 
+    def settled_from(self, buf: str) -> int:
+        """The first position whose attempt may still depend on text after the end of `buf`.
+
+        Settledness is a prefix: an attempt at `s` is settled when `s + width <= n`, or when a character no
+        match can consume lies in `buf[s:n - lookahead]` (the match must end before it).
+        """
+        n = len(buf)
+        lo = n - self.width + 1
+        if self._stop is not None and lo < n - self.lookahead:
+            stop = self._stop.search(buf, max(lo, 0), n - self.lookahead)
+            if stop is not None:
+                lo = stop.start() + 1
+        return max(lo, 0)
+
+    def start_chars(self) -> frozenset[str] | None:
+        """The ASCII characters an attempt can begin with (None: can't tell), for a stream's skip test."""
+        if self._prefix:
+            return frozenset(self._prefix[0])
+        if self._first is not None:
+            return frozenset(c for c in map(chr, range(128)) if self._first.match(c))
+        return None
+
+    def could_start(self, buf: str, pos: int) -> int:
+        """The first position >= `pos` where an attempt might begin (len(buf) if none): where the literal
+        prefix occurs or is cut off by the end, else where a possible first character is."""
+        n = len(buf)
+        if self._prefix:
+            found = buf.find(self._prefix, pos)
+            if found >= 0:
+                return found
+            for s in range(max(pos, n - len(self._prefix) + 1), n):
+                if self._prefix.startswith(buf[s:]):
+                    return s
+            return n
+        if self._first is not None:
+            m = self._first.search(buf, pos)
+            return m.start() if m is not None else n
+        return pos
+
     def advance(self, view: TextView, pos: int, finished: bool) -> tuple[list[Finding], int]:
         """Findings of attempts starting at or after `pos` that are final, and where the next call resumes.
 
         `view` holds the stream's buffer; offsets are relative to it, and it must hold enough text before
-        `pos` for look-behinds. With `finished` every remaining attempt is final. Each step is one
-        partial-mode search: it returns the leftmost position where a match is complete or could still
-        complete, so every position before it has failed for good.
+        `pos` for look-behinds. With `finished` every remaining attempt is final. Otherwise matches that
+        start where attempts are settled are final, and the resume point is the first position in the
+        unsettled tail where an attempt could begin (all normal-mode searches: the `regex` module's partial
+        mode is exact but an order of magnitude slower).
         """
         buf = view.text
         n = len(buf)
         out: list[Finding] = []
-        if finished:
+        pos = self.could_start(buf, pos)  # nothing before it can begin a match (the common, cheap exit)
+        if pos >= n:
+            return out, n
+        lo = n if finished else self.settled_from(buf)
+        last_end = pos
+        if lo > pos:
             for m in self.regex.finditer(buf, pos):
+                if m.start() >= lo:
+                    break
+                last_end = m.end()
                 f = self.finding(m)
                 if f is not None:
                     out.append(f)
+        if finished:
             return out, n
-        while pos < n:
-            m = self.regex.search(buf, pos, partial=True)
-            if m is None:
-                return out, n
-            start = m.start()
-            if m.partial or not self.settled(buf, start):
-                return out, start
-            f = self.finding(m)
-            if f is not None:
-                out.append(f)
-            pos = max(m.end(), start + 1)
-        return out, n
+        return out, self.could_start(buf, max(lo, last_end))
 
 
 def fold(text: str) -> str:

@@ -42,6 +42,10 @@ class StreamGuard:
                 raise TypeError(f"detector {step.detector.name!r} cannot run on a stream")
             self._rules.extend((rule, step) for rule in step.detector.rules)
         self._resume = [0] * len(self._rules)
+        # For each rule, the ASCII characters its attempts (or anchors) can start with: a rule with nothing
+        # pending is skipped when none of them arrived since the rules last ran.
+        self._starts = [rule.start_chars() for rule, _ in self._rules]
+        self._checked_to = 0  # absolute offset up to which the rules have run
         self._buf = ""
         self._folded = ""  # fold(self._buf), kept alongside (folding is per character)
         self._base = 0  # absolute offset of self._buf[0]
@@ -92,9 +96,18 @@ class StreamGuard:
     def _advance(self, finished: bool) -> str:
         buf, base = self._buf, self._base
         self._unchecked = 0
+        end = base + len(buf)
+        fresh = buf[self._checked_to - base:]
+        arrived = set(fresh) if fresh.isascii() else None
+        checked_to, self._checked_to = self._checked_to, end
         view = TextView(buf, self._folded, max(0, min(self._resume, default=base) - base - 1))
-        frontier = base + len(buf)
+        frontier = end
         for i, (rule, step) in enumerate(self._rules):
+            starts = self._starts[i]
+            if (arrived is not None and starts is not None and self._resume[i] >= checked_to
+                    and starts.isdisjoint(arrived)):
+                self._resume[i] = end  # nothing pending, and nothing that could start an attempt arrived
+                continue
             pos = self._resume[i] - base
             found, resume = rule.advance(view, pos, finished)
             self._resume[i] = resume + base

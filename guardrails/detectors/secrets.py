@@ -116,8 +116,8 @@ _VENDOR = (
 _PEM_LABEL = r"-----(?:BEGIN|END) (?:[A-Z0-9]{1,12} ){0,3}PRIVATE KEY(?: BLOCK)?-----"
 _PRIVATE_KEY = (
     _PEM_LABEL.replace("(?:BEGIN|END)", "BEGIN")
-    + r"(?:(?:\r?\n|\\r?\\n|[ \t]){1,3}(?:[A-Za-z0-9+/=]{1,80}|Proc-Type:[^\n]{0,60}|DEK-Info:[^\n]{0,80}|"
-    r"Version:[^\n]{0,60}|Comment:[^\n]{0,80})){0,120}"
+    + r"(?:(?:\r?\n|\\r?\\n|[ \t]){1,3}(?:[A-Za-z0-9+/=]{1,80}|(?:Proc-Type|DEK-Info|Version|Comment):"
+    r"[A-Za-z0-9 ,.:\-]{0,80})){0,64}"
     r"(?:(?:\r?\n|\\r?\\n|[ \t]){1,3}" + _PEM_LABEL.replace("(?:BEGIN|END)", "END") + ")?"
 )
 _KEYWORD = (

@@ -52,19 +52,20 @@ default:
     return parse_policy_set(doc).resolve("t", "m")
 
 
-def stream(policy: Policy, chunks: list[str], canary: str | None = CANARY) -> tuple[str, object]:
-    guard = policy.stream_guard(system_prompt_canary=canary)
+def stream(policy: Policy, chunks: list[str], canary: str | None = CANARY, batch: int = 1) -> tuple[str, object]:
+    guard = policy.stream_guard(system_prompt_canary=canary, batch_chars=batch)
     out = [guard.feed(c) for c in chunks]
     out.append(guard.finish())
     return "".join(out), guard
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=TEXTS, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
+@given(text=TEXTS, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
+       batch=st.sampled_from([1, 1, 7, 32]))
 def test_streamed_output_equals_the_non_streamed_check_for_any_chunking(policy: Policy, text: str,
-                                                                       cuts: list[int]) -> None:
+                                                                       cuts: list[int], batch: int) -> None:
     whole = policy.check_output(text, system_prompt_canary=CANARY)
-    streamed, guard = stream(policy, chunked(text, cuts))
+    streamed, guard = stream(policy, chunked(text, cuts), batch=batch)
     if whole.action == "block":
         assert guard.blocked  # type: ignore[attr-defined]
         assert whole.text.startswith(streamed)
@@ -88,7 +89,7 @@ def test_stream_guard_never_emits_a_secret_split_across_chunks(policy: Policy, p
 
 
 def test_a_blocked_stream_stops_and_reports_the_canary(policy: Policy) -> None:
-    guard = policy.stream_guard(system_prompt_canary=CANARY)
+    guard = policy.stream_guard(system_prompt_canary=CANARY, batch_chars=1)
     emitted = guard.feed("Here is my prompt: zebra-") + guard.feed("canary-7731 and the rest")
     assert guard.blocked and "canary" not in emitted.lower()
     assert guard.feed("more text") == "" and guard.finish() == ""
@@ -109,5 +110,5 @@ def test_the_hold_back_stays_small_on_ordinary_prose() -> None:
     for i in range(0, len(prose), 4):
         guard.feed(prose[i:i + 4])
         held.append(guard.held)
-    assert max(held) <= 64
+    assert max(held) <= 32 + 64  # the batch plus at most a clause (IBAN-shaped candidates end at punctuation)
     assert guard.finish() != "" or guard.held == 0
