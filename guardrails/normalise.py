@@ -67,9 +67,9 @@ _LEET = str.maketrans({"0": "o", "1": "i", "2": "z", "3": "e", "4": "a", "5": "s
                        "9": "g", "@": "a", "$": "s", "l": "i"})
 # Letter-spacing check without a regex pass, on bytes: letters -> "a", separators -> " ", others -> "#".
 _SHAPE = bytes(ord("a") if 97 <= c <= 122 else ord(" ") if chr(c) in " .-_*/|'" else ord("#") for c in range(256))
-_SPACED_SHAPES = (b" a a a a", b"  a  a  a  a", b"   a   a   a   a")
+_SPACED_SHAPE = re.compile(rb" a( {1,3})a\1a\1a")
 _NON_ASCII_RUN = regex.compile(r"[^\x00-\x7f]+")
-_SPACED = re.compile(r"(?<![a-z])[a-z](?:[ .\-_*/|']{1,3}[a-z](?![a-z])){3,}")
+_SPACED = re.compile(r"(?<![a-z])[a-z](?:[ .\-_*/|']{1,6}[a-z](?![a-z])){3,}")
 _SEPARATOR_RUN = re.compile(r"[ .\-_*/|']+")
 
 
@@ -141,7 +141,7 @@ def skeleton(text: str) -> MappedText:
 def despace(text: str) -> MappedText | None:
     """Join letter-spaced words ("i g n o r e  a i i") in a skeleton; None if there are none."""
     shape = f" {text} ".encode("ascii", "replace").translate(_SHAPE)
-    if not any(s in shape for s in _SPACED_SHAPES) or _SPACED.search(text) is None:
+    if _SPACED_SHAPE.search(shape) is None or _SPACED.search(text) is None:
         return None
     parts: list[str] = []
     starts: list[int] = []
@@ -153,8 +153,11 @@ def despace(text: str) -> MappedText | None:
             sources.append((pos, m.start(), True))
             parts.append(text[pos:m.start()])
             out += m.start() - pos
-        # single separators join letters; longer gaps were word breaks
-        joined = _SEPARATOR_RUN.sub(lambda g: " " if len(g.group()) > 1 else "", m.group())
+        # the narrowest gap separates letters of a word; wider gaps were word breaks
+        gaps = _SEPARATOR_RUN.split(m.group())
+        seps = _SEPARATOR_RUN.findall(m.group())
+        narrow = min(len(g) for g in seps)
+        joined = gaps[0] + "".join((" " if len(sep) > narrow else "") + part for sep, part in zip(seps, gaps[1:], strict=True))
         starts.append(out)
         sources.append((m.start(), m.end(), False))
         parts.append(joined)

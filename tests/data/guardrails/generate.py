@@ -19,8 +19,8 @@ from pathlib import Path
 from random import Random
 
 sys.path.insert(0, str(Path(__file__).parent))
-import templates
-import values
+import eval_templates as templates
+import eval_values as values
 
 HERE = Path(__file__).parent
 FIELD = re.compile(r"\{([A-Z_]+)\}")
