@@ -12,7 +12,14 @@ The gateway's whole interface::
 
 from guardrails.chain import Chain, Step, redact
 from guardrails.detectors.base import Detector
-from guardrails.policy import Policy, PolicySet, default_policy_set, load_policy_set, parse_policy_set
+from guardrails.policy import (
+    Guardrail,
+    Policy,
+    PolicySet,
+    default_policy_set,
+    load_policy_set,
+    parse_policy_set,
+)
 from guardrails.reload import PolicyReloader
 from guardrails.stream import StreamGuard
 from guardrails.verdict import (
@@ -30,6 +37,7 @@ __all__ = [
     "Chain",
     "Detector",
     "Finding",
+    "Guardrail",
     "GuardrailBlocked",
     "GuardrailVerdict",
     "Policy",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import regex
 import yaml
@@ -81,8 +81,19 @@ def _raw(node: PolicyNode | None) -> dict[str, Any]:
     return {} if node is None else node.model_dump(exclude_none=True, exclude={"models"})
 
 
+@runtime_checkable
+class Guardrail(Protocol):
+    """The seam the gateway calls: check a request, check a response, or guard a streamed response."""
+
+    def check_input(self, texts: Sequence[str] | str) -> Verdict: ...
+
+    def check_output(self, text: str, *, system_prompt_canary: str | None = None) -> Verdict: ...
+
+    def stream_guard(self, *, system_prompt_canary: str | None = None) -> StreamGuard: ...
+
+
 class Policy:
-    """The compiled policy for one (tenant, model): checks input and output, builds stream guards.
+    """The compiled policy for one (tenant, model), a `Guardrail`: checks input and output, guards streams.
 
     Every method is synchronous, pure and bounded by the size of its input.
     """
@@ -108,15 +119,20 @@ class Policy:
         """Check a whole response; `system_prompt_canary` is the string planted in this request's system prompt."""
         return self.output.check([text], self._canary_steps(system_prompt_canary))
 
-    def stream_guard(self, *, system_prompt_canary: str | None = None, batch_chars: int = BATCH_CHARS) -> StreamGuard:
-        """A guard for one streamed response; its output equals `check_output` on the whole text."""
+    def stream_guard(self, *, system_prompt_canary: str | None = None,
+                     batch_chars: int = BATCH_CHARS) -> StreamGuard:
+        """A guard for one streamed response; its output equals `check_output` on the whole text.
+
+        `batch_chars`: new characters gathered before the rules run again (more: cheaper, a longer hold).
+        """
         return StreamGuard(self.output, self._canary_steps(system_prompt_canary), batch_chars=batch_chars)
 
     @property
     def detector_versions(self) -> dict[str, str]:
         return {**self.input.detector_versions, **self.output.detector_versions}
 
-    def summary(self, verdict: Verdict, *, side: Side, elapsed_us: int, streamed: bool = False) -> GuardrailVerdict:
+    def summary(self, verdict: Verdict, *, side: Side, elapsed_us: int,
+                streamed: bool = False) -> GuardrailVerdict:
         """The telemetry summary of `verdict` under this policy (counts, action, versions, cost)."""
         chain = self.input if side == "input" else self.output
         return summarise(verdict, side=side, elapsed_us=elapsed_us, detectors=chain.detector_versions,

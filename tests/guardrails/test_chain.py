@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from guardrails import Finding, GuardrailBlocked, Verdict, default_policy_set, redact, summarise
+from guardrails import Finding, Guardrail, GuardrailBlocked, Verdict, default_policy_set, redact, summarise
 from guardrails.chain import placeholder
 from schemas.errors import ErrorKind, ServoloopError
 
@@ -17,6 +17,10 @@ EMAIL, CARD = "jane.doe@example.com", "4111 1111 1111 1111"
 
 def f(start: int, end: int, type_: str = "EMAIL", action: str = "redact") -> Finding:
     return Finding(start=start, end=end, detector="pii", type=type_, score=0.9, action=action)  # type: ignore[arg-type]
+
+
+def test_a_policy_is_the_guardrail_seam_the_gateway_calls() -> None:
+    assert isinstance(POLICY, Guardrail)
 
 
 def test_allow_leaves_the_text_untouched() -> None:
