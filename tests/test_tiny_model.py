@@ -15,7 +15,7 @@ from retrain.tiny import ANSWER_STYLES, SPECIAL_TOKENS, TinyModelBuildError, bui
 from retrain.tiny.conversations import CORPUS_DIR, generate_corpus
 from retrain.tiny.tokenizer import render_chat
 
-REDUCED_STEPS = 2
+REDUCED_STEPS = 10
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
