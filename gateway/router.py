@@ -60,6 +60,14 @@ class Router:
         first = self.primary(model)
         return [first, *(self._routes[n] for n in first.fallbacks if n in self._routes)]
 
+    def _falling_back(self, chain: list[ModelRoute], failed: int, err: EngineUnavailable) -> None:
+        """Log and count a move from chain[failed] to the next route, if there is one."""
+        if failed + 1 < len(chain):
+            a, b = chain[failed].name, chain[failed + 1].name
+            log.warning("model %s: engine failed (%s), falling back to %s", a, err, b)
+            if self._on_fallback:
+                self._on_fallback(a, b)
+
     async def stream(
         self, request: InferenceRequest, served: list[Served]
     ) -> AsyncIterator[Chunk]:
@@ -83,10 +91,7 @@ class Router:
                 if started:
                     raise
                 last_error = e
-                if i + 1 < len(chain):
-                    log.warning("model %s: engine failed (%s), falling back to %s", route.name, e, chain[i + 1].name)
-                    if self._on_fallback:
-                        self._on_fallback(route.name, chain[i + 1].name)
+                self._falling_back(chain, i, e)
         assert last_error is not None
         raise last_error
 
@@ -99,10 +104,7 @@ class Router:
                 chunk = await route.engine.generate(request, adapter=route.adapter)
             except EngineUnavailable as e:
                 last_error = e
-                if i + 1 < len(chain):
-                    log.warning("model %s: engine failed (%s), falling back to %s", route.name, e, chain[i + 1].name)
-                    if self._on_fallback:
-                        self._on_fallback(route.name, chain[i + 1].name)
+                self._falling_back(chain, i, e)
                 continue
             served.append(Served(route.name, route.engine.kind, route.version, route.adapter))
             return chunk

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -260,6 +260,3 @@ class TransformersEngine:
         async with self._gate.use(f"\0unload:{name}"):
             await asyncio.get_running_loop().run_in_executor(self._pool, self._model.delete_adapter, name)
         del self._adapters[name]
-
-    def adapters(self) -> Iterator[str]:
-        return iter(self._adapters)

@@ -129,9 +129,10 @@ async def test_tokens_per_minute_limit_is_resource_exhausted_over_grpc_with_retr
 
 async def test_concurrent_stream_limit_refuses_the_extra_stream(upstream, remote_gateway: RunningGateway) -> None:
     key = remote_gateway.key(max_streams=1)
-    upstream.behaviour.token_interval_ms = 50
+    # long enough to outlast the output guard's hold-back window, so the first stream is still open
+    upstream.behaviour.token_interval_ms, upstream.behaviour.tokens = 50, 40
     try:
-        body = {**CHAT, "stream": True}
+        body = {**CHAT, "stream": True, "max_tokens": 40}
         async with httpx.AsyncClient(timeout=10) as http:
             async with http.stream("POST", f"{remote_gateway.http}/v1/chat/completions", json=body,
                                    headers={"Authorization": f"Bearer {key}"}) as first:
@@ -140,7 +141,7 @@ async def test_concurrent_stream_limit_refuses_the_extra_stream(upstream, remote
                 async for _ in first.aiter_lines():
                     pass
     finally:
-        upstream.behaviour.token_interval_ms = 0
+        upstream.behaviour.token_interval_ms, upstream.behaviour.tokens = 0, 8
     assert second.status_code == 429
     assert second.json()["error"]["details"]["limit"] == "concurrent_streams"
 

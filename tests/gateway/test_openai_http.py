@@ -87,16 +87,17 @@ async def test_stop_sequences_end_the_answer_before_the_stop_text(local_gateway:
 async def test_cancelling_a_stream_stops_generation_in_the_engine(local_gateway: RunningGateway) -> None:
     key = local_gateway.key()
     local_gateway.outcomes.clear()
-    body = {"model": "tiny", "messages": HELLO, "max_tokens": 1000, "temperature": 1.0, "stream": True}
+    # long prose, abandoned at its first event: far from its end
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 1.0, "stream": True}
     async with httpx.AsyncClient(timeout=30) as http:
-        async with http.stream("POST", f"{local_gateway.http}/v1/chat/completions", json=body,
+        async with http.stream("POST", f"{local_gateway.http}/v1/completions", json=body,
                                headers={"Authorization": f"Bearer {key}"}) as resp:
             assert resp.status_code == 200
             got = 0
             async for line in resp.aiter_lines():
                 got += line.startswith("data:")
-                if got >= 3:
-                    break  # the client goes away after three events
+                if got >= 1:
+                    break  # the client goes away after the first event
 
     for _ in range(200):
         if local_gateway.outcomes:
