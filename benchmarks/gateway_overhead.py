@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,54 +117,70 @@ async def measure_unary(upstream_url: str, gw_http: str, gw_grpc: str, key: str,
 
 
 async def measure_streaming(model_dir: Path, engine_kind: str, gw_http: str, key: str, streams: int,
-                            max_tokens: int) -> dict:
-    """Tokens/s of the engine alone (in this process) vs the same requests through the gateway process."""
+                            max_tokens: int, rounds: int) -> dict:
+    """Tokens/s of the engine alone (in this process) vs the same requests through the gateway process.
+
+    Every request asks for exactly `max_tokens` (`min_tokens` = `max_tokens`), so both sides generate the same
+    number of tokens; the two are measured in alternating rounds and compared by their medians.
+    """
     from gateway.request import InferenceRequest, SamplingParams
     from gateway.server import make_engine
     from gateway.settings import ModelSettings
 
     prompts = [f"Story number {i}: once upon a time" for i in range(streams)]
 
-    async def through_gateway() -> int:
-        async with aiohttp.ClientSession() as http:
-            async def one(p: str) -> int:
-                body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                        "stream_options": {"include_usage": True}}
-                n = 0
-                async with http.post(f"{gw_http}/v1/completions", json=body,
-                                     headers={"Authorization": f"Bearer {key}"}) as r:
-                    async for line in r.content:
-                        if line.startswith(b"data: {") and b'"usage":{' in line:
-                            import json
-                            n = json.loads(line[6:])["usage"]["completion_tokens"]
-                return n
-            return sum(await asyncio.gather(*(one(p) for p in prompts)))
-
-    t0 = time.perf_counter()
-    gw_tokens = await through_gateway()
-    gw_s = time.perf_counter() - t0
+    async def through_gateway(http: aiohttp.ClientSession) -> int:
+        async def one(p: str) -> int:
+            body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "min_tokens": max_tokens,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            n = 0
+            async with http.post(f"{gw_http}/v1/completions", json=body,
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+                r.raise_for_status()
+                async for line in r.content:
+                    if line.startswith(b"data: {") and b'"usage":{' in line:
+                        n = json.loads(line[6:])["usage"]["completion_tokens"]
+            return n
+        return sum(await asyncio.gather(*(one(p) for p in prompts)))
 
     engine = make_engine(ModelSettings(name="tiny", engine=engine_kind, path=str(model_dir)))
     await engine.start()
-    try:
-        async def one_direct(p: str) -> int:
+
+    async def alone() -> int:
+        async def one(p: str) -> int:
             req = InferenceRequest(model="tiny", operation="text_completion", prompt=p, stream=True,
-                                   params=SamplingParams(max_tokens=max_tokens, temperature=0))
+                                   params=SamplingParams(max_tokens=max_tokens, temperature=0, min_tokens=max_tokens))
             last = None
             async for c in engine.stream(req):
                 last = c
             return last.usage.completion_tokens if last and last.usage else 0
-        await one_direct("warm up")
+        return sum(await asyncio.gather(*(one(p) for p in prompts)))
+
+    async def rate(run: Callable[[], Awaitable[int]]) -> tuple[float, int]:
         t0 = time.perf_counter()
-        direct_tokens = sum(await asyncio.gather(*(one_direct(p) for p in prompts)))
-        direct_s = time.perf_counter() - t0
+        n = await run()
+        return n / (time.perf_counter() - t0), n
+
+    gw_rates: list[float] = []
+    alone_rates: list[float] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            await through_gateway(http)  # warm both
+            await alone()
+            for _ in range(rounds):
+                tps, gw_tokens = await rate(lambda: through_gateway(http))
+                gw_rates.append(tps)
+                tps, alone_tokens = await rate(alone)
+                alone_rates.append(tps)
     finally:
         await engine.aclose()
-    direct_tps, gw_tps = direct_tokens / direct_s, gw_tokens / gw_s
-    return {"engine": engine_kind, "concurrent_streams": streams, "max_tokens": max_tokens,
+    direct_tps, gw_tps = statistics.median(alone_rates), statistics.median(gw_rates)
+    return {"engine": engine_kind, "concurrent_streams": streams, "tokens_per_stream": max_tokens, "rounds": rounds,
             "engine_alone_tokens_per_s": round(direct_tps, 1), "through_gateway_tokens_per_s": round(gw_tps, 1),
             "gateway_vs_engine_ratio": round(gw_tps / direct_tps, 3),
-            "engine_alone_tokens": direct_tokens, "through_gateway_tokens": gw_tokens}
+            "engine_alone_tokens_per_round": alone_tokens, "through_gateway_tokens_per_round": gw_tokens,
+            "engine_alone_tokens_per_s_rounds": [round(x, 1) for x in alone_rates],
+            "through_gateway_tokens_per_s_rounds": [round(x, 1) for x in gw_rates]}
 
 
 def main() -> None:
@@ -172,7 +190,8 @@ def main() -> None:
     ap.add_argument("--upstream-latency-ms", type=float, default=20.0)
     ap.add_argument("--engine", default="auto", help="engine for the streaming part: vllm, transformers, auto")
     ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--stream-tokens", type=int, default=128)
+    ap.add_argument("--stream-tokens", type=int, default=128, help="tokens generated per stream")
+    ap.add_argument("--stream-rounds", type=int, default=5, help="alternating gateway / engine-alone rounds")
     ap.add_argument("--model", default=str(ROOT / ".servoloop/models/tiny-chat"))
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--no-streaming", action="store_true", help="skip the streaming comparison")
@@ -213,7 +232,8 @@ gateway:
         rows = asyncio.run(measure_unary(f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{http_port}",
                                          f"127.0.0.1:{grpc_port}", key, rates, duration))
         streaming = {} if a.no_streaming else asyncio.run(measure_streaming(
-            Path(a.model), engine, f"http://127.0.0.1:{http_port}", key, a.streams, a.stream_tokens))
+            Path(a.model), engine, f"http://127.0.0.1:{http_port}", key, a.streams, a.stream_tokens,
+            2 if a.quick else a.stream_rounds))
         if streaming:
             print(f"streaming ({engine}, {a.streams} streams): engine alone {streaming['engine_alone_tokens_per_s']} tok/s,"
               f" through gateway {streaming['through_gateway_tokens_per_s']} tok/s "

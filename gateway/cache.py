@@ -30,7 +30,7 @@ def cache_key(request: InferenceRequest, tenant: str) -> str | None:
         return None
     p = request.params
     material = msgspec.msgpack.encode(
-        [tenant, request.model, request.operation, p.max_tokens, p.top_p, list(p.stop), p.seed,
+        [tenant, request.model, request.operation, p.max_tokens, p.top_p, list(p.stop), p.seed, p.min_tokens,
          [[m.role, m.content] for m in request.messages], request.prompt]
     )
     return hashlib.blake2b(material, digest_size=20).hexdigest()

@@ -55,7 +55,9 @@ class RequestGuard:
         verdict = policy.check_input([m.content for m in request.messages] if chat else [request.prompt])
         summary = policy.summary(verdict, side="input", elapsed_us=(time.perf_counter_ns() - t0) // 1000)
         if verdict.blocked:
-            raise GuardrailBlocked(verdict, side="input")
+            blocked = GuardrailBlocked(verdict, side="input")
+            blocked.summary = summary  # for telemetry: the rejected request still yields a GuardrailEvent
+            raise blocked
         if verdict.action == "redact":
             if chat:
                 msgs = tuple(ChatMessage(m.role, t) for m, t in zip(request.messages, verdict.texts, strict=True))

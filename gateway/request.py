@@ -24,6 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,8 @@ class InferenceRequest:
     user: str = ""
     request_id: str = ""
     traceparent: str = ""
+    trace_id: str = ""  # 32 hex digits when tracing assigned one (from `traceparent` or new)
+    span_id: str = ""  # 16 hex digits: this request's server span
     deadline: float | None = None  # time.monotonic() by which the answer must be complete
     received_at: float = field(default_factory=time.monotonic)
 

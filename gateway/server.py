@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from gateway.auth import Authenticator, KeyStore
 from gateway.cache import ResponseCache
 from gateway.engines import Engine, vllm_available
+from gateway.events import EventEmitter, EventPublisher
 from gateway.guarding import RequestGuard
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
@@ -25,6 +26,7 @@ from gateway.router import ModelRoute, Router
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings, ModelSettings
 from guardrails import PolicyReloader, default_policy_set
+from schemas.events import FeedbackEvent
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class Gateway:
     """Everything one serving process holds. Other components extend it through `http_extensions`."""
 
     def __init__(self, settings: GatewaySettings, keys: KeyStore, *, engines: dict[str, Engine] | None = None,
-                 metrics: GatewayMetrics | None = None):
+                 metrics: GatewayMetrics | None = None, events: EventPublisher | None = None):
         self.settings = settings
         self.metrics = metrics or GatewayMetrics()
         self.limiter = RateLimiter(settings.rate_limits)
@@ -75,6 +77,12 @@ class Gateway:
                 guard = RequestGuard(lambda: bundled, plant_canary=g.plant_canary)
         self.service = InferenceService(self.router, self.limiter, self.metrics, settings.limits, cache=cache,
                                         guard=guard)
+        self.events = events  # the event sink's publisher (None: no event pipeline, metrics only)
+        if events is not None:
+            emitter = EventEmitter(events)
+            self.service.add_observer(emitter, refused=emitter.refused)
+        # Called with each accepted FeedbackEvent after it was published (e.g. Langfuse scores); never raises.
+        self.feedback_observers: list[Callable[[FeedbackEvent], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = int(time.time())
         self.http_extensions: list[Callable[[FastAPI], None]] = []

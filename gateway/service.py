@@ -70,6 +70,7 @@ class Outcome:
 
 
 Observer = Callable[[Outcome], None]
+RefusalObserver = Callable[[Principal, InferenceRequest, ServoloopError], None]
 
 
 class InferenceService:
@@ -83,6 +84,7 @@ class InferenceService:
         cache: ResponseCache | None = None,
         guard: RequestGuard | None = None,
         observers: list[Observer] | None = None,
+        refusal_observers: list[RefusalObserver] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.router = router
@@ -92,10 +94,14 @@ class InferenceService:
         self._cache = cache
         self._guard = guard
         self._observers = observers or []
+        self._refusal_observers = refusal_observers or []
         self._clock = clock
 
-    def add_observer(self, observer: Observer) -> None:
+    def add_observer(self, observer: Observer, *, refused: RefusalObserver | None = None) -> None:
+        """Call `observer` with every admitted request's outcome, and `refused` with every refusal after auth."""
         self._observers.append(observer)
+        if refused is not None:
+            self._refusal_observers.append(refused)
 
     def admit(self, principal: Principal, request: InferenceRequest, *, api: str) -> Admission:
         """Check everything that can refuse the request; raises a ServoloopError, takes nothing if so."""
@@ -122,6 +128,13 @@ class InferenceService:
             self._metrics.errors.labels(request.model, principal.tenant, e.code).inc()
             if e.code == "guardrail_blocked":
                 self._metrics.guardrails.labels("input", "block").inc()
+            if self._refusal_observers:
+                request.request_id = request.request_id or new_event_id()
+                for refused in self._refusal_observers:
+                    try:
+                        refused(principal, request, e)
+                    except Exception:  # an observer must never change how a request is answered
+                        log.exception("refusal observer failed")
             raise
         request.request_id = request.request_id or new_event_id()
         return Admission(principal, request, route, api, prompt_tokens, reserved, key, cached, guard_state)

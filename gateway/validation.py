@@ -81,6 +81,7 @@ def make_request(
     top_p: Any = None,
     stop: Any = None,
     seed: Any = None,
+    min_tokens: Any = None,
     stream: bool = False,
     cache: bool = False,
     user: Any = None,
@@ -92,13 +93,15 @@ def make_request(
         raise InvalidRequest("'model' is required and must be a non-empty string", param="model")
     if len(model) > MAX_MODEL_NAME:
         raise InvalidRequest(f"'model' must be at most {MAX_MODEL_NAME} characters", param="model")
+    max_out = (limits.default_max_tokens if max_tokens is None
+               else _int("max_tokens", max_tokens, 1, limits.max_output_tokens))
     params = SamplingParams(
-        max_tokens=limits.default_max_tokens if max_tokens is None
-        else _int("max_tokens", max_tokens, 1, limits.max_output_tokens),
+        max_tokens=max_out,
         temperature=1.0 if temperature is None else _number("temperature", temperature, 0.0, 2.0),
         top_p=1.0 if top_p is None else _number("top_p", top_p, 0.0, 1.0, lo_open=True),
         stop=_stop(stop, limits),
         seed=None if seed is None else _int("seed", seed, -(2**63), 2**63 - 1),
+        min_tokens=0 if min_tokens is None else _int("min_tokens", min_tokens, 0, max_out),
     )
     if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_ID):
         raise InvalidRequest(f"'user' must be a string of at most {MAX_USER_ID} characters", param="user")

@@ -104,3 +104,4 @@ class GuardrailBlocked(ServoloopError):
                          details={"side": side, "types": blocking})
         self.verdict = verdict
         self.side = side
+        self.summary: GuardrailVerdict | None = None

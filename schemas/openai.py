@@ -55,6 +55,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
+    min_tokens: StrictInt | None = None
     user: StrictStr | None = None
     servoloop: ServoloopOptions | None = None
 

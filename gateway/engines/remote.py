@@ -40,6 +40,8 @@ def upstream_body(request: InferenceRequest, model: str, *, stream: bool) -> dic
         body["stop"] = list(p.stop)
     if p.seed is not None:
         body["seed"] = p.seed
+    if p.min_tokens:
+        body["min_tokens"] = p.min_tokens  # vLLM's OpenAI server extension
     if stream:
         body["stream_options"] = {"include_usage": True}
     if request.operation == "chat":

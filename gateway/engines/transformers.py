@@ -203,7 +203,8 @@ class TransformersEngine:
                 return torch.full((input_ids.shape[0],), cancel.is_set() or text.stopped, dtype=torch.bool)
 
         streamer = Streamer()
-        kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "do_sample": params.temperature > 0}
+        kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "do_sample": params.temperature > 0,
+                                  "min_new_tokens": params.min_tokens}
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
             if params.seed is not None:

@@ -91,7 +91,7 @@ class VLLMEngine:
         p = request.params
         sampling = SamplingParams(
             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, stop=list(p.stop) or None,
-            seed=p.seed, output_kind=RequestOutputKind.DELTA,
+            seed=p.seed, min_tokens=p.min_tokens, output_kind=RequestOutputKind.DELTA,
         )
         request_id = request.request_id or uuid.uuid4().hex
         n_out = 0

@@ -72,7 +72,8 @@ class GrpcFrontEnd:
             max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
             temperature=p.temperature if p.HasField("temperature") else None,
             top_p=p.top_p if p.HasField("top_p") else None, stop=list(p.stop) or None,
-            seed=p.seed if p.HasField("seed") else None, stream=stream, cache=msg.cache, user=msg.user or None,
+            seed=p.seed if p.HasField("seed") else None,
+            min_tokens=p.min_tokens if p.HasField("min_tokens") else None, stream=stream, cache=msg.cache, user=msg.user or None,
             traceparent=_metadata(context, "traceparent") or "",
             deadline=None if remaining is None else time.monotonic() + remaining,
         )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aschemas/pb/inference.proto\x12\x0cservoloop.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa8\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.servoloop.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.servoloop.v1.SamplingParams\x12\r\n\x05\x63\x61\x63he\x18\x05 \x01(\x08\x12\x0c\n\x04user\x18\x06 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x9d\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.servoloop.v1.Usage\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"{\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.servoloop.v1.Usage\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"8\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.servoloop.v1.ModelInfo2\xa6\x01\n\tInference\x12I\n\x08Generate\x12\x1d.servoloop.v1.GenerateRequest\x1a\x1e.servoloop.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.servoloop.v1.GenerateRequest\x1a\x1b.servoloop.v1.GenerateChunk0\x01\x32S\n\x06Models\x12I\n\x04List\x12\x1f.servoloop.v1.ListModelsRequest\x1a .servoloop.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aschemas/pb/inference.proto\x12\x0cservoloop.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd2\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x06 \x01(\rH\x04\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_min_tokens\"\xa8\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.servoloop.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.servoloop.v1.SamplingParams\x12\r\n\x05\x63\x61\x63he\x18\x05 \x01(\x08\x12\x0c\n\x04user\x18\x06 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x9d\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.servoloop.v1.Usage\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"{\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.servoloop.v1.Usage\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"8\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.servoloop.v1.ModelInfo2\xa6\x01\n\tInference\x12I\n\x08Generate\x12\x1d.servoloop.v1.GenerateRequest\x1a\x1e.servoloop.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.servoloop.v1.GenerateRequest\x1a\x1b.servoloop.v1.GenerateChunk0\x01\x32S\n\x06Models\x12I\n\x04List\x12\x1f.servoloop.v1.ListModelsRequest\x1a .servoloop.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=44
   _globals['_CHATMESSAGE']._serialized_end=88
   _globals['_SAMPLINGPARAMS']._serialized_start=91
-  _globals['_SAMPLINGPARAMS']._serialized_end=261
-  _globals['_GENERATEREQUEST']._serialized_start=264
-  _globals['_GENERATEREQUEST']._serialized_end=432
-  _globals['_USAGE']._serialized_start=434
-  _globals['_USAGE']._serialized_end=513
-  _globals['_GENERATERESPONSE']._serialized_start=516
-  _globals['_GENERATERESPONSE']._serialized_end=673
-  _globals['_GENERATECHUNK']._serialized_start=675
-  _globals['_GENERATECHUNK']._serialized_end=798
-  _globals['_LISTMODELSREQUEST']._serialized_start=800
-  _globals['_LISTMODELSREQUEST']._serialized_end=819
-  _globals['_MODELINFO']._serialized_start=821
-  _globals['_MODELINFO']._serialized_end=877
-  _globals['_LISTMODELSRESPONSE']._serialized_start=879
-  _globals['_LISTMODELSRESPONSE']._serialized_end=940
-  _globals['_INFERENCE']._serialized_start=943
-  _globals['_INFERENCE']._serialized_end=1109
-  _globals['_MODELS']._serialized_start=1111
-  _globals['_MODELS']._serialized_end=1194
+  _globals['_SAMPLINGPARAMS']._serialized_end=301
+  _globals['_GENERATEREQUEST']._serialized_start=304
+  _globals['_GENERATEREQUEST']._serialized_end=472
+  _globals['_USAGE']._serialized_start=474
+  _globals['_USAGE']._serialized_end=553
+  _globals['_GENERATERESPONSE']._serialized_start=556
+  _globals['_GENERATERESPONSE']._serialized_end=713
+  _globals['_GENERATECHUNK']._serialized_start=715
+  _globals['_GENERATECHUNK']._serialized_end=838
+  _globals['_LISTMODELSREQUEST']._serialized_start=840
+  _globals['_LISTMODELSREQUEST']._serialized_end=859
+  _globals['_MODELINFO']._serialized_start=861
+  _globals['_MODELINFO']._serialized_end=917
+  _globals['_LISTMODELSRESPONSE']._serialized_start=919
+  _globals['_LISTMODELSRESPONSE']._serialized_end=980
+  _globals['_INFERENCE']._serialized_start=983
+  _globals['_INFERENCE']._serialized_end=1149
+  _globals['_MODELS']._serialized_start=1151
+  _globals['_MODELS']._serialized_end=1234
 # @@protoc_insertion_point(module_scope)

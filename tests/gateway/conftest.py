@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,7 @@ from gateway.engines.remote import RemoteEngine
 from gateway.server import Gateway, GatewayServer
 from gateway.service import Outcome
 from gateway.settings import GatewaySettings, ModelSettings, RateLimitSettings
+from schemas.events import Event
 from tests.support.openai_upstream import RunningUpstream, UpstreamBehaviour
 
 
@@ -22,6 +24,7 @@ class RunningGateway:
     server: GatewayServer
     keystore: KeyStore
     outcomes: list[Outcome] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)  # everything the gateway published, in order
 
     @property
     def gw(self) -> Gateway:
@@ -43,9 +46,12 @@ class RunningGateway:
 
 
 async def start_gateway(settings: GatewaySettings, keystore: KeyStore, engines: dict[str, Engine]) -> RunningGateway:
-    server = GatewayServer(Gateway(settings, keystore, engines=engines), host="127.0.0.1", http_port=0, grpc_port=0)
+    events: list[Event] = []
+    publisher = SimpleNamespace(publish=events.append)
+    server = GatewayServer(Gateway(settings, keystore, engines=engines, events=publisher), host="127.0.0.1",
+                           http_port=0, grpc_port=0)
     await server.start()
-    running = RunningGateway(server, keystore)
+    running = RunningGateway(server, keystore, events=events)
     server.gw.service.add_observer(running.outcomes.append)
     return running
 

@@ -62,6 +62,18 @@ async def test_text_completions_unary_and_streaming(local_gateway: RunningGatewa
     assert "".join(streamed) == unary.choices[0].text
 
 
+async def test_min_tokens_keeps_the_answer_going_past_its_natural_end(local_gateway: RunningGateway) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{local_gateway.http}/v1", api_key=local_gateway.key(), max_retries=0)
+    free = await client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=64, temperature=0)
+    assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 40  # the premise
+
+    long = await client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=48, temperature=0,
+                                                extra_body={"min_tokens": 48})
+
+    assert long.usage.completion_tokens == 48
+    assert long.choices[0].finish_reason == "length"
+
+
 async def test_models_list_names_the_served_models(local_gateway: RunningGateway) -> None:
     client = openai.AsyncOpenAI(base_url=f"{local_gateway.http}/v1", api_key=local_gateway.key(), max_retries=0)
 

@@ -93,3 +93,14 @@ async def test_cache_never_crosses_tenants(upstream, remote_gateway: RunningGate
         before = upstream.behaviour.requests
         await client.chat.completions.create(**body)
         assert upstream.behaviour.requests == before + 1
+
+
+async def test_remote_engine_forwards_sampling_options_to_the_upstream(upstream, remote_gateway: RunningGateway) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{remote_gateway.http}/v1", api_key=remote_gateway.key(), max_retries=0)
+
+    await client.chat.completions.create(model="remote", messages=MSG, max_tokens=6, temperature=0.5, top_p=0.9,
+                                         seed=7, stop=["zz"], extra_body={"min_tokens": 3})
+
+    body = upstream.behaviour.last_body
+    assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"]) == (6, 0.5, 0.9, 7)
+    assert body["stop"] == ["zz"] and body["min_tokens"] == 3
