@@ -15,8 +15,8 @@ import asyncio
 import inspect
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +110,8 @@ class DurableEventSink:
         backoff_max_s: float = 5.0,
         stall_s: float = 2.0,
         close_timeout_s: float = 10.0,
+        retain_until_stored: bool = False,
+        max_unconfirmed: int = 500_000,
     ):
         if encode is None:
             from schemas.events import encode_event as encode
@@ -127,6 +129,11 @@ class DurableEventSink:
         self.published = self.delivered = self.send_failures = 0
         self.rejected: Counter[str] = Counter()
         self._last_reject_log = self._last_failure_log = -1e9
+        # Retain mode: a delivered batch stays in the spool until `confirm` reports every event in it stored.
+        self._retain, self._max_unconfirmed = retain_until_stored, max_unconfirmed
+        self._unconfirmed: dict[str, list[int]] = {}  # event id -> its batch's [last seq, events unconfirmed]
+        self._delivered_batches: deque[list[int]] = deque()
+        self.redeliveries = 0
         self._send_seconds = None
         if registry is not None:
             self._send_seconds = Histogram("servoloop_sink_batch_send_seconds", "Time for the downstream to confirm a batch",
@@ -197,6 +204,46 @@ class DurableEventSink:
         """Events accepted and not yet confirmed by the downstream."""
         return self._spool.pending
 
+    # -- retain mode: the spool is the durable copy until the store has the event ---------------------------------
+
+    def confirm(self, event_ids: Iterable[str]) -> None:
+        """The store holds these events: release, in order, every delivered batch now wholly stored.
+
+        Only meaningful with `retain_until_stored` (a broker that may lose what it acknowledged, such as the
+        embedded broker on memory storage); otherwise a no-op. Call it on the sink's event loop.
+        """
+        if not self._retain:
+            return
+        unconfirmed = self._unconfirmed
+        for event_id in event_ids:
+            entry = unconfirmed.pop(event_id, None)
+            if entry is not None:
+                entry[1] -= 1
+        batches, last = self._delivered_batches, -1
+        while batches and batches[0][1] <= 0:
+            last = batches.popleft()[0]
+        if last >= 0:
+            self._spool.ack(last)
+            self._wakeup.set()
+
+    def redeliver(self) -> None:
+        """Send every delivered-but-unstored event again (the broker lost them, e.g. it restarted empty).
+
+        The store deduplicates by event id, so events that did arrive meanwhile are harmless repeats.
+        """
+        if not self._retain:
+            return
+        self.redeliveries += len(self._unconfirmed)
+        self._unconfirmed.clear()
+        self._delivered_batches.clear()
+        self._spool.rewind()
+        self._wakeup.set()
+
+    @property
+    def unconfirmed(self) -> int:
+        """Events delivered to the broker and not yet confirmed stored (retain mode)."""
+        return len(self._unconfirmed)
+
     async def wait_delivered(self, timeout_s: float) -> bool:
         """Wait until every accepted event is confirmed; False on timeout."""
         deadline = time.monotonic() + timeout_s
@@ -217,9 +264,12 @@ class DurableEventSink:
         backoff = self._backoff_initial
         while True:
             self._wakeup.clear()
-            batch = await self._read()
+            if self._retain and len(self._unconfirmed) >= self._max_unconfirmed:
+                batch = []  # back-pressure: the spool holds the rest until the store catches up
+            else:
+                batch = await self._read()
             if not batch:
-                if self._closing:
+                if self._closing and not self._delivered_batches:
                     return
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), 0.5)
@@ -249,7 +299,17 @@ class DurableEventSink:
                 continue
             finally:
                 self._sending_since = None
-            self._spool.ack(batch[-1].seq)
+            if self._retain:
+                entry = [batch[-1].seq, 0]
+                for r in records:
+                    if r.event_id not in self._unconfirmed:
+                        self._unconfirmed[r.event_id] = entry
+                        entry[1] += 1
+                self._delivered_batches.append(entry)
+                if entry[1] == 0:
+                    self.confirm(())
+            else:
+                self._spool.ack(batch[-1].seq)
             self.delivered += len(batch)
             if self._send_seconds is not None:
                 self._send_seconds.observe(time.monotonic() - started)
@@ -334,6 +394,7 @@ def build_event_sink(
     bootstrap_servers: str = "",
     store: Any = None,
     registry: CollectorRegistry | None = None,
+    retain_until_stored: bool = False,
 ) -> DurableEventSink:
     """The sink `settings` describe: Kafka (confluent or kafka-python) or, with broker mode `none`, the store."""
     sink = settings.sink
@@ -351,4 +412,5 @@ def build_event_sink(
         servers = bootstrap_servers or settings.broker.bootstrap_servers
         kind = ConfluentDownstream if settings.broker.client == "confluent" else KafkaPythonDownstream
         downstream = kind(servers, compression=sink.compression)
-    return DurableEventSink(spool, downstream, topic_prefix=settings.broker.topic_prefix, registry=registry)
+    return DurableEventSink(spool, downstream, topic_prefix=settings.broker.topic_prefix, registry=registry,
+                            retain_until_stored=retain_until_stored and settings.broker.mode != "none")

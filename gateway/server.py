@@ -86,6 +86,8 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = int(time.time())
         self.http_extensions: list[Callable[[FastAPI], None]] = []
+        # Companion components' state for /readyz (e.g. the event pipeline); informational, not a readiness gate.
+        self.status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
         self._ready = False
 
     def extend_http(self, app: FastAPI) -> None:
@@ -114,7 +116,13 @@ class Gateway:
 
     def readiness(self) -> dict[str, Any]:
         models = {r.name: r.ready for r in self.router.routes()}
-        return {"ready": self._ready and all(models.values()), "models": models}
+        report: dict[str, Any] = {"ready": self._ready and all(models.values()), "models": models}
+        for name, provide in self.status_providers.items():
+            try:
+                report[name] = provide()
+            except Exception as e:  # a component's status must never break the probe
+                report[name] = {"error": f"{type(e).__name__}: {e}"}
+        return report
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -56,9 +56,12 @@ def _ensure_model(settings) -> None:
 def up(config: ConfigOpt = None,
        no_broker: Annotated[bool, typer.Option("--no-broker", help="write events through the spool straight to the store")] = False) -> None:
     """Run the whole system on embedded defaults: gateway (gRPC :50051, HTTP :8000) and its companions."""
-    from servoloop.up import run, serve_gateway
+    from servoloop.up import run, serve_all
 
     settings = _settings(config).with_default_model()
+    if no_broker:
+        events = settings.events.model_copy(update={"broker": settings.events.broker.model_copy(update={"mode": "none"})})
+        settings = settings.model_copy(update={"events": events})
     _setup_logging(settings.log_level)
     _ensure_model(settings)
 
@@ -67,7 +70,7 @@ def up(config: ConfigOpt = None,
                       f"gRPC {server.host}:{server.grpc_port}\n"
                       "create a key: [bold]servoloop keys create --tenant demo[/bold]")
 
-    run(serve_gateway(settings, on_ready=ready))
+    run(serve_all(settings, on_ready=ready))
 
 
 @app.command()

@@ -7,7 +7,11 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from prometheus_client import CollectorRegistry
+
+from feedback.pipeline import EventPipeline
 from gateway.auth import KeyStore
+from gateway.metrics import GatewayMetrics
 from gateway.server import Gateway, GatewayServer
 from servoloop.settings import Settings
 
@@ -26,16 +30,53 @@ async def run_until_signalled(start: Callable[[], Awaitable[None]], stop: Callab
 
 
 async def serve_gateway(settings: Settings, *, on_ready: Callable[[GatewayServer], None] | None = None) -> None:
-    """Run one gateway (HTTP + gRPC) until SIGINT/SIGTERM."""
-    gw = Gateway(settings.gateway, KeyStore(settings.keys_path))
-    server = GatewayServer(gw)
+    """Run one gateway (HTTP + gRPC) until SIGINT/SIGTERM (`servoloop serve`).
+
+    With an external broker its events go there through its own spool; otherwise (the broker and the
+    store belong to a `servoloop up` process) it serves without an event pipeline and says so.
+    """
+    pipeline = None
+    if settings.events.broker.mode == "external":
+        pipeline = lambda registry: EventPipeline(settings.events, data_dir=settings.data_dir,  # noqa: E731
+                                                  registry=registry, ingest=False, with_store=False)
+    else:
+        log.warning("servoloop serve: events.broker.mode is %r, so this gateway emits no events; use an external "
+                    "broker for multi-process deployments (or `servoloop up`)", settings.events.broker.mode)
+    await _serve(settings, pipeline, on_ready)
+
+
+async def serve_all(settings: Settings, *, on_ready: Callable[[GatewayServer], None] | None = None) -> None:
+    """`servoloop up`: the event pipeline (store, broker, sink, ingester) and the gateway in one process."""
+    await _serve(settings, lambda registry: EventPipeline(settings.events, data_dir=settings.data_dir,
+                                                          registry=registry), on_ready)
+
+
+async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry], EventPipeline] | None,
+                 on_ready: Callable[[GatewayServer], None] | None) -> None:
+    metrics = GatewayMetrics()  # one registry: the gateway's /metrics shows the sink, spool and ingester too
+    pipeline = make_pipeline(metrics.registry) if make_pipeline is not None else None
+    server: GatewayServer | None = None
 
     async def start() -> None:
+        nonlocal server
+        if pipeline is not None:
+            await pipeline.start()
+        gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics,
+                     events=pipeline.sink if pipeline is not None else None)
+        if pipeline is not None:
+            gw.status_providers["events"] = pipeline.health
+        server = GatewayServer(gw)
         await server.start()
         if on_ready:
             on_ready(server)
 
-    await run_until_signalled(start, server.stop)
+    async def stop() -> None:
+        if server is not None:
+            await server.stop()  # drains in-flight requests: their events are published before the sink closes
+        if pipeline is not None:
+            await pipeline.aclose()
+
+    await run_until_signalled(start, stop)
 
 
 def run(coro: Awaitable[None]) -> None:

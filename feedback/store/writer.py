@@ -65,6 +65,7 @@ class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
     received: int
     written: dict[str, int]
     dead_letters: tuple[DeadLetter, ...] = ()
+    event_ids: tuple[str, ...] = ()  # the ids of the good events now stored
 
     @property
     def events(self) -> int:
@@ -95,6 +96,7 @@ class PreparedBatch:
     received: int
     tables: Tables
     dead_letters: tuple[DeadLetter, ...]
+    event_ids: tuple[str, ...] = ()
 
 
 def prepare_batch(values: Sequence[bytes | None],
@@ -108,13 +110,15 @@ def prepare_batch(values: Sequence[bytes | None],
     if source is not None and len(source) != len(values):
         raise InvalidRequest(f"source has {len(source)} entries for {len(values)} values")
     good, dead = decode_batch(values, source)
-    return PreparedBatch(len(values), _tables([*good, *dead]) if good or dead else [], tuple(dead))
+    return PreparedBatch(len(values), _tables([*good, *dead]) if good or dead else [], tuple(dead),
+                         tuple(e.event_id for e in good))
 
 
 async def write_prepared(store: Store, batch: PreparedBatch) -> IngestResult:
     """The I/O half of `ingest_batch`: one insert per table. Raises StoreError/StoreUnavailable; retry is safe."""
     written = await _insert_all(store, batch.tables)
-    return IngestResult(received=batch.received, written=written, dead_letters=batch.dead_letters)
+    return IngestResult(received=batch.received, written=written, dead_letters=batch.dead_letters,
+                        event_ids=batch.event_ids)
 
 
 async def ingest_batch(store: Store, values: Sequence[bytes], *,
