@@ -1,0 +1,245 @@
+"""Event pipeline throughput and lag, and what event emission costs a request.
+
+1. Sustained ingest: the pipeline exactly as `servoloop up` runs it (durable sink with its spool → embedded
+   tansu broker → ingester → chDB in a temporary directory, all in this process) is offered InferenceEvents
+   (realistic size: a short chat and answer) at a fixed rate for `--duration` seconds. Every 250 ms the store is
+   asked how many rows are visible; the publish time of the newest visible event gives the end-to-end lag at
+   that moment. Reports the sustained rate at which events became visible and lag p50/p99/max, then checks
+   with FINAL that every event arrived exactly once.
+2. Request-path cost: the gateway's event observer (`gateway.events.EventEmitter` over the real durable sink)
+   timed per request on realistic outcomes; and the same with no pipeline (the observer absent), so the
+   difference is what emission adds to a request.
+
+    .venv/bin/python benchmarks/ingest.py                   # 60 s at 55k events/s offered, both topologies
+    .venv/bin/python benchmarks/ingest.py --quick           # 10 s smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import pct, write_result
+from feedback.pipeline import EventPipeline
+from feedback.settings import EventSettings, IngestSettings
+from schemas.events import InferenceEvent, Message
+
+PROMPT = "What is the capital of France? Answer in one short sentence, please."
+ANSWER = "Sure! The capital of France is Paris, a city on the Seine known for its museums."
+
+
+def make_event(i: int, ts_ms: int) -> InferenceEvent:
+    return InferenceEvent(
+        ts_ms=ts_ms, tenant=f"tenant-{i % 8}", key_id="k" * 12, request_id="", model="tiny-chat", model_version="base",
+        engine="vllm", messages=(Message("user", PROMPT),), response=ANSWER, max_tokens=64, tokens_in=19,
+        tokens_out=21, ttft_ms=21.5, latency_ms=140.2, finish_reason="stop", user=f"user-{i % 1000}",
+    )
+
+
+async def _produce_at(publish, rate: float, stop: asyncio.Event, published: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Open-loop: publish `rate` events per second in 10 ms ticks until `stop`; counts into `published[0]`."""
+    t0 = time.monotonic()
+    n = 0
+    while not stop.is_set():
+        due = int((time.monotonic() - t0) * rate)
+        now_ms = int(time.time() * 1000)
+        while n < due:
+            publish(make_event(n, now_ms))
+            n += 1
+        published[0] = n
+        await asyncio.sleep(0.01)
+
+
+async def produce_main(bootstrap: str, rate: float, duration: float, spool: Path) -> None:
+    """The producer process of the distributed topology: a gateway's durable sink, publishing at `rate`."""
+    from feedback.kafka import ConfluentDownstream
+    from feedback.sink import DurableEventSink
+    from feedback.spool import Spool
+
+    sink = DurableEventSink(Spool(spool), ConfluentDownstream(bootstrap))
+    await sink.start()
+    stop, published = asyncio.Event(), [0]
+    task = asyncio.create_task(_produce_at(sink.publish, rate, stop, published))
+    await asyncio.sleep(duration)
+    stop.set()
+    await task
+    await sink.wait_delivered(120)
+    await sink.aclose()
+    print(json.dumps({"published": published[0]}), flush=True)
+
+
+async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology: str) -> dict:
+    """`distributed`: producer in its own process (a gateway), broker, ingester + chDB here (`servoloop ingest`).
+    `embedded`: everything in this one process, as `servoloop up` runs it (the sink retains until stored)."""
+    from feedback.broker import EmbeddedBroker
+
+    ingest = IngestSettings(batch_max_events=50_000, batch_max_wait_s=0.25)
+    broker = None
+    producer = None
+    if topology == "distributed":
+        broker = EmbeddedBroker(log_path=tmp / "tansu.log")
+        broker.start()
+        settings = EventSettings(ingest=ingest, broker={"mode": "external",  # type: ignore[arg-type]
+                                                        "bootstrap_servers": broker.bootstrap_servers})
+        broker.create_topics([f"servoloop.{t}" for t in ("inferences", "guardrails", "feedback", "models", "monitors",
+                                                           "retrain", "dead-letter")])
+    else:
+        settings = EventSettings(ingest=ingest)
+    pipeline = EventPipeline(settings, data_dir=tmp)
+    await pipeline.start()
+    sink, store = pipeline.sink, pipeline.store
+    assert sink is not None and store is not None
+    await asyncio.sleep(4.0)  # the consumer group forms
+    stop = asyncio.Event()
+    published = [0]
+    lags_s: list[float] = []
+    visible_series: list[tuple[float, int]] = []
+
+    async def observe() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.25)
+            r = await store.query("SELECT count() AS n, toUnixTimestamp64Milli(max(ts)) AS newest FROM inferences")
+            visible, newest_ms = int(r.column("n")[0].as_py()), r.column("newest")[0].as_py()
+            visible_series.append((time.monotonic(), visible))
+            if visible:
+                lags_s.append(max(0.0, time.time() - int(newest_ms) / 1000))
+
+    tasks = [asyncio.create_task(observe())]
+    if topology == "distributed":
+        producer = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--produce", pipeline.bootstrap_servers, "--rate", str(rate),
+            "--duration", str(duration), "--spool", str(tmp / "producer-spool"), stdout=asyncio.subprocess.PIPE)
+    else:
+        tasks.append(asyncio.create_task(_produce_at(sink.publish, rate, stop, published)))
+    started = time.monotonic()
+    last_print = started
+    while time.monotonic() - started < duration:
+        await asyncio.sleep(1.0)
+        if time.monotonic() - last_print >= 10 and visible_series:
+            last_print = time.monotonic()
+            print(f"  {time.monotonic() - started:5.0f} s: visible {visible_series[-1][1]}, "
+                  f"lag {lags_s[-1] if lags_s else float('nan'):.2f} s", flush=True)
+    stop.set()
+    if producer is not None:
+        out, _ = await producer.communicate()
+        published[0] = json.loads(out.decode().strip().splitlines()[-1])["published"]
+    await asyncio.gather(*tasks)
+    deadline = time.monotonic() + 120
+    final = unique = 0
+    while time.monotonic() < deadline:  # drain: everything published must become visible
+        r = await store.query("SELECT count() AS n, uniqExact(event_id) AS u FROM inferences FINAL")
+        final, unique = int(r.column("n")[0].as_py()), int(r.column("u")[0].as_py())
+        if unique >= published[0]:
+            break
+        await asyncio.sleep(0.5)
+    await pipeline.aclose()
+    if broker is not None:
+        broker.stop()
+    # sustained rate: rows that became visible during the run (after its first second), per second
+    window = [(t, v) for t, v in visible_series if t - started >= 1.0]
+    visible_rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
+    return {
+        "topology": topology, "offered_events_per_s": rate, "duration_s": duration, "published_events": published[0],
+        "visible_events_per_s": round(visible_rate, 1),
+        "lag_p50_s": round(pct(lags_s, 50), 3), "lag_p99_s": round(pct(lags_s, 99), 3),
+        "lag_max_s": round(max(lags_s), 3) if lags_s else None,
+        "final_rows": final, "final_distinct_event_ids": unique,
+        "lost_events": published[0] - unique, "duplicate_rows": final - unique,
+    }
+
+
+def request_path_cost(tmp: Path, n: int = 50_000) -> dict:
+    """µs per request that event emission adds: the observer over the real sink, vs no observer at all."""
+    from gateway.auth import KeyLimits, Principal
+    from gateway.events import EventEmitter
+    from gateway.request import ChatMessage, InferenceRequest, SamplingParams, Usage
+    from gateway.router import ModelRoute, Served
+    from gateway.service import Admission, Outcome
+    from guardrails import GuardrailVerdict
+
+    async def run() -> dict:
+        settings = EventSettings()
+        settings.broker.mode = "none"
+        pipeline = EventPipeline(settings, data_dir=tmp, ingest=False)
+        await pipeline.start()
+        sink = pipeline.sink
+        assert sink is not None
+        principal = Principal("k" * 12, "tenant-1", frozenset({"infer"}), KeyLimits(0, 0, 0), False)
+        verdict = GuardrailVerdict(side="input", action="allow", finding_counts={}, detectors={"pii": "1"},
+                                   elapsed_us=40)
+        outcomes = []
+        for i in range(1000):
+            req = InferenceRequest(model="tiny-chat", operation="chat", params=SamplingParams(max_tokens=64),
+                                   messages=(ChatMessage("user", PROMPT),), request_id=f"{i:032x}",
+                                   trace_id="ab" * 16, span_id="cd" * 8)
+            adm = Admission(principal, req, ModelRoute("tiny-chat", None), "http", 19, 83, None, None)  # type: ignore[arg-type]
+            adm.served.append(Served("tiny-chat", "vllm", "base", None))
+            from gateway.guarding import GuardState
+
+            adm.guard = GuardState(None, None, verdict, GuardrailVerdict(  # type: ignore[arg-type]
+                side="output", action="allow", finding_counts={}, detectors={"pii": "1"}, elapsed_us=30))
+            outcomes.append(Outcome(adm, ANSWER, "stop", Usage(19, 21), "ok", "", 0.02, 0.14))
+        emit = EventEmitter(sink)
+        per_round: list[float] = []
+        baseline: list[float] = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for i in range(n):
+                emit(outcomes[i % 1000])
+            per_round.append((time.perf_counter() - t0) / n * 1e6)
+            t0 = time.perf_counter()
+            for i in range(n):
+                _ = outcomes[i % 1000]  # the loop alone: what a request pays with no pipeline
+            baseline.append((time.perf_counter() - t0) / n * 1e6)
+            await asyncio.sleep(0.5)  # let the sink drain between rounds
+        await pipeline.wait_stored(120)
+        await pipeline.aclose()
+        with_us, without_us = statistics.median(per_round), statistics.median(baseline)
+        return {"events_per_request": 3, "with_events_us_per_request": round(with_us, 2),
+                "without_events_us_per_request": round(without_us, 2),
+                "added_us_per_request": round(with_us - without_us, 2),
+                "rounds_us_per_request": [round(x, 2) for x in per_round]}
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=55_000, help="offered events per second")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of sustained load")
+    ap.add_argument("--quick", action="store_true", help="10 s smoke run")
+    ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--topology", choices=["distributed", "embedded", "both"], default="both")
+    ap.add_argument("--produce", metavar="BOOTSTRAP", help=argparse.SUPPRESS)  # the producer subprocess
+    ap.add_argument("--spool", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.produce:
+        asyncio.run(produce_main(a.produce, a.rate, a.duration, a.spool))
+        return
+    duration = 10.0 if a.quick else a.duration
+    out: dict = {"targets": {"visible_events_per_s": 50_000, "lag_p99_s": 2.0, "added_us_per_request": 30.0}}
+    with tempfile.TemporaryDirectory(prefix="servoloop-bench-ingest-") as tmp:
+        cost = request_path_cost(Path(tmp) / "cost")
+        print(f"request path: event emission adds {cost['added_us_per_request']} µs per request "
+              f"({cost['events_per_request']} events)", flush=True)
+        out["request_path"] = cost
+        topologies = [] if a.skip_ingest else ["distributed", "embedded"] if a.topology == "both" else [a.topology]
+        for topology in topologies:
+            print(f"sustained ingest ({topology}): {a.rate:.0f} events/s offered for {duration:.0f} s", flush=True)
+            ingest = asyncio.run(sustained_ingest(a.rate, duration, Path(tmp) / topology, topology=topology))
+            print(f"  visible {ingest['visible_events_per_s']} events/s, lag p50 {ingest['lag_p50_s']} s, "
+                  f"p99 {ingest['lag_p99_s']} s; lost {ingest['lost_events']}, duplicates {ingest['duplicate_rows']}",
+                  flush=True)
+            out[f"ingest_{topology}"] = ingest
+    print(f"wrote {write_result('ingest', out)}")
+
+
+if __name__ == "__main__":
+    main()
