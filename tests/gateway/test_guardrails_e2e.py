@@ -178,3 +178,28 @@ async def test_guardrail_verdicts_are_counted_in_metrics(guarded: RunningGateway
         text = (await http.get(f"{guarded.http}/metrics")).text
     assert 'servoloop_guardrail_verdicts_total{action="redact",side="output"}' in text
     assert 'servoloop_guardrail_verdicts_total{action="block",side="input"}' in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_events_record_the_texts_as_they_left_the_guardrails_and_never_a_blocked_prompt(
+        guarded: RunningGateway, stream: bool) -> None:
+    from schemas.events import GuardrailEvent, InferenceEvent
+
+    _reply(guarded, LEAKY_REPLY, 3)
+    guarded.events.clear()
+    status, _, _ = await _chat(guarded, guarded.key(), "my email is jane.doe@example.com, hi", stream=stream)
+    blocked, _, _ = await _chat(guarded, guarded.key(), INJECTION, stream=stream)
+    assert (status, blocked) == (200, 400)
+
+    ok, refused = [e for e in guarded.events if isinstance(e, InferenceEvent)]
+    assert ok.messages[0].content == "my email is [EMAIL], hi"
+    assert ok.response.strip() == "Sure! Write to [EMAIL] and use key [AWS_ACCESS_KEY] for access."
+    assert (ok.input_action, ok.output_action, ok.status) == ("redact", "redact", "ok")
+    assert {"EMAIL", "AWS_ACCESS_KEY"} <= set(ok.guardrail_types)
+    assert "jane.doe" not in repr(guarded.events) and "AKIA" not in repr(guarded.events)
+    assert (refused.status, refused.error_code, refused.input_action) == ("blocked", "guardrail_blocked", "block")
+    assert refused.messages == () and refused.prompt == "" and "PROMPT_INJECTION" in refused.guardrail_types
+    verdicts = [e for e in guarded.events if isinstance(e, GuardrailEvent)]
+    assert [(v.inference_id, v.side, v.action) for v in verdicts] == [
+        (ok.event_id, "input", "redact"), (ok.event_id, "output", "redact"), (refused.event_id, "input", "block")]
+    assert all(v.finding_counts and v.elapsed_us >= 0 for v in verdicts)
