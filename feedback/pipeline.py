@@ -22,7 +22,10 @@ The store is opened and migrated here, so in the embedded default this process i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,10 @@ class EventPipeline:
         self.broker_restarts = 0
 
     @property
+    def _pidfile(self) -> Path:
+        return self.data_dir / "broker.pid"
+
+    @property
     def bootstrap_servers(self) -> str:
         if self.broker is not None:
             return self.broker.bootstrap_servers
@@ -84,7 +91,9 @@ class EventPipeline:
         if s.broker.mode == "embedded":
             self.broker = EmbeddedBroker(storage=s.broker.embedded_storage or "memory://tansu/",
                                          log_path=self.data_dir / "logs" / "tansu.log")
+            _reap_orphaned_broker(self._pidfile)
             await asyncio.to_thread(self.broker.start)
+            self._pidfile.write_text(str(self.broker.pid))
             await asyncio.to_thread(self.broker.create_topics, self.topics)
         elif s.broker.mode == "external" and not s.broker.bootstrap_servers:
             from schemas.errors import ConfigError
@@ -128,6 +137,7 @@ class EventPipeline:
                 log.error("embedded broker did not restart: %s; retrying", e)
                 continue
             self.broker_restarts += 1
+            self._pidfile.write_text(str(self.broker.pid))
             if self.retains_until_stored:
                 self.sink.redeliver()
 
@@ -164,6 +174,20 @@ class EventPipeline:
             await self.ingester.stop()
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
+            self._pidfile.unlink(missing_ok=True)
         if self.store is not None and self._given_store is None:
             await self.store.aclose()
         log.info("event pipeline stopped in %.1fs", time.monotonic() - started)
+
+
+def _reap_orphaned_broker(pidfile: Path) -> None:
+    """Kill the broker an earlier run of this data directory left behind (that process was SIGKILLed)."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"tansu" in cmdline:
+        log.warning("killing the embedded broker (pid %d) an earlier run left behind", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
