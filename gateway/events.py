@@ -28,48 +28,47 @@ class EventPublisher(Protocol):
     def publish(self, event: Event) -> None: ...
 
 
-def _request_fields(request: InferenceRequest) -> dict[str, object]:
-    p = request.params
-    return {
-        "request_id": request.request_id, "trace_id": request.trace_id, "span_id": request.span_id,
-        "user": request.user, "model": request.model, "operation": request.operation,
-        "prompt": request.prompt, "messages": tuple(Message(m.role, m.content) for m in request.messages),
-        "temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed, "stop": p.stop,
-        "stream": request.stream,
-    }
-
-
-def _guardrail_event(v: GuardrailVerdict, *, tenant: str, key_id: str, model: str, request_id: str,
+def _guardrail_event(v: GuardrailVerdict, *, ts_ms: int, tenant: str, key_id: str, model: str,
                      inference_id: str) -> GuardrailEvent:
+    # The verdict's dicts are never mutated after the check: shared, not copied.
     return GuardrailEvent(
-        tenant=tenant, key_id=key_id, model=model, request_id=request_id, inference_id=inference_id, side=v.side,
-        action=v.action, finding_counts=dict(v.finding_counts), detectors=dict(v.detectors),
+        ts_ms=ts_ms, tenant=tenant, key_id=key_id, model=model, request_id=inference_id, inference_id=inference_id,
+        side=v.side, action=v.action, finding_counts=v.finding_counts, detectors=v.detectors,  # type: ignore[arg-type]
         elapsed_us=v.elapsed_us, policy=v.policy, streamed=v.streamed,
     )
 
 
 def outcome_events(o: Outcome) -> list[Event]:
-    """The inference event of a finished request, and one guardrail event per side that ran."""
+    """The inference event of a finished request, and one guardrail event per side that ran.
+
+    On the request path (≈10 µs): plain keyword construction, one clock read, no copies.
+    """
     adm = o.admission
-    req, p = adm.request, adm.principal
+    req, p, params, guard = adm.request, adm.principal, adm.request.params, adm.guard
     served = adm.served[-1] if adm.served else None
-    verdicts = [v for v in ((adm.guard.input, adm.guard.output) if adm.guard else ()) if v is not None]
-    types = sorted({t for v in verdicts for t in v.finding_counts})
-    inference = InferenceEvent(
-        event_id=req.request_id, tenant=p.tenant, key_id=p.key_id, **_request_fields(req),  # type: ignore[arg-type]
-        model_version=adm.model_version, adapter=(served.adapter if served else adm.route.adapter) or "",
-        engine=served.kind if served else "", response=o.text,
-        tokens_in=o.usage.prompt_tokens, tokens_out=o.usage.completion_tokens,
+    ts_ms = time.time_ns() // 1_000_000
+    inp = guard.input if guard is not None else None
+    out = guard.output if guard is not None else None
+    types: tuple[str, ...] = ()
+    if (inp is not None and inp.finding_counts) or (out is not None and out.finding_counts):
+        types = tuple(sorted({*(inp.finding_counts if inp else ()), *(out.finding_counts if out else ())}))
+    rid = req.request_id
+    events: list[Event] = [InferenceEvent(
+        event_id=rid, ts_ms=ts_ms, tenant=p.tenant, key_id=p.key_id, request_id=rid, trace_id=req.trace_id,
+        span_id=req.span_id, user=req.user, model=req.model, model_version=adm.model_version,
+        adapter=(served.adapter if served else adm.route.adapter) or "", engine=served.kind if served else "",
+        operation=req.operation, prompt=req.prompt, messages=tuple(Message(m.role, m.content) for m in req.messages),
+        response=o.text, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+        seed=params.seed, stop=params.stop, tokens_in=o.usage.prompt_tokens, tokens_out=o.usage.completion_tokens,
         ttft_ms=(o.ttft_s or 0.0) * 1000.0, latency_ms=o.latency_s * 1000.0, status=o.status,  # type: ignore[arg-type]
         error_code=o.error_code, finish_reason=o.finish_reason or "", cache_hit=adm.cached is not None,
-        input_action=adm.guard.input.action if adm.guard else "allow",
-        output_action=adm.guard.output.action if adm.guard and adm.guard.output else "allow",
-        guardrail_types=tuple(types),
-    )
-    events: list[Event] = [inference]
-    for v in verdicts:
-        events.append(_guardrail_event(v, tenant=p.tenant, key_id=p.key_id, model=req.model,
-                                       request_id=req.request_id, inference_id=req.request_id))
+        stream=req.stream, input_action=inp.action if inp is not None else "allow",
+        output_action=out.action if out is not None else "allow", guardrail_types=types,
+    )]
+    for v in (inp, out):
+        if v is not None:
+            events.append(_guardrail_event(v, ts_ms=ts_ms, tenant=p.tenant, key_id=p.key_id, model=req.model,
+                                           inference_id=rid))
     return events
 
 
@@ -94,8 +93,8 @@ def refusal_events(principal: Principal, request: InferenceRequest, error: Servo
         latency_ms=(time.monotonic() - request.received_at) * 1000.0,
         **({"ts_ms": now_ms} if now_ms is not None else {}),  # type: ignore[arg-type]
     )
-    return [inference, _guardrail_event(v, tenant=principal.tenant, key_id=principal.key_id, model=request.model,
-                                        request_id=request_id, inference_id=request_id)]
+    return [inference, _guardrail_event(v, ts_ms=inference.ts_ms, tenant=principal.tenant, key_id=principal.key_id,
+                                        model=request.model, inference_id=request_id)]
 
 
 class EventEmitter:
