@@ -19,6 +19,7 @@ from gateway.auth import Authenticator, KeyStore
 from gateway.cache import ResponseCache
 from gateway.engines import Engine, vllm_available
 from gateway.events import EventEmitter, EventPublisher
+from gateway.feedback import FeedbackService, InferenceOwners
 from gateway.guarding import RequestGuard
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
@@ -83,6 +84,12 @@ class Gateway:
             self.service.add_observer(emitter, refused=emitter.refused)
         # Called with each accepted FeedbackEvent after it was published (e.g. Langfuse scores); never raises.
         self.feedback_observers: list[Callable[[FeedbackEvent], None]] = []
+        # The Feedback API: which tenant owns which inference (set `inference_owners.lookup` to consult the
+        # store beyond this gateway's recent inferences), and the core both front ends call.
+        self.inference_owners = InferenceOwners(settings.feedback)
+        self.service.add_observer(self.inference_owners.observe)
+        self.feedback = FeedbackService(settings.feedback, self.inference_owners, self.limiter,
+                                        publisher=lambda: self.events, observers=self.feedback_observers)
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = int(time.time())
         self.http_extensions: list[Callable[[FastAPI], None]] = []
@@ -152,7 +159,7 @@ class GatewayServer:
         self._health: Any = None
 
     async def start(self) -> None:
-        from gateway.grpc.server import INFERENCE, MODELS, create_grpc_server
+        from gateway.grpc.server import FEEDBACK, INFERENCE, MODELS, create_grpc_server
         from gateway.http.app import create_http_app
 
         self._grpc, self.grpc_port, self._health = await create_grpc_server(
@@ -170,7 +177,7 @@ class GatewayServer:
             if self._http_task.done():
                 self._http_task.result()
             await asyncio.sleep(0.01)
-        for name in (INFERENCE, MODELS, ""):
+        for name in (INFERENCE, MODELS, FEEDBACK, ""):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         # Everything loaded so far lives as long as the process: keep it out of the cyclic GC's full
         # collections, which otherwise walk the whole heap and stall the event loop for milliseconds.

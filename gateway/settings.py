@@ -76,6 +76,30 @@ class GuardrailSettings(BaseModel):
                                                   "answers that repeat it (system-prompt extraction)")
 
 
+class FeedbackSettings(BaseModel):
+    """The Feedback API: size limits, the rating range, idempotency, and the inference ownership check."""
+
+    max_body_bytes: int = Field(262_144, ge=1024, description="largest feedback request body (HTTP or gRPC)")
+    max_comment_chars: int = Field(4096, ge=1)
+    max_correction_chars: int = Field(32_768, ge=1)
+    rating_min: float = Field(-100.0, allow_inf_nan=False)
+    rating_max: float = Field(100.0, allow_inf_nan=False)
+    recent_inferences: int = Field(100_000, ge=0, description="inference ids (and tenants) this gateway "
+                                                              "remembers for the ownership check")
+    idempotency_keys: int = Field(100_000, ge=0, description="idempotency keys remembered for replays and "
+                                                             "conflicts (per replica)")
+    ingest_grace_s: float = Field(10.0, ge=0, description="how long after its UUIDv7 time an unknown inference "
+                                                          "id is re-checked before the answer is 404")
+    recheck_interval_s: float = Field(0.25, gt=0, description="first pause between re-checks (doubles, max 2 s)")
+    lookup_timeout_s: float = Field(2.0, gt=0, description="per call to the store's ownership lookup")
+
+    @model_validator(mode="after")
+    def _rating_range_is_a_range(self) -> FeedbackSettings:
+        if not self.rating_min < self.rating_max:
+            raise ValueError(f"rating_min ({self.rating_min}) must be below rating_max ({self.rating_max})")
+        return self
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -90,6 +114,7 @@ class GatewaySettings(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
 
     @model_validator(mode="after")
     def _fallbacks_name_known_models(self) -> GatewaySettings:

@@ -1,4 +1,4 @@
-"""The gRPC front end: Inference.Generate / GenerateStream and Models.List, plus health and reflection.
+"""The gRPC front end: Inference.Generate / GenerateStream, Models.List, Feedback.Submit, health, reflection.
 
 Handlers receive raw bytes and parse them here, so a malformed message is INVALID_ARGUMENT (grpcio's
 own deserializer failure would be INTERNAL). Deadlines become the request's deadline; a cancelled
@@ -18,10 +18,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import grpc
+from gateway.feedback import FeedbackSubmission
 from gateway.grpc.errors import status_of
 from gateway.service import Admission
 from gateway.validation import make_request
 from schemas.errors import InvalidRequest, PayloadTooLarge, ServoloopError
+from schemas.pb import feedback_pb2 as fpb
 from schemas.pb import inference_pb2 as pb
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 INFERENCE = "servoloop.v1.Inference"
 MODELS = "servoloop.v1.Models"
+FEEDBACK = "servoloop.v1.Feedback"
+_THUMBS = {fpb.THUMBS_UP: True, fpb.THUMBS_DOWN: False}
 
 
 def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
@@ -129,6 +133,34 @@ class GrpcFrontEnd:
         return pb.ListModelsResponse(models=[pb.ModelInfo(id=r.name, engine=r.engine.kind, version=r.version)
                                              for r in routes])
 
+    async def submit_feedback(self, raw: bytes, context: grpc.aio.ServicerContext) -> fpb.SubmitFeedbackResponse:
+        try:
+            principal = self._gw.auth.authenticate(_metadata(context, "authorization"))
+            principal.require("feedback")
+            limit = self._gw.settings.feedback.max_body_bytes
+            if len(raw) > limit:
+                raise PayloadTooLarge(f"request is {len(raw)} bytes; the limit is {limit}")
+            try:
+                msg = fpb.SubmitFeedbackRequest.FromString(raw)
+            except DecodeError as e:
+                raise InvalidRequest(f"malformed SubmitFeedbackRequest: {e}") from None
+            value = msg.WhichOneof("value")
+            if value == "thumbs" and msg.thumbs not in _THUMBS:
+                raise InvalidRequest("'thumbs' must be THUMBS_UP or THUMBS_DOWN", param="thumbs")
+            receipt = await self._gw.feedback.submit(principal, FeedbackSubmission(
+                target_id=msg.target_id, metric_name=msg.metric_name,
+                thumbs=_THUMBS[msg.thumbs] if value == "thumbs" else None,
+                rating=msg.rating if value == "rating" else None,
+                comment=msg.comment if value == "comment" else None,
+                correction=msg.correction if value == "correction" else None,
+                preference=(msg.preference.preferred_id, msg.preference.other_id) if value == "preference" else None,
+                idempotency_key=msg.idempotency_key, user=msg.user,
+            ))
+        except ServoloopError as e:
+            await _abort(context, e)
+            raise
+        return fpb.SubmitFeedbackResponse(id=receipt.id, replayed=receipt.replayed)
+
 
 def _guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Never let an unexpected exception surface as a stack trace to the client."""
@@ -161,13 +193,16 @@ async def create_grpc_server(gw: Gateway, address: str) -> tuple[grpc.aio.Server
         grpc.method_handlers_generic_handler(MODELS, {
             "List": grpc.unary_unary_rpc_method_handler(_guarded(front.list_models), response_serializer=ser),
         }),
+        grpc.method_handlers_generic_handler(FEEDBACK, {
+            "Submit": grpc.unary_unary_rpc_method_handler(_guarded(front.submit_feedback), response_serializer=ser),
+        }),
     ))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for name in (INFERENCE, MODELS, ""):
+    for name in (INFERENCE, MODELS, FEEDBACK, ""):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if gw.settings.grpc_reflection:
-        reflection.enable_server_reflection((INFERENCE, MODELS, "grpc.health.v1.Health", reflection.SERVICE_NAME),
+        reflection.enable_server_reflection((INFERENCE, MODELS, FEEDBACK, "grpc.health.v1.Health", reflection.SERVICE_NAME),
                                             server)
     port = server.add_insecure_port(address)
     if port == 0:

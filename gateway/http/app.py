@@ -1,4 +1,4 @@
-"""The HTTP front end: OpenAI-compatible API, health, readiness and Prometheus metrics."""
+"""The HTTP front end: OpenAI-compatible API, the Feedback API, health, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.http.errors import error_response
+from gateway.http.feedback import build_feedback_router
 from gateway.http.openai import Handler, build_router, json_response
 from schemas.errors import InvalidRequest, NotFound, ServoloopError
 from schemas.openai import error_body
@@ -54,6 +55,7 @@ def create_http_app(gw: Gateway) -> FastPath:
     app = FastAPI(title="servoloop gateway", version="0.1.0", docs_url="/docs", redoc_url=None)
     router, hot = build_router(gw)
     app.include_router(router)
+    app.include_router(build_feedback_router(gw))
     gw.extend_http(app)
 
     @app.exception_handler(ServoloopError)
