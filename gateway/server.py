@@ -21,11 +21,13 @@ from gateway.engines import Engine, vllm_available
 from gateway.events import EventEmitter, EventPublisher
 from gateway.feedback import FeedbackService, InferenceOwners
 from gateway.guarding import RequestGuard
+from gateway.langfuse import LangfuseScores, TraceIndex
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.router import ModelRoute, Router
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings, ModelSettings
+from gateway.tracing import RequestTracer
 from guardrails import PolicyReloader, default_policy_set
 from schemas.events import FeedbackEvent
 
@@ -76,14 +78,26 @@ class Gateway:
             else:
                 bundled = default_policy_set()
                 guard = RequestGuard(lambda: bundled, plant_canary=g.plant_canary)
+        t = settings.tracing
         self.service = InferenceService(self.router, self.limiter, self.metrics, settings.limits, cache=cache,
-                                        guard=guard)
+                                        guard=guard, trace_sample_ratio=t.sample_ratio if t.enabled else None)
         self.events = events  # the event sink's publisher (None: no event pipeline, metrics only)
         if events is not None:
             emitter = EventEmitter(events)
             self.service.add_observer(emitter, refused=emitter.refused)
         # Called with each accepted FeedbackEvent after it was published (e.g. Langfuse scores); never raises.
         self.feedback_observers: list[Callable[[FeedbackEvent], None]] = []
+        # Tracing (off by default: then only trace ids are assigned): spans per request, Langfuse scores.
+        self.tracing: RequestTracer | None = None
+        self.scores: LangfuseScores | None = None
+        if t.enabled:
+            self.tracing = RequestTracer.from_settings(t)
+            self.service.add_observer(self.tracing, refused=self.tracing.refused)
+            if t.langfuse.host and t.langfuse.scores:
+                index = TraceIndex(t.langfuse.trace_index_size)
+                self.service.add_observer(index)
+                self.scores = LangfuseScores(t.langfuse, index)
+                self.feedback_observers.append(self.scores)
         # The Feedback API: which tenant owns which inference (set `inference_owners.lookup` to consult the
         # store beyond this gateway's recent inferences), and the core both front ends call.
         self.inference_owners = InferenceOwners(settings.feedback)
@@ -110,6 +124,8 @@ class Gateway:
         await self.auth.start()
         if self.policies is not None:
             self._tasks.append(asyncio.create_task(self.policies.run(), name="guardrail-policy-reloader"))
+        if self.scores is not None:
+            await self.scores.start()
         self._ready = True
 
     async def aclose(self) -> None:
@@ -118,6 +134,10 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.auth.aclose()
+        if self.scores is not None:
+            await self.scores.aclose()
+        if self.tracing is not None:  # exports what is queued; the SDK's shutdown blocks, so off the loop
+            await asyncio.to_thread(self.tracing.shutdown)
         if self._owns_engines:
             await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
 

@@ -23,6 +23,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.request import Chunk, Completion, InferenceRequest, Usage
 from gateway.router import ModelRoute, Router, Served
 from gateway.settings import RequestLimits
+from gateway.tracing import assign_trace, sample_bound
 from schemas.errors import DeadlineExceeded, PromptTooLong, ServoloopError
 from schemas.events import new_event_id
 
@@ -43,6 +44,8 @@ class Admission:
     cached: CachedAnswer | None
     guard: GuardState | None = None
     served: list[Served] = field(default_factory=list)
+    admitted_at: float = 0.0  # clock() when admitted: the engine call starts here (for the trace)
+    sampled: bool = False  # this request's spans are recorded and exported
 
     @property
     def id(self) -> str:
@@ -86,6 +89,7 @@ class InferenceService:
         observers: list[Observer] | None = None,
         refusal_observers: list[RefusalObserver] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        trace_sample_ratio: float | None = None,
     ):
         self.router = router
         self._limiter = limiter
@@ -96,6 +100,7 @@ class InferenceService:
         self._observers = observers or []
         self._refusal_observers = refusal_observers or []
         self._clock = clock
+        self._trace_bound = None if trace_sample_ratio is None else sample_bound(trace_sample_ratio)
 
     def add_observer(self, observer: Observer, *, refused: RefusalObserver | None = None) -> None:
         """Call `observer` with every admitted request's outcome, and `refused` with every refusal after auth."""
@@ -105,6 +110,7 @@ class InferenceService:
 
     def admit(self, principal: Principal, request: InferenceRequest, *, api: str) -> Admission:
         """Check everything that can refuse the request; raises a ServoloopError, takes nothing if so."""
+        sampled = assign_trace(request, self._trace_bound)  # before the guard, whose redaction copies the request
         try:
             principal.require("infer")
             route = self.router.primary(request.model)
@@ -137,7 +143,8 @@ class InferenceService:
                         log.exception("refusal observer failed")
             raise
         request.request_id = request.request_id or new_event_id()
-        return Admission(principal, request, route, api, prompt_tokens, reserved, key, cached, guard_state)
+        return Admission(principal, request, route, api, prompt_tokens, reserved, key, cached, guard_state,
+                         admitted_at=now, sampled=sampled)
 
     async def complete(self, adm: Admission) -> Completion:
         """The whole answer for a unary call."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 EngineKind = Literal["auto", "vllm", "transformers", "remote"]
 
@@ -100,6 +100,52 @@ class FeedbackSettings(BaseModel):
         return self
 
 
+class LangfuseSettings(BaseModel):
+    """A Langfuse project: spans go to its OTLP endpoint, ratings become its scores (HTTP basic auth)."""
+
+    host: str | None = Field(None, description="Langfuse base URL, e.g. https://cloud.langfuse.com (None: off)")
+    public_key: str = ""
+    secret_key: SecretStr = SecretStr("")
+    scores: bool = Field(True, description="forward accepted feedback as Langfuse scores")
+    score_queue_size: int = Field(10_000, ge=1, description="scores waiting to be sent; newer ones are dropped when full")
+    score_retries: int = Field(5, ge=0, description="retries per score (exponential backoff) before it is dropped")
+    timeout_s: float = Field(10.0, gt=0)
+    trace_index_size: int = Field(100_000, ge=1, description="recent inference ids whose trace id a score can name")
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry spans per request (GenAI conventions), exported over OTLP/HTTP in a background thread."""
+
+    enabled: bool = False
+    endpoint: str | None = Field(None, description="OTLP/HTTP base URL, e.g. http://collector:4318 (/v1/traces is "
+                                                   "appended unless present); None: only Langfuse, if set")
+    headers: dict[str, SecretStr] = Field(default_factory=dict, description="sent with every export (e.g. auth)")
+    protocol: Literal["http/protobuf"] = "http/protobuf"
+    compression: Literal["none", "gzip"] = "none"
+    timeout_s: float = Field(10.0, gt=0, description="per export request")
+    service_name: str = "servoloop-gateway"
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="share of new traces recorded; an incoming "
+                                                                 "traceparent's sampled flag decides for its trace")
+    capture_content: bool = Field(False, description="record prompts and answers (as they left the guardrails) "
+                                                     "as gen_ai.input/output.messages")
+    max_queue_size: int = Field(8192, ge=1, description="spans buffered for export; when full the oldest are "
+                                                       "dropped, never waited on")
+    max_export_batch_size: int = Field(512, ge=1)
+    schedule_delay_ms: int = Field(1000, ge=1, description="longest wait before a partial batch is exported")
+    langfuse: LangfuseSettings = Field(default_factory=LangfuseSettings)
+
+    @model_validator(mode="after")
+    def _has_a_destination(self) -> TracingSettings:
+        lf = self.langfuse
+        if lf.host and not (lf.public_key and lf.secret_key.get_secret_value()):
+            raise ValueError("tracing.langfuse: 'host' needs 'public_key' and 'secret_key'")
+        if self.enabled and not self.endpoint and not lf.host:
+            raise ValueError("tracing is enabled but names no destination: set 'endpoint' or 'langfuse.host'")
+        if self.max_export_batch_size > self.max_queue_size:
+            raise ValueError("tracing: 'max_export_batch_size' must not exceed 'max_queue_size'")
+        return self
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -114,6 +160,7 @@ class GatewaySettings(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
 
     @model_validator(mode="after")

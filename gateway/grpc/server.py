@@ -21,6 +21,7 @@ import grpc
 from gateway.feedback import FeedbackSubmission
 from gateway.grpc.errors import status_of
 from gateway.service import Admission
+from gateway.tracing import response_traceparent
 from gateway.validation import make_request
 from schemas.errors import InvalidRequest, PayloadTooLarge, ServoloopError
 from schemas.pb import feedback_pb2 as fpb
@@ -87,6 +88,7 @@ class GrpcFrontEnd:
         try:
             adm = self._admit(raw, context, stream=False)
             context.set_trailing_metadata((("servoloop-inference-id", adm.id),))
+            await context.send_initial_metadata((("traceparent", response_traceparent(adm)),))
             c = await self._gw.service.complete(adm)
         except ServoloopError as e:
             await _abort(context, e)  # raises
@@ -104,7 +106,8 @@ class GrpcFrontEnd:
         except ServoloopError as e:
             await _abort(context, e)
             return
-        await context.send_initial_metadata((("servoloop-inference-id", adm.id),))
+        await context.send_initial_metadata((("servoloop-inference-id", adm.id),
+                                             ("traceparent", response_traceparent(adm))))
         chunks = self._gw.service.run(adm)
         try:
             async for chunk in chunks:

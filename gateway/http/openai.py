@@ -11,9 +11,10 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 
-from gateway.http.errors import error_payload
+from gateway.http.errors import error_payload, error_response
 from gateway.request import Chunk, Completion, Operation
 from gateway.service import Admission
+from gateway.tracing import response_traceparent
 from gateway.validation import make_request
 from schemas.errors import InvalidRequest, PayloadTooLarge, ServoloopError
 from schemas.openai import ChatCompletionRequest, CompletionRequest, usage_dict
@@ -72,7 +73,15 @@ def _deadline(request: Request) -> float | None:
 
 
 def _headers(adm: Admission) -> dict[str, str]:
-    return {"x-servoloop-inference-id": adm.id, "x-servoloop-model-version": adm.model_version}
+    return {"x-servoloop-inference-id": adm.id, "x-servoloop-model-version": adm.model_version,
+            "traceparent": response_traceparent(adm)}
+
+
+def _failed(err: ServoloopError, adm: Admission) -> Response:
+    """The error response of an admitted request: it still names the trace to look the failure up by."""
+    response = error_response(err)
+    response.headers["traceparent"] = response_traceparent(adm)
+    return response
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -105,11 +114,18 @@ def build_router(gw: Gateway) -> tuple[APIRouter, dict[tuple[str, str], Handler]
         body = await read_body(request, limits.max_request_bytes)
         adm, wire = admit(request, body, operation)
         if not wire.stream:
-            return json_response(_full(await service.complete(adm), operation, adm), headers=_headers(adm))
+            try:
+                completion = await service.complete(adm)
+            except ServoloopError as e:
+                return _failed(e, adm)
+            return json_response(_full(completion, operation, adm), headers=_headers(adm))
         include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
         chunks = service.run(adm)
         try:  # wait for the first chunk, so failures before any token still get a proper status code
             first = await anext(chunks)
+        except ServoloopError as e:
+            await chunks.aclose()
+            return _failed(e, adm)
         except BaseException:
             await chunks.aclose()
             raise
