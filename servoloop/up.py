@@ -6,10 +6,12 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from prometheus_client import CollectorRegistry
 
 from feedback.pipeline import EventPipeline
+from feedback.store import Store, get_inference
 from gateway.auth import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.server import Gateway, GatewayServer
@@ -65,6 +67,8 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
                      events=pipeline.sink if pipeline is not None else None)
         if pipeline is not None:
             gw.status_providers["events"] = pipeline.health
+            if pipeline.store is not None:  # feedback on inferences another replica (or an earlier run) served
+                gw.inference_owners.lookup = partial(_owns, pipeline.store)
         server = GatewayServer(gw)
         await server.start()
         if on_ready:
@@ -77,6 +81,10 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
             await pipeline.aclose()
 
     await run_until_signalled(start, stop)
+
+
+async def _owns(store: Store, tenant: str, inference_id: str) -> bool:
+    return await get_inference(store, tenant=tenant, event_id=inference_id) is not None
 
 
 def run(coro: Awaitable[None]) -> None:
