@@ -16,14 +16,18 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from feedback.kafka import consumer_config
-from feedback.settings import IngestSettings
+from feedback.settings import EventSettings, IngestSettings
+
+if TYPE_CHECKING:
+    from feedback.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -257,3 +261,120 @@ class _IngestCollector:
         for (topic, part), o in i.committed.items():
             committed.add_metric([topic, str(part)], o)
         yield committed
+
+
+# -- `servoloop ingest`: one ingester as a process of its own --------------------------------------------------------
+
+
+async def run_ingester(
+    settings: EventSettings,
+    *,
+    data_dir: Path,
+    stop: asyncio.Event,
+    registry: CollectorRegistry | None = None,
+    progress_every_s: float = 5.0,
+    backoff_max_s: float = 10.0,
+    on_started: Callable[[Ingester], object] | None = None,
+) -> Ingester:
+    """Consume the external broker's event topics into the configured store until `stop` is set.
+
+    The store (a chDB directory this process then owns, or a ClickHouse server) is opened and migrated
+    first. Dead letters also go to the dead-letter topic, acknowledged before their batch is committed.
+    Progress (events/s, lag, failures) is logged every `progress_every_s`. On `stop` the batch at hand
+    is finished or abandoned uncommitted. Returns the stopped Ingester (its counters).
+
+    Raises ConfigError when `broker.mode` is not `external` (or has no `bootstrap_servers`), and
+    StoreUnavailable/StoreError/MigrationError when the store cannot be opened or migrated.
+    """
+    from feedback.store import migrate, open_store
+    from schemas.errors import ConfigError
+    from schemas.topics import all_topics, validate_prefix
+
+    broker = settings.broker
+    if broker.mode != "external":
+        raise ConfigError(f"servoloop ingest consumes an external broker, but events.broker.mode is {broker.mode!r}; "
+                          "set events.broker.mode: external and events.broker.bootstrap_servers "
+                          "(the embedded broker's ingester runs inside `servoloop up`)")
+    if not broker.bootstrap_servers:
+        raise ConfigError("events.broker.bootstrap_servers is required when events.broker.mode is 'external'")
+    topics = list(all_topics(validate_prefix(broker.topic_prefix)))
+    store = await open_store(settings.store, data_dir=data_dir)
+    try:
+        applied = await migrate(store)
+        log.info("ingest: store %s (database %s) ready%s", settings.store.kind, store.database,
+                 f", applied migrations {applied}" if applied else "")
+        await asyncio.to_thread(_report_missing_topics, broker.bootstrap_servers, topics)
+        handle, close_handle = _dead_letter_forwarding_handler(store, settings)
+        ingester = Ingester(broker.bootstrap_servers, topics, handle, settings=settings.ingest, registry=registry,
+                            backoff_max_s=backoff_max_s)
+        try:
+            await ingester.start()
+            log.info("ingest: group %s consuming %s from %s", settings.ingest.group_id, ", ".join(topics),
+                     broker.bootstrap_servers)
+            if on_started is not None:
+                on_started(ingester)
+            await _report_until(stop, ingester, progress_every_s)
+        finally:
+            await ingester.stop()
+            await close_handle()
+        log.info("ingest: stopped after %d events in %d batches (%d failed attempts)",
+                 ingester.ingested, ingester.batches, ingester.failures)
+        return ingester
+    finally:
+        await store.aclose()
+
+
+def _dead_letter_forwarding_handler(store: Store, settings: EventSettings) -> tuple[BatchHandler, Callable[[], Awaitable[None]]]:
+    """`ingest_batch` into `store`, then the batch's dead letters to the dead-letter topic (the batch fails, and is
+    retried, until the broker acknowledged them); and the closer of its producer."""
+    from feedback.kafka import ConfluentDownstream
+    from feedback.sink import EventRecord
+    from feedback.store import ingest_batch
+    from schemas.events import encode_event
+    from schemas.topics import dead_letter_topic
+
+    dead_topic = dead_letter_topic(settings.broker.topic_prefix)
+    downstream = ConfluentDownstream(settings.broker.bootstrap_servers, compression=settings.sink.compression)
+
+    async def handle(values: list[bytes], source: list[Source]) -> object:
+        result = await ingest_batch(store, values, source=source)
+        dead = [d for d in result.dead_letters if d.source_topic != dead_topic]  # never re-forward our own
+        if dead:
+            await downstream.send([EventRecord(dead_topic, d.partition_key(), d.event_id, encode_event(d))
+                                   for d in dead])
+        return result
+
+    return handle, downstream.aclose
+
+
+def _report_missing_topics(bootstrap_servers: str, topics: list[str]) -> None:
+    """Log what an operator should know before the first record: broker unreachable, topics not created yet."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "logger": logging.getLogger("servoloop.kafka.admin")})
+    try:
+        present = set(admin.list_topics(timeout=5).topics)
+    except KafkaException as e:
+        log.warning("ingest: broker %s not reachable yet (%s); waiting for it", bootstrap_servers, e.args[0])
+        return
+    missing = [t for t in topics if t not in present]
+    if missing:
+        log.warning("ingest: topics %s do not exist yet; they are consumed once created", ", ".join(missing))
+
+
+async def _report_until(stop: asyncio.Event, ingester: Ingester, every_s: float) -> None:
+    """Log events/s, lag and failures every `every_s` until `stop` is set (or the loop died)."""
+    last_n, last_t = ingester.ingested, time.monotonic()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+            return
+        except TimeoutError:
+            pass
+        if not ingester.running:
+            raise RuntimeError("the ingester loop ended unexpectedly")
+        now, n = time.monotonic(), ingester.ingested
+        log.info("ingest: %d events stored (%.0f/s), lag %d, %d batches, %d failed store attempts, "
+                 "%d failed commits", n, (n - last_n) / (now - last_t), sum(ingester.lag().values()),
+                 ingester.batches, ingester.failures, ingester.commit_failures)
+        last_n, last_t = n, now

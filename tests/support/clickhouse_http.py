@@ -6,6 +6,9 @@ parameters reach the engine; results and errors come back with the `X-ClickHouse
 client reads. Nothing is emulated: every statement runs in chDB. No auth, no response compression,
 one statement at a time (it shares the process's single `ChdbSession` with any `ChdbStore`).
 
+Fault switches for fault tests: `outage()` refuses (HTTP 503) or drops every matching request while
+it is on; `hold_insert()` stops one insert before (or after) the engine ran it, until released.
+
 chDB allows one data path per process, so tests share one session: `shared_chdb_session()` and
 `shared_endpoint()` return the process-wide instances (created on first use, closed at exit).
 """
@@ -17,14 +20,18 @@ import gzip
 import json
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
 import uuid
 import zlib
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from feedback.store.chdb import ChdbSession
@@ -135,6 +142,55 @@ def _execute(conn: Any, st: _Statement) -> tuple[bytes, dict[str, Any]]:
             conn.query(f"SET {name} = {{v:String}}", "TabSeparated", params={"v": value})
 
 
+@dataclass
+class Outage:
+    """While on: every request for `database` (None: every request, pings included) is refused with
+    `status` (mode `refuse`) or its connection closed without an answer (mode `drop`); `times` records each."""
+
+    mode: Literal["refuse", "drop"]
+    status: int = 503
+    database: str | None = None
+    times: list[float] = field(default_factory=list)  # time.monotonic() of each request it caught
+
+    @property
+    def hits(self) -> int:
+        return len(self.times)
+
+    def matches(self, database: str | None, sql: str) -> bool:
+        return self.database is None or database == self.database or f"{self.database}." in sql
+
+
+@dataclass
+class InsertHold:
+    """Holds the insert that comes after `after` matching ones (inserts into `database`'s `tables`),
+    before the engine runs it (`executed=False`) or after (`executed=True`, only the reply waits).
+    `held` is set once it waits; `release()` lets it go on, `release(refuse=True)` answers 503 instead
+    (a request the engine never ran)."""
+
+    database: str
+    tables: Collection[str] | None = None
+    after: int = 0
+    executed: bool = False
+    seen: int = 0
+    held: threading.Event = field(default_factory=threading.Event)
+    _go: threading.Event = field(default_factory=threading.Event)
+    _refuse: bool = False
+
+    def matches(self, sql: str) -> bool:
+        m = _INSERT_TARGET.match(sql)
+        if not m:
+            return False
+        database, _, table = m.group(1).replace("`", "").rpartition(".")
+        return database == self.database and (self.tables is None or table in self.tables)
+
+    def release(self, *, refuse: bool = False) -> None:
+        self._refuse = refuse
+        self._go.set()
+
+
+_INSERT_TARGET = re.compile(r"^\s*INSERT\s+INTO\s+([`\w.]+)", re.I)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
@@ -145,6 +201,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if urlsplit(self.path).path in ("/ping", "/"):
             if not urlsplit(self.path).query:
+                if self._outage(None, ""):
+                    return None
                 return self._reply(200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"})
         self._handle(b"")
 
@@ -176,7 +234,14 @@ class _Handler(BaseHTTPRequestHandler):
                 params.update(_form_fields(ctype, body))
                 body = b""
             st = _Statement(params, body)
+            if self._outage(st.database, st.sql):
+                return None
+            hold = self.server.hold_for(st)
+            if hold is not None and not hold.executed and self._wait(hold):
+                return None
             out, summary = self.server.session.submit(lambda conn: _execute(conn, st), st.database).result()
+            if hold is not None and hold.executed:
+                self._wait(hold)
         except Exception as e:
             message = str(e)
             code = _CODE.search(message)
@@ -195,13 +260,40 @@ class _Handler(BaseHTTPRequestHandler):
             "X-ClickHouse-Summary": json.dumps(summary),
         })
 
+    def _outage(self, database: str | None, sql: str) -> bool:
+        """Apply an outage that covers this request; True when it was refused or dropped."""
+        outage = self.server.outage
+        if outage is None or not outage.matches(database, sql):
+            return False
+        outage.times.append(time.monotonic())
+        if outage.mode == "drop":
+            self.close_connection = True
+            self.connection.shutdown(2)  # no answer at all: the client sees the connection die
+        else:
+            self._reply(outage.status, b"Code: 210. DB::Exception: the test switched this endpoint off.\n",
+                        {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": "210"})
+        return True
+
+    def _wait(self, hold: InsertHold) -> bool:
+        """Wait on a held insert; True when it was refused instead of let go."""
+        hold.held.set()
+        hold._go.wait(120)
+        if hold._refuse:
+            self._reply(503, b"Code: 210. DB::Exception: refused by the test.\n",
+                        {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": "210"})
+            return True
+        return False
+
     def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client is gone (killed by a fault test): nobody to answer
+            self.close_connection = True
 
 
 class _Server(ThreadingHTTPServer):
@@ -210,6 +302,26 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, session: ChdbSession):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.session = session
+        self.outage: Outage | None = None
+        self.holds: list[InsertHold] = []
+        self._lock = threading.Lock()
+
+    def hold_for(self, st: _Statement) -> InsertHold | None:
+        """The hold that catches this insert, if any (each hold catches one: its `after + 1`-th match)."""
+        if st.insert_format is None:
+            return None
+        with self._lock:
+            for hold in self.holds:
+                if hold.matches(st.sql):
+                    hold.seen += 1
+                    if hold.seen == hold.after + 1:
+                        return hold
+        return None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client killed mid-request by a fault test is not an error of the endpoint
+        super().handle_error(request, client_address)
 
 
 class ClickHouseHTTPEndpoint:
@@ -221,6 +333,32 @@ class ClickHouseHTTPEndpoint:
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="clickhouse-http", daemon=True)
         self._thread.start()
+
+    @contextmanager
+    def outage(self, mode: Literal["refuse", "drop"] = "refuse", *, status: int = 503,
+               database: str | None = None) -> Iterator[Outage]:
+        """The store is unavailable while in this block (see `Outage`); one outage at a time."""
+        if self._server.outage is not None:
+            raise RuntimeError("an outage is already on")
+        outage = self._server.outage = Outage(mode, status, database)
+        try:
+            yield outage
+        finally:
+            self._server.outage = None
+
+    @contextmanager
+    def hold_insert(self, database: str, *, tables: Collection[str] | None = None, after: int = 0,
+                    executed: bool = False) -> Iterator[InsertHold]:
+        """Hold one insert (see `InsertHold`) while in this block; leaving it lets the insert go on."""
+        hold = InsertHold(database, tables, after, executed)
+        with self._server._lock:
+            self._server.holds.append(hold)
+        try:
+            yield hold
+        finally:
+            with self._server._lock:
+                self._server.holds.remove(hold)
+            hold._go.set()
 
     def close(self) -> None:
         self._server.shutdown()
