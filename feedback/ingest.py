@@ -77,6 +77,7 @@ class Ingester:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._assigned: set[tuple[str, int]] = set()
+        self._revocations = 0  # bumped by every revocation: a batch read across one is filtered
         self._uncommitted: dict[tuple[str, int], int] = {}  # offsets stored but whose commit failed
         self.committed: dict[tuple[str, int], int] = {}  # next offset to read, per partition, as committed
         self.consumed = self.ingested = self.batches = self.failures = self.commit_failures = 0
@@ -137,12 +138,19 @@ class Ingester:
 
     # -- rebalance callbacks (on the consumer thread) --------------------------------------------------------------
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned |= {(p.topic, p.partition) for p in partitions}
+        try:  # where the group left off: lag is counted from there, not from offset 0
+            for tp in consumer.committed(partitions, timeout=5):
+                if tp.offset >= 0:
+                    self.committed.setdefault((tp.topic, tp.partition), tp.offset)
+        except KafkaException as e:
+            log.debug("ingester: committed offsets unknown at assignment: %s", e)
         log.info("ingester assigned %s", sorted(self._assigned))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
+        self._revocations += 1
         self._assigned -= gone
         for tp in gone:
             self._uncommitted.pop(tp, None)
@@ -151,22 +159,23 @@ class Ingester:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
+            revocations = self._revocations
             try:
                 batch = await self._next_batch()
             except KafkaException as e:
                 log.warning("ingester: consume failed: %s", e)
                 await self._sleep(self._backoff_initial)
                 continue
-            batch = [m for m in batch if (m.topic(), m.partition()) in self._assigned]
+            if self._revocations != revocations:  # records of partitions given away meanwhile are not ours
+                batch = [m for m in batch if (m.topic(), m.partition()) in self._assigned]
             if not batch:
                 continue
             values = [m.value() or b"" for m in batch]
-            source = [(m.topic(), m.partition(), m.offset()) for m in batch]
-            if not await self._store(values, source):
+            if not await self._store(values, _Positions(batch)):
                 return  # stopping: the batch stays uncommitted and is read again by whoever comes next
             offsets: dict[tuple[str, int], int] = dict(self._uncommitted)
-            for topic, part, offset in source:
-                offsets[(topic, part)] = max(offsets.get((topic, part), 0), offset + 1)
+            for (topic, part), offset in (await self._positions()).items():
+                offsets[(topic, part)] = max(offsets.get((topic, part), 0), offset)
             await self._commit(offsets)
 
     async def _next_batch(self) -> list[Message]:
@@ -191,7 +200,14 @@ class Ingester:
         self.consumed += len(out)
         return out
 
-    async def _store(self, values: list[bytes], source: list[Source]) -> bool:
+    async def _positions(self) -> dict[tuple[str, int], int]:
+        """Per assigned partition, the offset after the last record handed to us (one call, not one per record)."""
+        assert self._consumer is not None
+        parts = [TopicPartition(t, p) for t, p in self._assigned]
+        got = await self._call(self._consumer.position, parts) if parts else []
+        return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0 and tp.error is None}
+
+    async def _store(self, values: list[bytes], source: Sequence[Source]) -> bool:
         """Hand the batch over until it succeeds; False when stopping first."""
         backoff, started = self._backoff_initial, time.monotonic()
         while True:
@@ -237,6 +253,20 @@ class Ingester:
             return True
         except TimeoutError:
             return False
+
+
+class _Positions(Sequence[Source]):
+    """(topic, partition, offset) of each record, computed only for the records asked about (dead letters)."""
+
+    def __init__(self, batch: list[Message]):
+        self._batch = batch
+
+    def __len__(self) -> int:
+        return len(self._batch)
+
+    def __getitem__(self, i: int) -> Source:  # type: ignore[override]
+        m = self._batch[i]
+        return m.topic(), m.partition(), m.offset()
 
 
 class _IngestCollector:
