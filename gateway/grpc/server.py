@@ -87,8 +87,10 @@ class GrpcFrontEnd:
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         try:
             adm = self._admit(raw, context, stream=False)
-            context.set_trailing_metadata((("servoloop-inference-id", adm.id),))
-            await context.send_initial_metadata((("traceparent", response_traceparent(adm)),))
+            # Unary: ids travel in the trailers, with the status; an early initial-metadata send would cost
+            # every call an extra HTTP/2 frame write.
+            context.set_trailing_metadata((("servoloop-inference-id", adm.id),
+                                           ("traceparent", response_traceparent(adm))))
             c = await self._gw.service.complete(adm)
         except ServoloopError as e:
             await _abort(context, e)  # raises

@@ -164,7 +164,7 @@ async def test_http_streaming_text_completion_span(traced: RunningGateway, recei
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_grpc_returns_traceparent_in_initial_metadata_and_exports_the_span(
+async def test_grpc_returns_traceparent_in_metadata_and_exports_the_span(
         traced: RunningGateway, receiver: OtlpReceiver, stream: bool) -> None:
     req = pb.GenerateRequest(model="remote", messages=[pb.ChatMessage(role="user", content="hi")],
                              params=pb.SamplingParams(max_tokens=3))
@@ -172,12 +172,14 @@ async def test_grpc_returns_traceparent_in_initial_metadata_and_exports_the_span
     async with grpc.aio.insecure_channel(traced.grpc) as ch:
         stub = pb_grpc.InferenceStub(ch)
         call = stub.GenerateStream(req, metadata=md) if stream else stub.Generate(req, metadata=md)
-        initial = dict(await call.initial_metadata())
-        if stream:
+        if stream:  # streams: in the initial metadata, before the first chunk
+            returned = dict(await call.initial_metadata())
             inference_id = [c async for c in call][-1].id
-        else:
+        else:  # unary: in the trailers, with the inference id
             inference_id = (await call).id
-    trace_id, span_id, flags = _ids(initial["traceparent"])
+            returned = dict(await call.trailing_metadata())
+            assert returned["servoloop-inference-id"] == inference_id
+    trace_id, span_id, flags = _ids(returned["traceparent"])
     spans = await _trace(receiver, trace_id, 4)
 
     server = spans["chat remote"]
@@ -206,9 +208,9 @@ async def test_incoming_traceparent_is_continued_over_grpc(traced: RunningGatewa
     async with grpc.aio.insecure_channel(traced.grpc) as ch:
         call = pb_grpc.InferenceStub(ch).Generate(
             pb.GenerateRequest(model="remote", prompt="hello", params=pb.SamplingParams(max_tokens=2)), metadata=md)
-        initial = dict(await call.initial_metadata())
         await call
-    trace_id, span_id, _ = _ids(initial["traceparent"])
+        trailers = dict(await call.trailing_metadata())
+    trace_id, span_id, _ = _ids(trailers["traceparent"])
     assert trace_id == caller_trace
     spans = await _trace(receiver, caller_trace, 4)
     assert spans["text_completion remote"].span_id == span_id
