@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BODY = {"model": "fixed", "messages": [{"role": "user", "content": "Say something short."}], "max_tokens": 16}
 
 
-async def open_loop(send: Callable[[], Awaitable[bool]], rate: float, duration: float) -> dict[str, float]:
+async def open_loop(send: Callable[[], Awaitable[bool]], rate: float, duration: float) -> dict:
     """Start `rate` requests per second for `duration` seconds; latencies measured per request."""
     loop = asyncio.get_running_loop()
     n = int(rate * duration)
@@ -63,12 +63,27 @@ async def open_loop(send: Callable[[], Awaitable[bool]], rate: float, duration: 
     await asyncio.gather(*tasks)
     wall = loop.time() - start
     return {"offered_rps": rate, "achieved_rps": round(len(latencies) / wall, 1), "requests": n,
-            "failures": failures, "p50_ms": pct(latencies, 50), "p95_ms": pct(latencies, 95),
-            "p99_ms": pct(latencies, 99), "schedule_lag_ms": round((sent_by - start - (n - 1) / rate) * 1000, 2)}
+            "failures": failures, "latencies": latencies,
+            "schedule_lag_ms": round((sent_by - start - (n - 1) / rate) * 1000, 2)}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pooled(runs: list[dict], rate: float) -> dict:
+    lat = [x for r in runs for x in r["latencies"]]
+    return {"offered_rps": rate, "achieved_rps": round(statistics.fmean(r["achieved_rps"] for r in runs), 1),
+            "requests": sum(r["requests"] for r in runs), "failures": sum(r["failures"] for r in runs),
+            "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99)}
 
 
 async def measure_unary(upstream_url: str, gw_http: str, gw_grpc: str, key: str, rates: list[int],
-                        duration: float) -> list[dict]:
+                        duration: float, rounds: int, gateway_pid: int) -> list[dict]:
+    """Per rate: `rounds` alternating slices of direct / HTTP / gRPC (duration/rounds seconds each), pooled, so a
+    burst of outside load hits all three alike; the gateway process's CPU per request is read from /proc."""
     rows = []
     conn = aiohttp.TCPConnector(limit=2000)
     async with aiohttp.ClientSession(connector=conn) as http, grpc.aio.insecure_channel(gw_grpc) as channel:
@@ -97,20 +112,30 @@ async def measure_unary(upstream_url: str, gw_http: str, gw_grpc: str, key: str,
 
         for send in (direct, via_http, via_grpc):  # warm connections and code paths
             await asyncio.gather(*(send() for _ in range(50)))
+        targets = (("direct", direct), ("gateway_http", via_http), ("gateway_grpc", via_grpc))
         for rate in rates:
-            results = {}
-            for name, send in (("direct", direct), ("gateway_http", via_http), ("gateway_grpc", via_grpc)):
-                results[name] = await open_loop(send, rate, duration)
-                await asyncio.sleep(0.5)
+            runs: dict[str, list[dict]] = {name: [] for name, _ in targets}
+            cpu: dict[str, float] = {name: 0.0 for name, _ in targets}
+            for _ in range(rounds):
+                for name, send in targets:
+                    before = _cpu_s(gateway_pid)
+                    runs[name].append(await open_loop(send, rate, duration / rounds))
+                    cpu[name] += _cpu_s(gateway_pid) - before
+                    await asyncio.sleep(0.3)
+            results = {name: _pooled(r, rate) for name, r in runs.items()}
             d = results["direct"]
-            row = {"offered_rps": rate, **{f"{k}_{m}": v[m] for k, v in results.items()
-                                           for m in ("p50_ms", "p95_ms", "p99_ms", "achieved_rps", "failures")}}
+            row = {"offered_rps": rate, "rounds": rounds,
+                   **{f"{k}_{m}": v[m] for k, v in results.items()
+                      for m in ("p50_ms", "p95_ms", "p99_ms", "achieved_rps", "failures")}}
+            for api in ("gateway_http", "gateway_grpc"):
+                row[f"{api}_cpu_ms_per_request"] = round(cpu[api] * 1000 / max(1, results[api]["requests"]), 3)
             for api in ("gateway_http", "gateway_grpc"):
                 for q in ("p50", "p95", "p99"):
                     row[f"{api}_added_{q}_ms"] = round(results[api][f"{q}_ms"] - d[f"{q}_ms"], 3)
             rows.append(row)
             print(f"{rate:5d} req/s  direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} | "
                   f"http +{row['gateway_http_added_p50_ms']:.2f}/+{row['gateway_http_added_p99_ms']:.2f} ms "
+                  f"(cpu {row['gateway_http_cpu_ms_per_request']} ms/req) "
                   f"({row['gateway_http_achieved_rps']} rps) | grpc +{row['gateway_grpc_added_p50_ms']:.2f}/"
                   f"+{row['gateway_grpc_added_p99_ms']:.2f} ms ({row['gateway_grpc_achieved_rps']} rps)", flush=True)
     return rows
@@ -188,6 +213,7 @@ def main() -> None:
     ap.add_argument("--rates", default="100,500,1000")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per rate and target")
     ap.add_argument("--upstream-latency-ms", type=float, default=20.0)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating direct/HTTP/gRPC slices per rate")
     ap.add_argument("--engine", default="auto", help="engine for the streaming part: vllm, transformers, auto")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--stream-tokens", type=int, default=128, help="tokens generated per stream")
@@ -230,7 +256,7 @@ gateway:
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         time.sleep(1.5)  # the gateway picks up the new key
         rows = asyncio.run(measure_unary(f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{http_port}",
-                                         f"127.0.0.1:{grpc_port}", key, rates, duration))
+                                         f"127.0.0.1:{grpc_port}", key, rates, duration, a.rounds, gateway.pid))
         streaming = {} if a.no_streaming else asyncio.run(measure_streaming(
             Path(a.model), engine, f"http://127.0.0.1:{http_port}", key, a.streams, a.stream_tokens,
             2 if a.quick else a.stream_rounds))
