@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -63,7 +64,11 @@ class EventPipeline:
 
     @property
     def _pidfile(self) -> Path:
-        return self.data_dir / "broker.pid"
+        return broker_file(self.data_dir)
+
+    def _record_broker(self) -> None:
+        assert self.broker is not None
+        self._pidfile.write_text(json.dumps({"pid": self.broker.pid, "bootstrap_servers": self.broker.bootstrap_servers}))
 
     @property
     def bootstrap_servers(self) -> str:
@@ -93,7 +98,7 @@ class EventPipeline:
                                          log_path=self.data_dir / "logs" / "tansu.log")
             _reap_orphaned_broker(self._pidfile)
             await asyncio.to_thread(self.broker.start)
-            self._pidfile.write_text(str(self.broker.pid))
+            self._record_broker()
             await asyncio.to_thread(self.broker.create_topics, self.topics)
         elif s.broker.mode == "external" and not s.broker.bootstrap_servers:
             from schemas.errors import ConfigError
@@ -137,7 +142,7 @@ class EventPipeline:
                 log.error("embedded broker did not restart: %s; retrying", e)
                 continue
             self.broker_restarts += 1
-            self._pidfile.write_text(str(self.broker.pid))
+            self._record_broker()
             if self.retains_until_stored:
                 self.sink.redeliver()
 
@@ -180,12 +185,27 @@ class EventPipeline:
         log.info("event pipeline stopped in %.1fs", time.monotonic() - started)
 
 
+def broker_file(data_dir: Path) -> Path:
+    """Where a running `servoloop up` records its embedded broker: {"pid": …, "bootstrap_servers": "host:port"}."""
+    return data_dir / "broker.json"
+
+
+def embedded_broker_address(data_dir: Path) -> str | None:
+    """The bootstrap address of the embedded broker a `servoloop up` on `data_dir` runs, if one is running."""
+    try:
+        info = json.loads(broker_file(data_dir).read_text())
+        alive = Path(f"/proc/{int(info['pid'])}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(info["bootstrap_servers"]) if b"tansu" in alive else None
+
+
 def _reap_orphaned_broker(pidfile: Path) -> None:
     """Kill the broker an earlier run of this data directory left behind (that process was SIGKILLed)."""
     try:
-        pid = int(pidfile.read_text().strip())
+        pid = int(json.loads(pidfile.read_text())["pid"])
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         return
     if b"tansu" in cmdline:
         log.warning("killing the embedded broker (pid %d) an earlier run left behind", pid)

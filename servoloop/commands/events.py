@@ -46,9 +46,13 @@ def tail(
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     broker = settings.events.broker
     servers = bootstrap or (broker.bootstrap_servers if broker.mode == "external" else "")
+    if not servers and broker.mode == "embedded":
+        from feedback.pipeline import embedded_broker_address
+
+        servers = embedded_broker_address(settings.data_dir) or ""
     if not servers:
-        raise ConfigError(f"no broker address: events.broker.mode is {broker.mode!r}; pass --bootstrap HOST:PORT "
-                          "(an embedded broker's address is in the `servoloop up` log)")
+        raise ConfigError(f"no broker address: events.broker.mode is {broker.mode!r} and no `servoloop up` runs on "
+                          f"{settings.data_dir}; pass --bootstrap HOST:PORT")
     prefix = validate_prefix(broker.topic_prefix if prefix is None else prefix)
     wanted: set[str] | None = None
     if types:

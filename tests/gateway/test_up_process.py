@@ -8,6 +8,7 @@ its spool under data_dir, its ingester.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -67,7 +68,7 @@ class UpProcess:
         return out.stdout.strip().splitlines()[-1]
 
     def broker_pid(self) -> int:
-        return int((self.data_dir / "broker.pid").read_text())
+        return int(json.loads((self.data_dir / "broker.json").read_text())["pid"])
 
 
 @pytest.fixture
@@ -137,6 +138,11 @@ async def test_events_accepted_before_a_sigkill_of_up_arrive_after_its_restart(
     await _requests(process.http, key, 10)
     assert await _wait_rows(store, 50) == 50
     assert not Path(f"/proc/{first_broker}").exists()  # the orphaned broker of the killed run was reaped
+    # the CLI finds the running embedded broker by itself
+    tail = subprocess.run([str(BIN / "servoloop"), "events", "tail", "--from-beginning", "--type", "inference",
+                           "--limit", "5"], env=process.env, capture_output=True, text=True, timeout=60)
+    assert tail.returncode == 0, tail.stderr
+    assert len([line for line in tail.stdout.splitlines() if "inference" in line]) == 5
 
 
 async def test_a_stalled_broker_does_not_stall_requests_and_loses_nothing(
@@ -170,7 +176,7 @@ async def test_no_broker_mode_serves_and_stores_through_the_spool(up: tuple[UpPr
     await asyncio.sleep(0.5)
     await _requests(process.http, key, 20)
     assert await _wait_rows(store, 20) == 20
-    assert not (process.data_dir / "broker.pid").exists()
+    assert not (process.data_dir / "broker.json").exists()
     assert process.proc is not None
     process.proc.send_signal(signal.SIGTERM)
     assert process.proc.wait(30) == 0
