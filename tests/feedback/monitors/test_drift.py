@@ -1,0 +1,206 @@
+"""Drift monitors on real chDB: prompt-distribution shift caught by embedding drift, no shift -> no alert."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pandas as pd
+import pytest
+
+from feedback.monitors.drift import (
+    DATASET_METRIC,
+    EMBEDDING_METRIC,
+    DriftDetector,
+    DriftSettings,
+    feature_frames,
+    results_by_metric,
+)
+from feedback.monitors.embeddings import PromptEmbedder
+from feedback.store import ChdbStore, Store, migrate, write_events
+from schemas.events import InferenceEvent, Message, MonitorResult
+
+T0 = 1_780_000_000_000
+HOUR = 3_600_000
+REFERENCE = (T0, T0 + HOUR)
+CURRENT = (T0 + HOUR, T0 + 2 * HOUR)
+N = 300
+
+COOKING = (["How long should I", "What is the best way to", "At what temperature do I", "Can I",
+            "Why does my recipe fail when I"],
+           ["roast", "bake", "braise", "grill", "simmer", "poach", "saute", "steam"],
+           ["a whole chicken", "sourdough bread", "short ribs", "salmon fillets", "root vegetables",
+            "a pork shoulder", "chocolate cake", "risotto", "lentil soup", "banana bread"],
+           ["for a dinner party?", "in a cast iron pan?", "without a thermometer?", "with fresh herbs?",
+            "at high altitude?", "for meal prep this week?"])
+LEGAL = (["Is it legal for my landlord to", "Can my employer", "What are my rights if a company tries to",
+          "Do I need a lawyer if the city wants to", "How do I respond when a court orders me to"],
+         ["terminate", "withhold", "enforce", "void", "contest", "garnish", "seize", "amend"],
+         ["my lease agreement", "my security deposit", "a non-compete clause", "my final paycheck",
+          "a signed contract", "my property title", "a restraining order", "my disability claim"],
+         ["under state law?", "without written notice?", "after the deadline passed?", "in small claims court?",
+          "before the hearing?", "if I already filed an appeal?"])
+
+
+def prompts(templates: tuple[list[str], ...], n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(part) for part in templates) for _ in range(n)]
+
+
+def events(texts: list[str], start_ms: int, *, model: str = "m", seed: int = 0) -> list[InferenceEvent]:
+    """Inferences spread over one hour, half completions and half chats, with plausible numbers."""
+    rng = random.Random(seed)
+    out = []
+    for i, text in enumerate(texts):
+        chat = i % 2 == 0
+        out.append(InferenceEvent(
+            tenant="acme", model=model, model_version="v1", ts_ms=start_ms + i * (HOUR // len(texts)),
+            operation="chat" if chat else "text_completion", prompt="" if chat else text,
+            messages=(Message("system", "You are helpful."), Message("user", text)) if chat else (),
+            response="Here is an answer. " * rng.randint(2, 6), tokens_in=len(text) // 4,
+            tokens_out=rng.randint(20, 60), temperature=0.7, max_tokens=256,
+            guardrail_types=("email",) if rng.random() < 0.05 else ()))
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder() -> PromptEmbedder:
+    """One all-MiniLM-L6-v2 per test session (loading it costs seconds)."""
+    e = PromptEmbedder()
+    e.load()
+    return e
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Store]:
+    from tests.support.clickhouse_http import shared_chdb_session
+
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    s = ChdbStore(shared_chdb_session(), database)
+    await migrate(s)
+    yield s
+    await s.query(f"DROP DATABASE IF EXISTS {database}")
+
+
+def detector(embedder: PromptEmbedder, tmp_path: Path, **settings: object) -> DriftDetector:
+    return DriftDetector(DriftSettings(**settings), report_dir=tmp_path / "reports", embedder=embedder)  # type: ignore[arg-type]
+
+
+def alerts(results: list[MonitorResult], metric: str) -> list[MonitorResult]:
+    return [r for r in results if r.metric == metric and r.status == "alert"]
+
+
+async def test_prompt_distribution_shift_raises_exactly_one_embedding_drift_alert(
+        store: Store, embedder: PromptEmbedder, tmp_path: Path) -> None:
+    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], seed=1)
+                       + events(prompts(LEGAL, N, 2), CURRENT[0], seed=2))
+
+    results = await detector(embedder, tmp_path).detect(store, reference=REFERENCE, current=CURRENT)
+
+    assert len(alerts(results, EMBEDDING_METRIC)) == 1
+    emb = results_by_metric(results)[("m", "", EMBEDDING_METRIC)]
+    details = msgspec.json.decode(emb.details)
+    assert emb.value > 0.9 and emb.threshold == 0.55 and details["method"] == "model"
+    assert details["embedding_samples"] == [N, N] and emb.sample_size == N
+    assert (emb.window_start_ms, emb.window_end_ms) == CURRENT and details["baseline_sample_size"] == N
+
+
+async def test_same_prompt_distribution_raises_no_drift_alert(
+        store: Store, embedder: PromptEmbedder, tmp_path: Path) -> None:
+    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], seed=1)
+                       + events(prompts(COOKING, N, 3), CURRENT[0], seed=3))
+
+    results = await detector(embedder, tmp_path).detect(store, reference=REFERENCE, current=CURRENT)
+
+    assert [r.status for r in results if r.metric == EMBEDDING_METRIC] == ["ok"]
+    assert not [r for r in results if r.status == "alert"]
+    emb = results_by_metric(results)[("m", "", EMBEDDING_METRIC)]
+    assert emb.value < 0.6
+
+
+async def test_every_feature_column_gets_a_drift_score_and_the_run_saves_an_html_report(
+        store: Store, embedder: PromptEmbedder, tmp_path: Path) -> None:
+    cyrillic = [f"Подскажите, пожалуйста, как правильно приготовить это блюдо дома: {t}"
+                for t in prompts(COOKING, N, 4)]
+    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], seed=1)
+                       + events(cyrillic, CURRENT[0], seed=4))
+
+    results = await detector(embedder, tmp_path, embeddings=False).detect(store, reference=REFERENCE,
+                                                                           current=CURRENT)
+
+    by = {r.metric: r for r in results}
+    columns = {m.removeprefix("column:") for m in by if m.startswith("column:")}
+    assert {"prompt_chars", "response_chars", "tokens_in", "tokens_out", "non_ascii_share", "cyrillic_share",
+            "script", "operation", "guard_email"} <= columns
+    # constant in both windows: no information, left out of the test (and named as skipped)
+    assert "temperature" not in columns and "cjk_share" not in columns
+    assert by["column:cyrillic_share"].status == "warn" and by["column:script"].status == "warn"
+    assert by["column:operation"].status == "ok"
+    dataset = msgspec.json.decode(by[DATASET_METRIC].details)
+    assert "temperature" in dataset["skipped_constant"] and "cyrillic_share" in dataset["drifted"]
+    assert by[DATASET_METRIC].value == dataset["drifted_columns"] / dataset["columns"]
+    report = Path(dataset["report"])
+    assert report.is_file() and report.parent == tmp_path / "reports" and "Drift" in report.read_text()
+    assert all(msgspec.json.decode(r.details)["report"] == str(report) for r in results)
+
+
+async def test_prompt_embeddings_are_cached_so_a_second_run_embeds_nothing(
+        store: Store, embedder: PromptEmbedder, tmp_path: Path) -> None:
+    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], seed=1)
+                       + events(prompts(LEGAL, N, 2), CURRENT[0], seed=2))
+    d = detector(embedder, tmp_path, tabular=False)
+
+    first = (await d.detect(store, reference=REFERENCE, current=CURRENT))[0]
+    second = (await d.detect(store, reference=REFERENCE, current=CURRENT))[0]
+    cache_only = (await detector(embedder, tmp_path, tabular=False, embed_missing=False)
+                  .detect(store, reference=REFERENCE, current=CURRENT))[0]
+
+    assert msgspec.json.decode(first.details)["embedded_now"] == 2 * N
+    assert msgspec.json.decode(second.details)["embedded_now"] == 0
+    assert (second.value, second.status) == (first.value, first.status) == (cache_only.value, "alert")
+    stored = await store.query("SELECT count() AS n, uniqExact(event_id) AS ids, any(length(embedding)) AS dim "
+                               "FROM prompt_embeddings FINAL")
+    assert stored.to_pylist() == [{"n": 2 * N, "ids": 2 * N, "dim": 384}]
+
+
+async def test_a_window_under_min_samples_is_insufficient_data(
+        store: Store, embedder: PromptEmbedder, tmp_path: Path) -> None:
+    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], seed=1)
+                       + events(prompts(LEGAL, 20, 2), CURRENT[0], seed=2))
+
+    results = await detector(embedder, tmp_path).detect(store, reference=REFERENCE, current=CURRENT)
+
+    assert {(r.metric, r.status, r.sample_size) for r in results} == {
+        (DATASET_METRIC, "insufficient_data", 20), (EMBEDDING_METRIC, "insufficient_data", 20)}
+
+
+async def test_groups_are_per_model_and_embeddings_can_be_switched_off(store: Store, tmp_path: Path) -> None:
+    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], model="a", seed=1)
+                       + events(prompts(COOKING, N, 2), CURRENT[0], model="a", seed=2)
+                       + events(prompts(COOKING, N, 3), REFERENCE[0], model="b", seed=3)
+                       + events(prompts(LEGAL, N, 4), CURRENT[0], model="b", seed=4))
+    d = DriftDetector(DriftSettings(embeddings=False), report_dir=tmp_path)
+
+    results = await d.detect(store, reference=REFERENCE, current=CURRENT)
+
+    assert d.embedder is None and not [r for r in results if r.metric == EMBEDDING_METRIC]
+    assert {r.model for r in results if r.metric == DATASET_METRIC} == {"a", "b"}
+    only_b = await d.detect(store, reference=REFERENCE, current=CURRENT, model="b", model_version="v1")
+    assert {(r.model, r.model_version) for r in only_b} == {("b", "v1")}
+
+
+def test_feature_frames_one_hot_finding_types_and_drop_constant_columns() -> None:
+    ref = pd.DataFrame({"prompt_chars": [1, 2], "temperature": [0.7, 0.7], "script": ["latin", "latin"],
+                        "guardrail_types": [["email"], []]})
+    cur = pd.DataFrame({"prompt_chars": [3, 4], "temperature": [0.7, 0.7], "script": ["latin", "cjk"],
+                        "guardrail_types": [["email", "api key"], ["api key"]]})
+
+    r, c, numerical, categorical, dropped = feature_frames(ref, cur)
+
+    assert numerical == ["prompt_chars"] and dropped == ["temperature"]
+    assert categorical == ["script", "guard_api_key", "guard_email"]
+    assert r["guard_api_key"].tolist() == ["no", "no"] and c["guard_api_key"].tolist() == ["yes", "yes"]
+    assert c["guard_email"].tolist() == ["yes", "no"]
