@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from feedback.monitors.settings import MonitorSettings
 from feedback.settings import EventSettings
 from gateway.settings import GatewaySettings, ModelSettings
 from schemas.errors import ConfigError
@@ -57,6 +58,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     events: EventSettings = Field(default_factory=EventSettings)
+    monitors: MonitorSettings = Field(default_factory=MonitorSettings)
 
     _yaml_path: Path | None = None
 
