@@ -5,9 +5,9 @@ group it evaluated. It decides `status` from its own statistics (`ok`, `warn`, `
 `insufficient_data`); the runner (feedback/monitors/runner.py) owns what happens next: hysteresis,
 cooldown, the final status written, retrain triggers and webhook alerts.
 
-Drift plugs in without the runner importing it by name: if `feedback.monitors.drift` exists and exports
-`async def run_drift(store, window, policy) -> list[MonitorResult]` (the contract of `Monitor.run`), the
-runner calls it for every policy entry of `kind: drift`.
+Drift plugs in without the runner depending on it: if `feedback.monitors.drift` exists and exports
+`DriftDetector` (a `Monitor`) and `DriftSettings`, the runner runs it for policy entries of `kind: drift`,
+with `DriftSettings(**entry.params)`, and keeps the results whose `metric` is the entry's.
 """
 
 from __future__ import annotations

@@ -90,6 +90,9 @@ class ActionSpec(_Strict):
 class MonitorPolicy(_Strict):
     """One monitor: what to measure, against what, when it fires and clears, and what firing does.
 
+    Monitors of other kinds (`drift`) decide by the status of their own results for `metric`
+    (`alert` opens an incident, `ok` clears it) and take their settings from `params`.
+
     `threshold` is the fire level. With `compare: baseline` it is the deterioration from the baseline
     (absolute, or a fraction of the baseline with `relative: true`); with `compare: threshold` it is the
     metric's own value. `clear` (the hysteresis level) defaults to half the threshold for baseline
@@ -101,7 +104,7 @@ class MonitorPolicy(_Strict):
     metric: str = Field(min_length=1, max_length=64)
     compare: Literal["baseline", "threshold"] = "baseline"
     worse: Literal["increase", "decrease"] | None = None
-    threshold: float
+    threshold: float = Field(0.0, description="required for quality monitors; others decide by their own status")
     clear: float | None = None
     relative: bool = False
     min_samples: int = Field(100, ge=1)
@@ -119,6 +122,8 @@ class MonitorPolicy(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> MonitorPolicy:
         if self.kind == "quality":
+            if "threshold" not in self.model_fields_set:
+                raise ValueError("a quality monitor needs a threshold")
             if self.metric not in METRICS:
                 raise ValueError(f"unknown quality metric {self.metric!r}; one of {sorted(METRICS)}")
             if self.worse is None:

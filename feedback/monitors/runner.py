@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -214,25 +216,40 @@ async def load_state(store: Store, monitors: Sequence[str], *, now_ms: int, look
     return state
 
 
-def drift_monitor() -> Monitor | None:
-    """The drift monitor if `feedback.monitors.drift` exists and exports `run_drift`, else None."""
+class _DriftAdapter:
+    """feedback.monitors.drift's DriftDetector as the `drift` Monitor: DriftSettings from the entry's `params`,
+    one prompt embedder kept across runs (loading it costs seconds)."""
+
+    kind = "drift"
+
+    def __init__(self, module: Any, report_dir: Path | None, embedder: Any = None):
+        self._module, self.report_dir = module, report_dir
+        self._embedder = embedder
+
+    async def run(self, store: Store, window: MonitorWindow, policy: MonitorPolicy) -> list[MonitorResult]:
+        settings = self._module.DriftSettings(**{"min_samples": policy.min_samples, **policy.params})
+        if self._embedder is None and settings.embeddings and settings.embed_missing:
+            from feedback.monitors.embeddings import PromptEmbedder
+
+            self._embedder = PromptEmbedder()
+        detector = self._module.DriftDetector(settings, report_dir=self.report_dir, embedder=self._embedder)
+        return list(await detector.run(store, window, policy))
+
+
+def default_monitors(report_dir: Path | None = None, *, embedder: Any = None) -> dict[str, Monitor]:
+    """Monitors of kinds other than `quality`: `drift` when feedback.monitors.drift is installed.
+
+    `report_dir` receives the drift HTML reports; `embedder` is a loaded PromptEmbedder to reuse.
+    """
     try:
         module = importlib.import_module("feedback.monitors.drift")
     except ModuleNotFoundError as e:
         if e.name == "feedback.monitors.drift":
-            return None
+            return {}
         raise
-    run = getattr(module, "run_drift", None)
-    if run is None:
-        return None
-
-    class _Drift:
-        kind = "drift"
-
-        async def run(self, store: Store, window: MonitorWindow, policy: MonitorPolicy) -> list[MonitorResult]:
-            return list(await run(store, window, policy))
-
-    return _Drift()
+    if hasattr(module, "DriftDetector") and hasattr(module, "DriftSettings"):
+        return {"drift": _DriftAdapter(module, report_dir, embedder)}
+    return {}
 
 
 @dataclass
@@ -321,6 +338,7 @@ class _Cycle:
                 "status": _status(o.level, t.state), "sample_size": min(o.n, 2**32 - 1),
                 "details": msgspec.json.encode(details).decode()}
             if o.source is not None:
+                fields["threshold"] = o.source.threshold
                 result = msgspec.structs.replace(o.source, **fields)
             else:
                 result = MonitorResult(**fields)
@@ -380,9 +398,10 @@ async def run_cycle(store: Store, policy: PolicyFile, *, now_ms: int, publish: P
         state = await load_state(store, [e.name for e in entries], now_ms=now_ms, lookback_ms=lookback)
     cycle = _Cycle(policy, now_ms, dict(state), interval_ms)
     if monitors is None:
-        drift = drift_monitor()
-        monitors = {"drift": drift} if drift is not None else {}
+        monitors = default_monitors()
     snapshots: dict[tuple[Any, float], QualitySnapshot] = {}
+    # Entries of one kind with equal windows and params share one run (e.g. dataset and embedding drift).
+    runs: dict[tuple[str, MonitorWindow, str], list[MonitorResult]] = {}
     for entry in entries:
         window = entry.window.at(now_ms)
         try:
@@ -392,7 +411,10 @@ async def run_cycle(store: Store, policy: PolicyFile, *, now_ms: int, publish: P
                     snapshots[key] = await quality_snapshot(store, window, prices=prices, confidence=entry.confidence)
                 outcomes = cycle.quality_outcomes(entry, snapshots[key])
             elif entry.kind in monitors:
-                outcomes = cycle.outcomes_of(entry, await monitors[entry.kind].run(store, window, entry))
+                key2 = (entry.kind, window, json.dumps(entry.params, sort_keys=True, default=str))
+                if key2 not in runs:
+                    runs[key2] = await monitors[entry.kind].run(store, window, entry)
+                outcomes = cycle.outcomes_of(entry, [r for r in runs[key2] if r.metric == entry.metric])
             else:
                 cycle.report.errors[entry.name] = f"no monitor for kind {entry.kind!r}"
                 continue
@@ -424,9 +446,11 @@ class Scheduler:
     """
 
     def __init__(self, store: Store, settings: MonitorSettings, publish: Publish, *,
-                 clock: Callable[[], int] = now_ms, monitors: Mapping[str, Monitor] | None = None):
+                 clock: Callable[[], int] = now_ms, monitors: Mapping[str, Monitor] | None = None,
+                 report_dir: Path | None = None):
         self.store, self.settings, self.publish = store, settings, publish
-        self.clock, self.monitors = clock, monitors
+        self.clock = clock
+        self.monitors = monitors if monitors is not None else default_monitors(report_dir or settings.report_dir)
         self.reloader: PolicyReloader | None = None
         self.notifier: WebhookNotifier | None = None
         self.last_report: CycleReport | None = None

@@ -30,6 +30,7 @@ class MonitorSettings(BaseModel):
     policy_path: Path | None = Field(None, description="YAML monitor policy; default: the bundled one")
     interval_s: float = Field(300.0, gt=0, description="time between cycles (also the look count for Bonferroni)")
     reload_interval_s: float = Field(5.0, gt=0, description="how often the policy file is checked for edits")
+    report_dir: Path | None = Field(None, description="HTML reports of drift runs; default: <data_dir>/monitor-reports")
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     prices: dict[str, PriceSettings] = Field(
         default_factory=dict, description="by model name; '*' is the fallback for unlisted models")

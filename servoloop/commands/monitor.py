@@ -61,7 +61,7 @@ def run(
 async def _run(settings: Any, policy: Any, now: int | None) -> Any:
     from feedback.monitors.alerts import WebhookNotifier
     from feedback.monitors.quality import Price
-    from feedback.monitors.runner import run_cycle, sink_publisher, store_publisher
+    from feedback.monitors.runner import default_monitors, run_cycle, sink_publisher, store_publisher
     from feedback.store import migrate, open_store
     from schemas.events import now_ms
 
@@ -77,8 +77,10 @@ async def _run(settings: Any, policy: Any, now: int | None) -> Any:
             await sink.start()
         publish = sink_publisher(sink) if sink is not None else store_publisher(store)
         prices = {m: Price(p.input_per_1k, p.output_per_1k) for m, p in settings.monitors.prices.items()}
+        monitors = default_monitors(settings.monitors.report_dir or settings.data_dir / "monitor-reports")
         return await run_cycle(store, policy, now_ms=now if now is not None else now_ms(), publish=publish,
-                               notifier=notifier, prices=prices, interval_ms=int(settings.monitors.interval_s * 1000))
+                               notifier=notifier, prices=prices, interval_ms=int(settings.monitors.interval_s * 1000),
+                               monitors=monitors)
     finally:
         if sink is not None:
             await sink.aclose()
