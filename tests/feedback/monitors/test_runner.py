@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from feedback.monitors.base import GroupKey, MonitorWindow
 from feedback.monitors.policy import MonitorPolicy, parse_policy
 from feedback.monitors.quality import Price, quality_snapshot
-from feedback.monitors.runner import run_cycle, store_publisher
+from feedback.monitors.runner import Scheduler, run_cycle, store_publisher
+from feedback.monitors.settings import MonitorSettings, WebhookSettings
 from feedback.store import ChdbStore, Store, count_rows, migrate, write_events
-from schemas.events import Event, FeedbackEvent, InferenceEvent, MonitorResult
+from schemas.events import Event, FeedbackEvent, InferenceEvent, MonitorResult, RetrainTrigger
 from tests.support.clickhouse_http import shared_chdb_session
 
 HOUR = 3_600_000
@@ -198,3 +202,43 @@ async def test_every_quality_metric_comes_with_sample_size_and_interval_per_grou
 
 def _window() -> MonitorWindow:
     return MonitorPolicy(name="w", metric="error_rate", threshold=0.1).window.at(NOW)
+
+
+async def test_the_scheduler_runs_cycles_on_its_interval_fires_once_and_posts_the_alert(
+        store: Store, tmp_path: Path) -> None:
+    await seed(store, current_v1=(300, 0.6))
+    policy_path = tmp_path / "monitors.yaml"
+    policy_path.write_text(POLICY)
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    settings = MonitorSettings(policy_path=policy_path, interval_s=0.2,
+                               webhook=WebhookSettings(url=f"http://127.0.0.1:{port}/hook"))
+    published: list[Event] = []
+
+    async def publish(events: Sequence[Event]) -> None:  # as the sink would: the store sees them later
+        published.extend(events)
+
+    clock = iter(range(NOW, NOW + 10**9, 1000))
+    scheduler = Scheduler(store, settings, publish, clock=lambda: next(clock), monitors={})
+    await scheduler.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while scheduler.cycles < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await scheduler.aclose()
+    assert scheduler.cycles >= 3 and scheduler.last_error is None
+    assert len([e for e in published if isinstance(e, RetrainTrigger)]) == 1
+    assert [(a["event"], a["model_version"]) for a in received] == [("fired", "v1")]
+    assert scheduler.health()["last"]["triggers"] == 0
