@@ -10,6 +10,7 @@ from functools import partial
 
 from prometheus_client import CollectorRegistry
 
+from feedback.dashboard import admin_extension
 from feedback.pipeline import EventPipeline
 from feedback.store import Store, get_inference
 from gateway.auth import KeyStore
@@ -69,6 +70,11 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
             gw.status_providers["events"] = pipeline.health
             if pipeline.store is not None:  # feedback on inferences another replica (or an earlier run) served
                 gw.inference_owners.lookup = partial(_owns, pipeline.store)
+                gw.http_extensions.append(admin_extension(  # the admin API and the operator dashboard (/admin)
+                    pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None,
+                    health=pipeline.health,
+                    report_dir=settings.monitors.report_dir or settings.data_dir / "monitor-reports",
+                    prices={m: (p.input_per_1k, p.output_per_1k) for m, p in settings.monitors.prices.items()}))
         server = GatewayServer(gw)
         await server.start()
         if on_ready:
