@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,6 +17,7 @@ from feedback.monitors.drift import (
     EMBEDDING_METRIC,
     DriftDetector,
     DriftSettings,
+    auc_null_quantile,
     feature_frames,
     results_by_metric,
 )
@@ -104,6 +106,7 @@ async def test_prompt_distribution_shift_raises_exactly_one_embedding_drift_aler
     emb = results_by_metric(results)[("m", "", EMBEDDING_METRIC)]
     details = msgspec.json.decode(emb.details)
     assert emb.value > 0.9 and emb.threshold == 0.55 and details["method"] == "model"
+    assert details["null_quantile"] == pytest.approx(auc_null_quantile(N, N, 0.99))
     assert details["embedding_samples"] == [N, N] and emb.sample_size == N
     assert (emb.window_start_ms, emb.window_end_ms) == CURRENT and details["baseline_sample_size"] == N
 
@@ -204,3 +207,14 @@ def test_feature_frames_one_hot_finding_types_and_drop_constant_columns() -> Non
     assert categorical == ["script", "guard_api_key", "guard_email"]
     assert r["guard_api_key"].tolist() == ["no", "no"] and c["guard_api_key"].tolist() == ["yes", "yes"]
     assert c["guard_email"].tolist() == ["yes", "no"]
+
+
+def test_auc_null_quantile_matches_the_simulated_no_drift_distribution() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    # AUC of random scores on n/2 + n/2 held-out rows, via the Mann-Whitney rank sum
+    ranks = np.argsort(np.argsort(rng.random((4000, n)), axis=1), axis=1) + 1
+    half = n // 2
+    aucs = (ranks[:, :half].sum(axis=1) - half * (half + 1) / 2) / (half * half)
+    for q in (0.95, 0.99):
+        assert auc_null_quantile(n, n, q) == pytest.approx(np.quantile(aucs, q), abs=0.005)
