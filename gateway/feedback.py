@@ -271,8 +271,10 @@ class FeedbackService:
     def __init__(self, settings: FeedbackSettings, owners: InferenceOwners, limiter: RateLimiter, *,
                  publisher: Callable[[], EventPublisher | None],
                  observers: Sequence[Callable[[FeedbackEvent], None]] = (),
+                 count: Callable[[str, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.settings = settings
+        self._count = count  # (tenant, outcome): accepted | replayed | an error code
         self.owners = owners
         self._limiter = limiter
         self._publisher = publisher  # looked up per submission: None means no event pipeline
@@ -284,6 +286,17 @@ class FeedbackService:
         """Accept one feedback. Raises PermissionDenied, FeedbackUnavailable, RateLimited, InvalidRequest,
         NotFound (an inference the tenant does not own, or none at all) or Conflict (a reused idempotency key).
         """
+        if self._count is None:
+            return await self._submit(principal, submission)
+        try:
+            receipt = await self._submit(principal, submission)
+        except ServoloopError as e:
+            self._count(principal.tenant, e.code)
+            raise
+        self._count(principal.tenant, "replayed" if receipt.replayed else "accepted")
+        return receipt
+
+    async def _submit(self, principal: Principal, submission: FeedbackSubmission) -> FeedbackReceipt:
         principal.require("feedback")
         publisher = self._publisher()
         if publisher is None:

@@ -24,5 +24,7 @@ class GatewayMetrics:
         self.active_streams = Gauge("servoloop_active_streams", "Streams open now", registry=r)
         self.guardrails = Counter("servoloop_guardrail_verdicts", "Guardrail verdicts by side and action",
                                   ["side", "action"], registry=r)
+        self.feedback = Counter("servoloop_feedback", "Feedback submissions by outcome (accepted, replayed, error code)",
+                                ["tenant", "outcome"], registry=r)
         self.fallbacks = Counter("servoloop_engine_fallbacks", "Requests moved to a fallback model",
                                  ["model", "fallback"], registry=r)

@@ -103,7 +103,8 @@ class Gateway:
         self.inference_owners = InferenceOwners(settings.feedback)
         self.service.add_observer(self.inference_owners.observe)
         self.feedback = FeedbackService(settings.feedback, self.inference_owners, self.limiter,
-                                        publisher=lambda: self.events, observers=self.feedback_observers)
+                                        publisher=lambda: self.events, observers=self.feedback_observers,
+                                        count=lambda tenant, outcome: self.metrics.feedback.labels(tenant, outcome).inc())
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = int(time.time())
         self.http_extensions: list[Callable[[FastAPI], None]] = []

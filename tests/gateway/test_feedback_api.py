@@ -567,3 +567,17 @@ async def test_the_core_checks_scope_and_ownership_itself() -> None:
     with pytest.raises(NotFound):
         await service.submit(_principal(), sub)
     assert published == []
+
+
+async def test_feedback_outcomes_are_counted_in_metrics(fb_gateway: RunningGateway) -> None:
+    key = fb_gateway.key(tenant="counted")
+    target = await infer_http(fb_gateway, key)
+    body = {"target_id": target, "thumbs": "up", "idempotency_key": "count-1"}
+    await post_feedback(fb_gateway, key, body)
+    await post_feedback(fb_gateway, key, body)
+    await post_feedback(fb_gateway, key, {"target_id": "0190a7d2-0000-7000-8000-000000000000", "thumbs": "up"})
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{fb_gateway.http}/metrics")).text
+    for outcome in ("accepted", "replayed", "not_found"):
+        assert f'servoloop_feedback_total{{outcome="{outcome}",tenant="counted"}} 1.0' in text
