@@ -190,6 +190,33 @@ def parse_limit(value: str | None, *, default: int = 50, maximum: int = 1000) ->
     return int(value)
 
 
+def report_file(reports: Path | None, relative: str) -> Path | None:
+    """The HTML file at `relative` inside the resolved directory `reports`, links followed; None for anything
+    else (outside it, not .html, missing, unreadable name). Never raises."""
+    if reports is None or not relative or "\0" in relative:
+        return None
+    try:
+        path = (reports / relative).resolve()
+        if not path.is_relative_to(reports) or path.suffix.lower() != ".html" or not path.is_file():
+            return None
+    except (OSError, ValueError):
+        return None
+    return path
+
+
+def report_link(reports: Path | None, report_path: str | None) -> str | None:
+    """The API path serving `report_path` (absolute, or relative to `reports`), or None if it is not servable."""
+    if reports is None or not report_path:
+        return None
+    try:
+        path = Path(report_path)
+        path = path.resolve() if path.is_absolute() else (reports / path).resolve()
+        relative = path.relative_to(reports).as_posix()
+    except (OSError, ValueError):
+        return None
+    return "/admin/v1/drift/reports/" + quote(relative) if report_file(reports, relative) else None
+
+
 def _check_query(request: Request, allowed: set[str]) -> Mapping[str, str]:
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
@@ -217,24 +244,6 @@ def build_admin_router(store: Store, authenticate: Authenticate, *, publish: Cal
 
     def now_ms() -> int:
         return time.time_ns() // 1_000_000
-
-    def report_file(relative: str) -> Path | None:
-        """The report at `relative` inside the report directory, or None: never a path outside it."""
-        if reports is None or not relative or "\0" in relative:
-            return None
-        path = (reports / relative).resolve()
-        if not path.is_relative_to(reports) or path.suffix.lower() != ".html" or not path.is_file():
-            return None
-        return path
-
-    def report_url(report_path: str | None) -> str | None:
-        if reports is None or not report_path:
-            return None
-        path = Path(report_path)
-        path = path.resolve() if path.is_absolute() else (reports / path).resolve()
-        if not path.is_relative_to(reports) or report_file(str(path.relative_to(reports))) is None:
-            return None
-        return "/admin/v1/drift/reports/" + quote(path.relative_to(reports).as_posix())
 
     @router.get("/admin/v1/overview")
     async def overview(request: Request) -> Response:
@@ -264,13 +273,13 @@ def build_admin_router(store: Store, authenticate: Authenticate, *, publish: Cal
         span = parse_span(q, now_ms=now_ms(), default_since="7d")
         scores = await reads.drift_scores(store, span, model=parse_name(q.get("model"), field="model"))
         for s in scores:
-            s["report_url"] = report_url(s.pop("report_path"))
+            s["report_url"] = report_link(reports, s.pop("report_path"))
         return _json({"since_ms": span.start_ms, "until_ms": span.end_ms, "features": scores})
 
     @router.get("/admin/v1/drift/reports/{path:path}")
     async def drift_report(request: Request, path: str) -> Response:
         admin(request)
-        file = report_file(path)
+        file = report_file(reports, path)
         if file is None:
             raise NotFound("no such drift report", param="path")
         return FileResponse(file, media_type="text/html",

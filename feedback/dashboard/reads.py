@@ -3,13 +3,16 @@
 Times are epoch milliseconds; a `Span` is the half-open window `[start_ms, end_ms)` plus the bucket width
 of time series. All reads cover every tenant: only admin keys reach them.
 
-Contract with the monitors (feedback monitors write `MonitorResult`s):
-- a result whose `monitor` starts with `drift` is a drift score (feedback/monitors/drift.py): `metric`
-  names the feature (`column:<name>` per column, `dataset_drift` = share of drifted columns,
-  `prompt_embedding_drift`), `value` its score, `threshold` the method's threshold; `details.drifted`
-  (bool) or a `warn`/`alert` status means drifted; `details.report` (or `report_path`) is the run's
-  Evidently HTML report. Runs with `insufficient_data` carry no score and are left out.
-- any other result is a quality metric: `details` may hold `ci_low`/`ci_high` (or `ci: [low, high]`).
+Contract with the monitors (feedback/monitors: the runner publishes one `MonitorResult` per policy entry,
+`monitor` = the entry's name, `details.monitor_kind` = its kind):
+- a drift result (`details.monitor_kind == "drift"`, or a `monitor` named `drift…`): `metric` names what
+  drifted (`dataset_drift` = share of drifted columns, `prompt_embedding_drift`, or `column:<name>`),
+  `value` its score, `threshold` its threshold; `details.drifted` (bool) or a `warn`/`alert` status
+  means drifted; `details.column_scores` (`{name: {score, threshold, method, drifted}}`), when present,
+  gives the per-feature scores of that run; `details.report` (or `report_path`) is the run's Evidently
+  HTML report. Results with `insufficient_data` carry no score and are left out.
+- any other result is a quality metric: `details` may hold `ci_low`/`ci_high` (or `ci: [low, high]`); an
+  `insufficient_data` result without a sample or an interval has no value (the runner writes 0.0).
 - a result with status `alert` (or `warn`) is an alert.
 A version's lineage (`ModelEvent.lineage`) names the trigger that caused it as `trigger_id` (also read:
 `retrain_trigger_id`, `trigger_event_id`) = `RetrainTrigger.event_id`.
@@ -24,7 +27,7 @@ from typing import Any
 
 from feedback.store import ParamValue, Store
 
-DRIFT = "startsWith(monitor, 'drift')"
+DRIFT = "(JSONExtractString(details, 'monitor_kind') = 'drift' OR startsWith(monitor, 'drift'))"
 COLUMN_PREFIX = "column:"
 _TS = ("ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
        "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')")
@@ -111,15 +114,18 @@ async def quality_series(store: Store, span: Span, *, metric: str | None = None,
         s = series.setdefault(key, {"tenant": r["tenant"], "monitor": r["monitor"], "metric": r["metric"],
                                     "model": r["model"], "model_version": r["model_version"], "points": []})
         low, high = _interval(_json(r["details"]))
-        s["points"].append({"t": r["window_end_ms"], "window_start_ms": r["window_start_ms"], "value": r["value"],
+        no_value = r["status"] == "insufficient_data" and (r["sample_size"] == 0 or (low is None and high is None))
+        s["points"].append({"t": r["window_end_ms"], "window_start_ms": r["window_start_ms"],
+                            "value": None if no_value else r["value"],
                             "ci_low": low, "ci_high": high, "sample_size": r["sample_size"],
                             "threshold": r["threshold"], "status": r["status"]})
     return list(series.values())
 
 
 async def drift_scores(store: Store, span: Span, *, model: str | None = None) -> list[dict[str, Any]]:
-    """The latest drift score per (tenant, monitor, feature, model, version) within the span, by feature.
+    """The latest drift score per (tenant, feature, model, version) within the span, sorted by those.
 
+    A feature is a drift result's own metric or one of its `column_scores`; the newest run wins.
     `report_path` is the run's HTML report as the monitor wrote it (the API turns it into a link).
     """
     sql = f"""
@@ -128,20 +134,30 @@ async def drift_scores(store: Store, span: Span, *, model: str | None = None) ->
         ORDER BY tenant, monitor, metric, model, model_version, ts DESC
         LIMIT 1 BY tenant, monitor, metric, model, model_version
         LIMIT {_MAX_ROWS}"""
-    out = []
+    latest: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in await _rows(store, sql, span.params(model=model)):
         details = _json(r["details"])
-        drifted = details.get("drifted")
         report = next((details[k] for k in ("report", "report_path") if isinstance(details.get(k), str)), None)
-        out.append({"tenant": r["tenant"], "monitor": r["monitor"], "metric": r["metric"],
-                    "feature": r["metric"].removeprefix(COLUMN_PREFIX), "model": r["model"],
-                    "model_version": r["model_version"], "score": r["value"], "threshold": r["threshold"],
-                    "status": r["status"],
-                    "drifted": drifted if isinstance(drifted, bool) else r["status"] in ("warn", "alert"),
-                    "method": details.get("method"), "sample_size": r["sample_size"], "ts_ms": r["ts_ms"],
-                    "window_start_ms": r["window_start_ms"], "window_end_ms": r["window_end_ms"],
-                    "report_path": report or None})
-    return sorted(out, key=lambda d: (d["model"], d["model_version"], d["feature"]))
+        run = {"tenant": r["tenant"], "monitor": r["monitor"], "metric": r["metric"], "model": r["model"],
+               "model_version": r["model_version"], "sample_size": r["sample_size"], "ts_ms": r["ts_ms"],
+               "window_start_ms": r["window_start_ms"], "window_end_ms": r["window_end_ms"],
+               "report_path": report or None}
+        drifted = details.get("drifted")
+        features = [{**run, "feature": r["metric"].removeprefix(COLUMN_PREFIX), "score": r["value"],
+                     "threshold": r["threshold"], "status": r["status"], "method": details.get("method"),
+                     "drifted": drifted if isinstance(drifted, bool) else r["status"] in ("warn", "alert")}]
+        columns = details.get("column_scores")
+        for name, col in (columns.items() if isinstance(columns, dict) else ()):
+            if isinstance(col, dict) and _number(col.get("score")) is not None:
+                flag = col.get("drifted") is True
+                features.append({**run, "feature": str(name), "score": _number(col["score"]),
+                                 "threshold": _number(col.get("threshold")), "method": col.get("method"),
+                                 "drifted": flag, "status": "warn" if flag else "ok"})
+        for f in features:
+            key = (f["tenant"], f["model"], f["model_version"], f["feature"])
+            if key not in latest or latest[key]["ts_ms"] < f["ts_ms"]:
+                latest[key] = f
+    return sorted(latest.values(), key=lambda d: (d["model"], d["model_version"], d["feature"], d["tenant"]))
 
 
 async def alerts(store: Store, span: Span, *, statuses: tuple[str, ...] = ("alert",),

@@ -66,35 +66,45 @@ async def seed_dashboard(store: Store, report_dir: Path) -> Seeded:
     for i, (counts, action) in enumerate(findings):
         events.append(GuardrailEvent(tenant="acme", ts_ms=base + i * MINUTE, model="chat", side="input",
                                      action=action, finding_counts=counts))  # type: ignore[arg-type]
+    # monitor results as feedback/monitors/runner.py publishes them: `monitor` is the policy entry's name
     quality_ts = []
     for i, (value, low, high) in enumerate(QUALITY_V1):
         end = base + (i + 1) * 15 * MINUTE
         quality_ts.append(end)
-        events.append(MonitorResult(tenant="acme", ts_ms=end + 1000, monitor="quality", metric="thumbs_up_rate",
+        events.append(MonitorResult(tenant="acme", ts_ms=end + 1000, monitor="satisfaction_drop",
+                                    metric="thumbs_up_rate", model="chat", model_version="v1",
+                                    window_start_ms=end - 15 * MINUTE, window_end_ms=end, value=value, threshold=0.05,
+                                    sample_size=200, status="alert" if value < 0.7 else "ok",
+                                    details=json.dumps({"monitor_kind": "quality", "ci_low": low, "ci_high": high,
+                                                        "p_value": 0.001})))
+    for end, value, n, status, ci in [(base + 15 * MINUTE, 4.2, 50, "ok", [3.9, 4.5]),
+                                      (base + 30 * MINUTE, 0.0, 0, "insufficient_data", None)]:  # no ratings: no value
+        events.append(MonitorResult(tenant="acme", ts_ms=end, monitor="rating_drop", metric="mean_rating",
                                     model="chat", model_version="v1", window_start_ms=end - 15 * MINUTE,
-                                    window_end_ms=end, value=value, threshold=0.7, sample_size=200,
-                                    status="alert" if value < 0.7 else "ok",
-                                    details=json.dumps({"ci_low": low, "ci_high": high, "p_value": 0.001})))
-    events.append(MonitorResult(tenant="acme", ts_ms=base + 15 * MINUTE, monitor="quality", metric="mean_rating",
-                                model="chat", model_version="v1", window_start_ms=base, window_end_ms=base + 15 * MINUTE,
-                                value=4.2, sample_size=50, details=json.dumps({"ci": [3.9, 4.5]})))
-    # drift as feedback/monitors/drift.py writes it: per column (warn when drifted), the dataset flag
-    # (alert), embedding drift (here with too few samples: no score); the run's report as an absolute path
+                                    window_end_ms=end, value=value, sample_size=n, status=status,  # type: ignore[arg-type]
+                                    details=json.dumps({"monitor_kind": "quality", "ci": ci})))
+    # drift: the dataset flag with its per-column scores (warn when drifted), embedding drift (here with too
+    # few samples: no score); the run's report as an absolute path
     report_dir.mkdir(parents=True, exist_ok=True)
     report = report_dir / "drift-chat-v1-run1.html"
     report.write_text("<html><body><h1>drift report run1</h1></body></html>")
     (report_dir.parent / "secret.html").write_text("not a report")
-    for ts, metric, score, status, extra in [
-        (base + 5 * MINUTE, "column:prompt_length", 0.9, "warn", {"drifted": True}),  # superseded below
-        (base + 40 * MINUTE, "column:prompt_length", 0.31, "warn", {"drifted": True}),
-        (base + 40 * MINUTE, "column:tokens_in", 0.02, "ok", {"drifted": False}),
-        (base + 40 * MINUTE, "dataset_drift", 0.5, "alert", {"drifted": ["prompt_length"], "dataset_drift": True}),
-        (base + 40 * MINUTE, "prompt_embedding_drift", 0.0, "insufficient_data", {"min_samples": 100}),
+
+    def column(score: float, drifted: bool) -> dict[str, object]:
+        return {"score": score, "threshold": 0.1, "method": "wasserstein", "drifted": drifted}
+
+    for ts, monitor, metric, score, status, extra in [
+        (base + 5 * MINUTE, "request_drift", "dataset_drift", 0.9, "alert",  # superseded below
+         {"column_scores": {"prompt_length": column(0.9, True)}, "drifted": ["prompt_length"]}),
+        (base + 40 * MINUTE, "request_drift", "dataset_drift", 0.5, "alert",
+         {"column_scores": {"prompt_length": column(0.31, True), "tokens_in": column(0.02, False)},
+          "drifted": ["prompt_length"]}),
+        (base + 40 * MINUTE, "prompt_drift", "prompt_embedding_drift", 0.0, "insufficient_data", {"min_samples": 100}),
     ]:
-        events.append(MonitorResult(tenant="acme", ts_ms=ts, monitor="drift", metric=metric, model="chat",
+        events.append(MonitorResult(tenant="acme", ts_ms=ts, monitor=monitor, metric=metric, model="chat",
                                     model_version="v1", window_start_ms=ts - HOUR, window_end_ms=ts, value=score,
-                                    threshold=0.1, status=status, sample_size=1000,  # type: ignore[arg-type]
-                                    details=json.dumps({"method": "wasserstein", "report": str(report), **extra})))
+                                    threshold=0.5, status=status, sample_size=1000,  # type: ignore[arg-type]
+                                    details=json.dumps({"monitor_kind": "drift", "report": str(report), **extra})))
     trigger = RetrainTrigger(tenant="acme", ts_ms=base + 46 * MINUTE, model="chat", model_version="v1",
                              method="dpo", reason="thumbs_up_rate fell 0.80 -> 0.50 (p=0.001)",
                              window_start_ms=base, window_end_ms=base + 45 * MINUTE)

@@ -79,7 +79,7 @@ async def test_dashboard_renders_the_seeded_data_and_a_rollback_click_reaches_th
             assert timeline["retrain trigger"]["x"] == [seeded.trigger.ts_ms]
             assert timeline["retrain trigger"]["y"] == ["chat@v2"]
             assert seeded.trigger.reason in await page.text_content("#triggers")
-            assert await page.locator("#alerts tbody tr").count() == 2
+            assert await page.locator("#alerts tbody tr").count() == 3
             for chart in ("quality", "drift", "guardrails", "latency", "cost", "timeline"):
                 assert await page.locator(f"#chart-{chart} .main-svg").count() > 0, chart
             assert await page.locator("#chart-drift .point").count() == 3

@@ -9,8 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feedback.dashboard import plotly_js
+from feedback.dashboard.api import parse_span, report_file, report_link
 from gateway.auth import KeyStore
 from schemas.events import ModelEvent
 from tests.browser.dashboard_support import (
@@ -76,7 +79,7 @@ async def test_overview_counts_every_table_and_reports_health(client: httpx.Asyn
     body = (await client.get("/admin/v1/overview", params={"since": str(data.base_ms),
                                                            "until": str(data.base_ms + HOUR)})).json()
     assert {t: v["total"] for t, v in body["tables"].items()} == {
-        "inferences": 20, "feedback": 0, "guardrail_verdicts": 10, "monitor_results": 9, "retrain_triggers": 1,
+        "inferences": 20, "feedback": 0, "guardrail_verdicts": 10, "monitor_results": 8, "retrain_triggers": 1,
         "model_events": 5}
     assert body["tables"]["model_events"]["in_span"] == 2
     assert body["health"] == {"broker": "none", "sink": "ok"}
@@ -87,22 +90,22 @@ async def test_metrics_are_quality_series_with_their_confidence_intervals(client
     _, data = seeded
     body = (await client.get("/admin/v1/metrics", params={**hour(data), "metric": "thumbs_up_rate"})).json()
     [series] = body["series"]
-    assert (series["model"], series["model_version"], series["monitor"]) == ("chat", "v1", "quality")
+    assert (series["model"], series["model_version"], series["monitor"]) == ("chat", "v1", "satisfaction_drop")
     assert [(p["t"], p["value"], p["ci_low"], p["ci_high"]) for p in series["points"]] == [
         (t, *q) for t, q in zip(data.quality_ts, QUALITY_V1, strict=True)]
     assert [p["status"] for p in series["points"]] == ["ok", "ok", "alert"]
     everything = (await client.get("/admin/v1/metrics", params=hour(data))).json()["series"]
     assert {s["metric"] for s in everything} == {"thumbs_up_rate", "mean_rating"}  # drift results are not here
-    rating = next(s for s in everything if s["metric"] == "mean_rating")["points"][0]
-    assert (rating["value"], rating["ci_low"], rating["ci_high"]) == (4.2, 3.9, 4.5)
+    rating = next(s for s in everything if s["metric"] == "mean_rating")["points"]
+    assert [(p["value"], p["ci_low"], p["ci_high"]) for p in rating] == [(4.2, 3.9, 4.5), (None, None, None)]
 
 
 async def test_drift_shows_the_latest_score_per_feature_with_a_report_link(client: httpx.AsyncClient, seeded):
     _, data = seeded
     features = (await client.get("/admin/v1/drift", params=hour(data))).json()["features"]
-    assert [(f["feature"], f["score"], f["drifted"], f["status"]) for f in features] == [
-        ("dataset_drift", 0.5, True, "alert"), ("prompt_length", 0.31, True, "warn"),
-        ("tokens_in", 0.02, False, "ok")]  # the embedding run without enough samples has no score
+    assert [(f["feature"], f["score"], f["drifted"], f["status"], f["monitor"]) for f in features] == [
+        ("dataset_drift", 0.5, True, "alert", "request_drift"), ("prompt_length", 0.31, True, "warn", "request_drift"),
+        ("tokens_in", 0.02, False, "ok", "request_drift")]  # the embedding run without enough samples has no score
     assert {f["report_url"] for f in features} == {"/admin/v1/drift/reports/drift-chat-v1-run1.html"}
     r = await client.get(features[0]["report_url"])
     assert r.status_code == 200 and "drift report run1" in r.text and r.headers["content-type"].startswith("text/html")
@@ -157,10 +160,12 @@ async def test_triggers_and_alerts_list_the_recent_ones(client: httpx.AsyncClien
         data.trigger.event_id, "dpo", data.base_ms + 45 * 60_000)
     alerts = (await client.get("/admin/v1/alerts", params={"since": "1d"})).json()["alerts"]
     assert [(a["monitor"], a["metric"], a["value"]) for a in alerts] == [
-        ("quality", "thumbs_up_rate", 0.5), ("drift", "dataset_drift", 0.5)]
+        ("satisfaction_drop", "thumbs_up_rate", 0.5), ("request_drift", "dataset_drift", 0.5),
+        ("request_drift", "dataset_drift", 0.9)]
     assert alerts[0]["details"]["p_value"] == 0.001
-    warn = (await client.get("/admin/v1/alerts", params={"since": "1d", "status": "warn,alert", "limit": "3"})).json()
-    assert sorted(a["status"] for a in warn["alerts"]) == ["alert", "alert", "warn"]
+    some = (await client.get("/admin/v1/alerts", params={"since": "1d", "status": "insufficient_data,alert",
+                                                          "limit": "4"})).json()["alerts"]
+    assert sorted(a["status"] for a in some) == ["alert", "alert", "insufficient_data", "insufficient_data"]
 
 
 @pytest.mark.parametrize(("path", "params", "param"), [
@@ -243,6 +248,47 @@ async def test_the_dashboard_page_and_its_scripts_are_served_without_data(admin:
         assert js.status_code == 200 and js.content == plotly_js().read_bytes()
         assert (await c.get("/admin/dashboard/static/dashboard.js")).status_code == 200
         assert (await c.get("/admin/dashboard/static/..%2Fapi.py")).status_code == 404
+
+
+# -- pure parts ------------------------------------------------------------------------------------------------------
+
+NOW = 1_795_430_000_000
+
+
+def test_time_windows_take_durations_epoch_ms_and_iso_times_with_a_zone():
+    assert parse_span({}, now_ms=NOW).start_ms == NOW - 86_400_000  # default: the last 24 h
+    span = parse_span({"since": "90m", "until": "1795420000000", "step": "5m"}, now_ms=NOW)
+    assert (span.start_ms, span.end_ms, span.step_s) == (1_795_420_000_000 - 5_400_000, 1_795_420_000_000, 300)
+    span = parse_span({"since": "2026-11-23T00:00:00Z", "until": "2026-11-23T01:00:00+00:00"}, now_ms=NOW)
+    assert span.end_ms - span.start_ms == 3_600_000 and span.step_s == 30  # automatic: at most 200 buckets
+
+
+@pytest.fixture(scope="module")
+def report_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tree")
+    (root / "reports" / "sub").mkdir(parents=True)
+    (root / "reports" / "sub" / "a.html").write_text("a")
+    (root / "reports" / "notes.txt").write_text("no")
+    (root / "outside.html").write_text("secret")
+    (root / "reports" / "link.html").symlink_to(root / "outside.html")
+    return (root / "reports").resolve()
+
+
+def test_report_links_point_only_at_html_files_inside_the_report_directory(report_tree: Path):
+    assert report_link(report_tree, str(report_tree / "sub" / "a.html")) == "/admin/v1/drift/reports/sub/a.html"
+    assert report_link(report_tree, "sub/a.html") == "/admin/v1/drift/reports/sub/a.html"
+    for outside in (str(report_tree.parent / "outside.html"), "../outside.html", "link.html", "notes.txt", "", None):
+        assert report_link(report_tree, outside) is None, outside
+    assert report_link(None, "sub/a.html") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["..", ".", "sub", "a.html", "link.html", "outside.html", "", "/", "x" * 300,
+                                 "notes.txt", "%2e%2e", "\\", "reports"]), max_size=6), st.text(max_size=20))
+def test_no_request_path_reaches_a_file_outside_the_report_directory(report_tree: Path, parts: list[str], junk: str):
+    for relative in ("/".join(parts), "/".join(parts) + junk, junk):
+        found = report_file(report_tree, relative)
+        assert found is None or (found.is_relative_to(report_tree) and found.suffix == ".html"), relative
 
 
 # -- Grafana ---------------------------------------------------------------------------------------------------------
