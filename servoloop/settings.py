@@ -106,7 +106,7 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
         _pending_yaml_path.reset(token)
 
 
-_SECRET_WORDS = ("password", "api_key", "secret", "token")
+_SECRET_WORDS = ("password", "api_key", "secret", "token", "authorization")
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

@@ -30,9 +30,11 @@ def run(
 ) -> None:
     """Run one monitor cycle: evaluate the policy, record results, emit retrain triggers, send alerts.
 
-    Results and triggers go to Kafka when events.broker.mode is external (like every event), else straight
-    into the store. The alert state (hysteresis, cooldown) is read back from the store, so cron runs never
-    fire twice for one incident. Exit status 0 also when monitors alert; 2 on a configuration or store error.
+    Results and triggers go to Kafka when events.broker.mode is external, else straight into the store.
+
+    The alert state (hysteresis, cooldown) is read back from the store: cron runs never fire twice.
+
+    Exit status 0 also when monitors alert; 2 on a configuration or store error.
     """
     from feedback.monitors.policy import load_policy
     from servoloop.settings import load_settings

@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from servoloop.settings import load_settings
+from servoloop.settings import load_settings, redacted
 
 HOUR = 3_600_000
 NOW = 1_767_225_600_000 + 25 * HOUR
@@ -75,8 +75,9 @@ def test_monitor_check_lists_the_bundled_policy_and_names_the_field_of_a_bad_one
 
 def test_the_monitors_section_of_the_settings_tree(tmp_path: Path) -> None:
     config = tmp_path / "servoloop.yaml"
-    config.write_text("monitors: {interval_s: 60, webhook: {url: 'http://hooks/x'}, "
+    config.write_text("monitors: {interval_s: 60, webhook: {url: 'http://hooks/x', headers: {Authorization: s3cret}}, "
                       "prices: {chat: {input_per_1k: 0.5, output_per_1k: 1.5}}}")
     settings = load_settings(config)
+    assert "s3cret" not in str(redacted(settings))
     assert settings.monitors.interval_s == 60 and settings.monitors.webhook.url == "http://hooks/x"
     assert settings.monitors.prices["chat"].output_per_1k == 1.5 and settings.monitors.policy_path is None
