@@ -15,8 +15,10 @@ from aiohttp import web
 from feedback.monitors.base import GroupKey, MonitorWindow
 from feedback.monitors.policy import MonitorPolicy, parse_policy
 from feedback.monitors.quality import Price, quality_snapshot
-from feedback.monitors.runner import Scheduler, run_cycle, store_publisher
+from feedback.monitors.runner import Scheduler, run_cycle, sink_publisher, store_publisher
 from feedback.monitors.settings import MonitorSettings, WebhookSettings
+from feedback.pipeline import EventPipeline
+from feedback.settings import BrokerSettings, EventSettings, IngestSettings
 from feedback.store import ChdbStore, Store, count_rows, migrate, write_events
 from schemas.events import Event, FeedbackEvent, InferenceEvent, MonitorResult, RetrainTrigger
 from tests.support.clickhouse_http import shared_chdb_session
@@ -242,3 +244,29 @@ async def test_the_scheduler_runs_cycles_on_its_interval_fires_once_and_posts_th
     assert len([e for e in published if isinstance(e, RetrainTrigger)]) == 1
     assert [(a["event"], a["model_version"]) for a in received] == [("fired", "v1")]
     assert scheduler.health()["last"]["triggers"] == 0
+
+
+async def test_results_and_the_trigger_travel_through_kafka_and_a_restarted_scheduler_does_not_fire_again(
+        store: Store, tmp_path: Path) -> None:
+    await seed(store, current_v1=(300, 0.6))
+    policy_path = tmp_path / "monitors.yaml"
+    policy_path.write_text(POLICY)
+    events = EventSettings(broker=BrokerSettings(mode="embedded"), ingest=IngestSettings(batch_max_wait_s=0.1))
+    pipeline = EventPipeline(events, data_dir=tmp_path, store=store)
+    await pipeline.start()
+    settings = MonitorSettings(policy_path=policy_path, interval_s=3600)
+    try:
+        assert pipeline.sink is not None
+        for minute in (0, 1):  # the second scheduler is a restart: its state comes from the store
+            scheduler = Scheduler(store, settings, sink_publisher(pipeline.sink), clock=lambda m=minute: NOW + m * 60_000,
+                                  monitors={})
+            await scheduler.start()  # the first cycle runs at once
+            while scheduler.cycles == 0 and scheduler.last_error is None:
+                await asyncio.sleep(0.05)
+            await scheduler.aclose()
+            assert scheduler.last_report is not None and len(scheduler.last_report.triggers) == (1 - minute)
+            assert await pipeline.wait_stored(60), pipeline.health()
+        assert await count_rows(store, "retrain_triggers") == 1
+        assert await count_rows(store, "monitor_results") == 4
+    finally:
+        await pipeline.aclose()
