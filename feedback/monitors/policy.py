@@ -133,6 +133,8 @@ class MonitorPolicy(_Strict):
         if self.clear is None:
             object.__setattr__(self, "clear", self.threshold / 2 if self.compare == "baseline" else self.threshold)
         assert self.clear is not None
+        if self.relative and self.compare != "baseline":
+            raise ValueError("relative: true needs compare: baseline (a change relative to the baseline)")
         if self.compare == "baseline" and self.threshold < 0:
             raise ValueError("threshold is a deterioration from the baseline and must be >= 0")
         lower_is_worse = self.compare == "threshold" and self.worse == "decrease"

@@ -51,6 +51,8 @@ monitors:
     ("monitors: [{name: a, metric: error_rate, threshold: 0.1, action: {type: retrain, recipe: ppo}}]",
      "monitors[0] (a).action.recipe"),
     ("monitors: [{name: a, metric: error_rate, threshold: 0.1, alpha: 2}]", "monitors[0] (a).alpha"),
+    ("monitors: [{name: a, metric: error_rate, compare: threshold, relative: true, threshold: 0.1}]",
+     "relative: true needs compare: baseline"),
     ("monitors: [{name: a, metric: error_rate, threshold: 0.1, tresh: 1}]", "monitors[0] (a).tresh: Extra inputs"),
     ("monitors: [{name: a, metric: error_rate, threshold: 0.1}, {name: a, metric: error_rate, threshold: 0.2}]",
      "two monitors are named 'a'"),
