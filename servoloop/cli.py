@@ -67,8 +67,9 @@ def up(config: ConfigOpt = None,
 
     def ready(server) -> None:
         console.print(f"[green]servoloop is up[/green]: HTTP http://{server.host}:{server.http_port}/v1  "
-                      f"gRPC {server.host}:{server.grpc_port}\n"
-                      "create a key: [bold]servoloop keys create --tenant demo[/bold]")
+                      f"gRPC {server.host}:{server.grpc_port}  dashboard http://{server.host}:{server.http_port}/admin/\n"
+                      "create a key: [bold]servoloop keys create --tenant demo[/bold] "
+                      "(for the dashboard: [bold]servoloop keys create --tenant ops --scope admin[/bold])")
 
     run(serve_all(settings, on_ready=ready))
 

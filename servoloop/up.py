@@ -11,6 +11,7 @@ from functools import partial
 from prometheus_client import CollectorRegistry
 
 from feedback.dashboard import admin_extension
+from feedback.monitors.runner import Scheduler, sink_publisher
 from feedback.pipeline import EventPipeline
 from feedback.store import Store, get_inference
 from gateway.auth import KeyStore
@@ -59,11 +60,18 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
     metrics = GatewayMetrics()  # one registry: the gateway's /metrics shows the sink, spool and ingester too
     pipeline = make_pipeline(metrics.registry) if make_pipeline is not None else None
     server: GatewayServer | None = None
+    scheduler: Scheduler | None = None
+    report_dir = settings.monitors.report_dir or settings.data_dir / "monitor-reports"  # drift HTML reports
 
     async def start() -> None:
-        nonlocal server
+        nonlocal server, scheduler
         if pipeline is not None:
             await pipeline.start()
+            if pipeline.store is not None and pipeline.sink is not None and settings.monitors.enabled:
+                # The store's owner runs the monitors; results and triggers travel through the sink like every event.
+                scheduler = Scheduler(pipeline.store, settings.monitors, sink_publisher(pipeline.sink),
+                                      report_dir=report_dir)
+                await scheduler.start()
         gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics,
                      events=pipeline.sink if pipeline is not None else None)
         if pipeline is not None:
@@ -73,7 +81,7 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
                 gw.http_extensions.append(admin_extension(  # the admin API and the operator dashboard (/admin)
                     pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None,
                     health=pipeline.health,
-                    report_dir=settings.monitors.report_dir or settings.data_dir / "monitor-reports",
+                    report_dir=report_dir,
                     prices={m: (p.input_per_1k, p.output_per_1k) for m, p in settings.monitors.prices.items()}))
         server = GatewayServer(gw)
         await server.start()
@@ -83,6 +91,8 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
     async def stop() -> None:
         if server is not None:
             await server.stop()  # drains in-flight requests: their events are published before the sink closes
+        if scheduler is not None:
+            await scheduler.aclose()
         if pipeline is not None:
             await pipeline.aclose()
 
