@@ -4,7 +4,7 @@
 
 A cycle computes every quality metric once per distinct window (feedback/monitors/quality.py), runs
 other monitor kinds (drift) through the `Monitor` seam, and for each policy entry and group applies
-the significance test, the minimum sample size, hysteresis and the cooldown (feedback/monitors/stats.py).
+the significance test, the minimum sample size, hysteresis and the cooldown (evaluate.py, stats.py).
 It emits exactly one MonitorResult per entry and group, and one RetrainTrigger per fire of a `retrain`
 entry, both through `publish` (the event sink, so they reach Kafka like every event, or the store
 directly); then it posts fire/resolve alerts to the webhook.
@@ -32,24 +32,11 @@ import msgspec
 
 from feedback.monitors.alerts import Alert, WebhookNotifier
 from feedback.monitors.base import GroupKey, Monitor, MonitorWindow, group_of
+from feedback.monitors.evaluate import evaluate
 from feedback.monitors.policy import MonitorPolicy, PolicyFile, PolicyReloader
-from feedback.monitors.quality import Estimate, Price, QualitySnapshot, estimate_of, quality_snapshot
+from feedback.monitors.quality import Price, QualitySnapshot, estimate_of, quality_snapshot
 from feedback.monitors.settings import MonitorSettings
-from feedback.monitors.stats import (
-    AlertState,
-    Decision,
-    Interval,
-    Level,
-    TestResult,
-    binomial_test,
-    corrected_alpha,
-    decide,
-    one_sample_t,
-    step,
-    two_proportion_z,
-    welch_t,
-    z_test,
-)
+from feedback.monitors.stats import AlertState, Level, corrected_alpha, step
 from feedback.store.base import Store
 from feedback.store.writer import write_events
 from schemas.events import Event, MonitorResult, RetrainTrigger, now_ms
@@ -98,74 +85,6 @@ class CycleReport:
         return {"now_ms": self.now_ms, "results": len(self.results), "statuses": statuses,
                 "triggers": len(self.triggers), "alerts": len(self.alerts), "alerts_delivered": self.alerts_delivered,
                 "errors": self.errors, "elapsed_s": round(self.elapsed_s, 3)}
-
-
-class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
-    """One quality policy entry on one group: the numbers, the test and the decision."""
-
-    value: float
-    baseline: float | None
-    deterioration: float
-    p_value: float | None
-    significant: bool
-    decision: Decision
-    n: int
-    n_baseline: int | None
-    ci: Interval
-    baseline_ci: Interval | None
-
-
-def _test(policy: MonitorPolicy, cur: Estimate, base: Estimate | None) -> TestResult | None:
-    """One-sided test that `cur` is worse than `base` (or than the threshold); None where no p-value exists."""
-    alt = "greater" if policy.worse == "increase" else "less"
-    if base is not None:
-        if cur.kind == "rate":
-            return two_proportion_z(cur.successes, cur.n, base.successes, base.n, alt)
-        if cur.kind == "mean":
-            return welch_t(cur.value, cur.variance, cur.n, base.value, base.variance, base.n, alt)
-        if cur.kind == "ratio":
-            return z_test(cur.value, cur.se, base.value, base.se, alt)
-        return None
-    if cur.kind == "rate":
-        return binomial_test(cur.successes, cur.n, policy.threshold, alt)
-    if cur.kind == "mean":
-        return one_sample_t(cur.value, cur.variance, cur.n, policy.threshold, alt)
-    if cur.kind == "ratio":
-        return z_test(cur.value, cur.se, policy.threshold, 0.0, alt)
-    return None
-
-
-def evaluate(policy: MonitorPolicy, cur: Estimate, base: Estimate | None, *, alpha: float) -> Evaluation:
-    """Compare one group's current estimate with its baseline (or the threshold) and decide. Pure.
-
-    Quantiles have no p-value: their change counts as significant when the confidence intervals do not
-    overlap (against the threshold: when the interval lies wholly on the worse side).
-    """
-    sign = 1.0 if policy.worse == "increase" else -1.0
-    clear = policy.clear if policy.clear is not None else policy.threshold
-    if policy.compare == "baseline":
-        base = base if base is not None else estimate_of(None, policy.metric)
-        delta = sign * (cur.value - base.value)
-        if policy.relative:
-            delta = delta / abs(base.value) if base.value else (math.inf if delta > 0 else 0.0 if delta == 0 else -math.inf)
-        fire_at, clear_at, sizes = policy.threshold, clear, (cur.n, base.n)
-    else:
-        base = None
-        delta, fire_at, clear_at, sizes = sign * cur.value, sign * policy.threshold, sign * clear, (cur.n,)
-    test = _test(policy, cur, base)
-    if test is not None:
-        p_value: float | None = test.p_value
-        significant = test.p_value < alpha
-    else:
-        p_value = None
-        ref = base.ci if base is not None else Interval(policy.threshold, policy.threshold)
-        significant = cur.ci.low > ref.high if sign > 0 else cur.ci.high < ref.low
-    decision = decide(deterioration=delta, fire_at=fire_at, clear_at=clear_at, significant=significant,
-                      sample_sizes=sizes, min_samples=policy.min_samples)
-    return Evaluation(value=cur.value, baseline=base.value if base is not None else None, deterioration=delta,
-                      p_value=p_value, significant=significant, decision=decision, n=cur.n,
-                      n_baseline=base.n if base is not None else None, ci=cur.ci,
-                      baseline_ci=base.ci if base is not None else None)
 
 
 def _finite(x: float | None) -> float | None:

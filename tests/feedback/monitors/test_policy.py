@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from feedback.monitors.evaluate import evaluate
 from feedback.monitors.policy import BUNDLED, PolicyReloader, load_policy, parse_policy
 from feedback.monitors.quality import Estimate
-from feedback.monitors.runner import evaluate
 from feedback.monitors.stats import Interval, wilson_interval
 from schemas.errors import ConfigError
 
