@@ -52,7 +52,16 @@ COLUMN_PREFIX = "column:"
 
 NUMERICAL = ("prompt_chars", "response_chars", "tokens_in", "tokens_out", "temperature", "top_p",
              "max_tokens", "non_ascii_share", "cjk_share", "cyrillic_share", "arabic_share")
-CATEGORICAL = ("operation", "script", "input_action", "output_action")
+CATEGORICAL = ("operation", "script", "language", "input_action", "output_action")
+# A cheap language guess for Latin-script prompts: the language whose common words occur most.
+STOPWORDS = {
+    "en": ("the", "and", "is", "are", "of", "to", "what", "how", "my", "you", "can", "do", "for", "with"),
+    "es": ("el", "los", "las", "que", "y", "es", "por", "para", "cómo", "qué", "mi", "una", "con", "del"),
+    "fr": ("le", "les", "des", "et", "est", "pour", "dans", "comment", "je", "vous", "une", "du", "pas"),
+    "de": ("der", "die", "das", "und", "ist", "nicht", "ich", "wie", "was", "mit", "ein", "eine", "zu"),
+    "pt": ("os", "não", "com", "como", "um", "uma", "meu", "você", "são", "para", "que", "é", "do"),
+    "it": ("il", "gli", "che", "è", "non", "per", "con", "come", "sono", "di", "una", "mio", "della"),
+}
 GUARD_PREFIX = "guard_"
 
 
@@ -136,8 +145,15 @@ async def _groups(store: Store, current: TimeRange, settings: DriftSettings, mod
     return [Group(m, v) for m, v in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)]
 
 
+_STOPWORD_HITS = ", ".join("arrayCount(w -> has([{}], w), words)".format(", ".join(f"'{w}'" for w in ws))
+                          for ws in STOPWORDS.values())
+# Two steps, so the per-row feature work runs on the sample only: pick the window's sample by event-id
+# hash (deterministic: the same prompts, hence cached embeddings, on every run), then read those rows.
+_SAMPLE_IDS = ("SELECT event_id FROM inferences WHERE WINDOW_FILTER GROUP_FILTER "
+               "ORDER BY cityHash64(event_id), event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}")
 _FEATURES_SQL = r"""
-WITH PROMPT_TEXT AS p, greatest(lengthUTF8(p), 1) AS pn
+WITH PROMPT_TEXT AS p, greatest(lengthUTF8(p), 1) AS pn,
+     splitByRegexp('[^\\p{L}]+', lowerUTF8(p)) AS words, [STOPWORD_HITS] AS hits
 SELECT
     event_id, toUnixTimestamp64Milli(ts) AS ts_ms, p AS prompt_text,
     lengthUTF8(p) AS prompt_chars, lengthUTF8(response) AS response_chars,
@@ -148,16 +164,20 @@ SELECT
     countMatches(p, '\\p{Arabic}') / pn AS arabic_share,
     multiIf(lengthUTF8(p) = 0, 'empty', cjk_share >= 0.3, 'cjk', cyrillic_share >= 0.3, 'cyrillic',
             arabic_share >= 0.3, 'arabic', non_ascii_share >= 0.3, 'other', 'latin') AS script,
+    multiIf(script = 'cjk', multiIf(countMatches(p, '[\\p{Hiragana}\\p{Katakana}]') > 0, 'ja',
+                                    countMatches(p, '\\p{Hangul}') > 0, 'ko', 'zh'),
+            script != 'latin', script, arrayMax(hits) = 0, 'unknown',
+            arrayElement([LANGUAGES], indexOf(hits, arrayMax(hits)))) AS language,
     operation, input_action, output_action, guardrail_types,
-    count() OVER () AS window_rows
+    (SELECT uniqExact(event_id) FROM inferences WHERE WINDOW_FILTER GROUP_FILTER) AS window_rows
 FROM inferences FINAL
-WHERE WINDOW_FILTER GROUP_FILTER
+WHERE WINDOW_FILTER GROUP_FILTER AND event_id IN (SAMPLE_IDS)
 ORDER BY cityHash64(event_id), event_id
-LIMIT {limit:UInt64}
-""".replace("PROMPT_TEXT", PROMPT_TEXT_SQL).replace("WINDOW_FILTER", _WINDOW)
+""".replace("STOPWORD_HITS", _STOPWORD_HITS).replace("LANGUAGES", ", ".join(f"'{lang}'" for lang in STOPWORDS)).replace("SAMPLE_IDS", _SAMPLE_IDS).replace("PROMPT_TEXT", PROMPT_TEXT_SQL).replace("WINDOW_FILTER", _WINDOW)
 
 
-async def _sample(store: Store, window: TimeRange, group: Group, settings: DriftSettings) -> WindowSample:
+async def sample_window(store: Store, window: TimeRange, group: Group, settings: DriftSettings) -> WindowSample:
+    """A deterministic sample of the window's rows for `group`, with features computed in ClickHouse."""
     where, params = _group_filter(group)
     limit = max(settings.max_rows if settings.tabular else 0, settings.max_embeddings if settings.embeddings else 0)
     table = await store.query(_FEATURES_SQL.replace("GROUP_FILTER", where),
@@ -336,7 +356,7 @@ class DriftDetector:
     async def _detect_group(self, store: Store, ref_range: TimeRange, cur_range: TimeRange,
                             group: Group) -> list[MonitorResult]:
         s = self.settings
-        ref, cur = await _sample(store, ref_range, group, s), await _sample(store, cur_range, group, s)
+        ref, cur = await sample_window(store, ref_range, group, s), await sample_window(store, cur_range, group, s)
         base = {"monitor": MONITOR, "model": group.model, "model_version": group.model_version,
                 "window_start_ms": cur_range.start_ms, "window_end_ms": cur_range.end_ms}
         evidence = {"reference_start_ms": ref_range.start_ms, "reference_end_ms": ref_range.end_ms,

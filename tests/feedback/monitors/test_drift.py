@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -12,14 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from feedback.monitors.base import TimeRange
 from feedback.monitors.drift import (
     DATASET_METRIC,
     EMBEDDING_METRIC,
     DriftDetector,
     DriftSettings,
+    Group,
     auc_null_quantile,
     feature_frames,
     results_by_metric,
+    sample_window,
 )
 from feedback.monitors.embeddings import PromptEmbedder
 from feedback.store import ChdbStore, Store, migrate, write_events
@@ -68,10 +71,23 @@ def events(texts: list[str], start_ms: int, *, model: str = "m", seed: int = 0) 
     return out
 
 
+class MemoEmbedder(PromptEmbedder):
+    """The real model, remembering texts it has seen: tests reuse prompt texts under new event ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memo: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        new = sorted({t for t in texts if t not in self.memo})
+        self.memo.update(zip(new, super().embed(new), strict=True))
+        return np.stack([self.memo[t] for t in texts]) if texts else super().embed(texts)
+
+
 @pytest.fixture(scope="session")
 def embedder() -> PromptEmbedder:
     """One all-MiniLM-L6-v2 per test session (loading it costs seconds)."""
-    e = PromptEmbedder()
+    e = MemoEmbedder()
     e.load()
     return e
 
@@ -141,7 +157,7 @@ async def test_every_feature_column_gets_a_drift_score_and_the_run_saves_an_html
     # constant in both windows: no information, left out of the test (and named as skipped)
     assert "temperature" not in columns and "cjk_share" not in columns
     assert by["column:cyrillic_share"].status == "warn" and by["column:script"].status == "warn"
-    assert by["column:operation"].status == "ok"
+    assert by["column:operation"].status == "ok" and by["column:language"].status == "warn"
     dataset = msgspec.json.decode(by[DATASET_METRIC].details)
     assert "temperature" in dataset["skipped_constant"] and "cyrillic_share" in dataset["drifted"]
     assert by[DATASET_METRIC].value == dataset["drifted_columns"] / dataset["columns"]
@@ -193,6 +209,23 @@ async def test_groups_are_per_model_and_embeddings_can_be_switched_off(store: St
     assert {r.model for r in results if r.metric == DATASET_METRIC} == {"a", "b"}
     only_b = await d.detect(store, reference=REFERENCE, current=CURRENT, model="b", model_version="v1")
     assert {(r.model, r.model_version) for r in only_b} == {("b", "v1")}
+
+
+async def test_window_features_guess_script_and_language_and_read_chat_user_turns(store: Store) -> None:
+    texts = {"en": "How do I roast a chicken for my family?", "es": "¿Cómo puedo cocinar el arroz para la cena?",
+             "fr": "Comment je fais une omelette pour le dîner?", "de": "Wie lange muss ich das Brot backen und was ist",
+             "zh": "怎么做红烧肉?", "ja": "カレーの作り方を教えてください", "ko": "김치찌개 만드는 법을 알려주세요",
+             "cyrillic": "Как приготовить борщ дома?", "unknown": "42 + 17 = ?"}
+    await write_events(store, events(list(texts.values()), REFERENCE[0]))
+
+    sample = await sample_window(store, TimeRange(*REFERENCE), Group("m"), DriftSettings())
+
+    got = dict(zip(sample.prompts.texts, sample.frame["language"], strict=True))
+    assert got == {text: lang for lang, text in texts.items()}
+    frame = sample.frame.set_index(sample.frame["language"])
+    assert frame.loc["zh", "script"] == "cjk" and frame.loc["zh", "cjk_share"] > 0.8
+    assert frame.loc["cyrillic", "script"] == "cyrillic" and frame.loc["es", "script"] == "latin"
+    assert frame.loc["en", "prompt_chars"] == len(texts["en"]) and sample.rows == len(texts)
 
 
 def test_feature_frames_one_hot_finding_types_and_drop_constant_columns() -> None:
