@@ -54,12 +54,13 @@ NUMERICAL = ("prompt_chars", "response_chars", "tokens_in", "tokens_out", "tempe
              "max_tokens", "non_ascii_share", "cjk_share", "cyrillic_share", "arabic_share")
 CATEGORICAL = ("operation", "script", "language", "input_action", "output_action")
 # A cheap language guess for Latin-script prompts: the language whose common words occur most.
+# Disjoint lists: each word votes for one language.
 STOPWORDS = {
     "en": ("the", "and", "is", "are", "of", "to", "what", "how", "my", "you", "can", "do", "for", "with"),
-    "es": ("el", "los", "las", "que", "y", "es", "por", "para", "cómo", "qué", "mi", "una", "con", "del"),
+    "es": ("el", "los", "las", "que", "y", "es", "por", "para", "cómo", "qué", "mi", "del", "pero"),
     "fr": ("le", "les", "des", "et", "est", "pour", "dans", "comment", "je", "vous", "une", "du", "pas"),
     "de": ("der", "die", "das", "und", "ist", "nicht", "ich", "wie", "was", "mit", "ein", "eine", "zu"),
-    "pt": ("os", "não", "com", "como", "um", "uma", "meu", "você", "são", "para", "que", "é", "do"),
+    "pt": ("os", "não", "com", "como", "um", "uma", "meu", "você", "são", "é", "muito", "isso"),
     "it": ("il", "gli", "che", "è", "non", "per", "con", "come", "sono", "di", "una", "mio", "della"),
 }
 GUARD_PREFIX = "guard_"
@@ -145,15 +146,19 @@ async def _groups(store: Store, current: TimeRange, settings: DriftSettings, mod
     return [Group(m, v) for m, v in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)]
 
 
-_STOPWORD_HITS = ", ".join("arrayCount(w -> has([{}], w), words)".format(", ".join(f"'{w}'" for w in ws))
-                          for ws in STOPWORDS.values())
+_WORDS = [w for ws in STOPWORDS.values() for w in ws]
+_LANG_OF_WORD = [i + 1 for i, ws in enumerate(STOPWORDS.values()) for _ in ws]
+# One hash lookup per word (transform), then a count per language.
+_WORD_LANGS = "arrayMap(w -> transform(w, [{}], [{}], 0), words)".format(
+    ", ".join(f"'{w}'" for w in _WORDS), ", ".join(map(str, _LANG_OF_WORD)))
 # Two steps, so the per-row feature work runs on the sample only: pick the window's sample by event-id
 # hash (deterministic: the same prompts, hence cached embeddings, on every run), then read those rows.
 _SAMPLE_IDS = ("SELECT event_id FROM inferences WHERE WINDOW_FILTER GROUP_FILTER "
                "ORDER BY cityHash64(event_id), event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}")
 _FEATURES_SQL = r"""
 WITH PROMPT_TEXT AS p, greatest(lengthUTF8(p), 1) AS pn,
-     splitByRegexp('[^\\p{L}]+', lowerUTF8(p)) AS words, [STOPWORD_HITS] AS hits
+     splitByRegexp('[^\\p{L}]+', lowerUTF8(p)) AS words, WORD_LANGS AS word_langs,
+     arrayMap(i -> countEqual(word_langs, i), range(1, LANG_COUNT)) AS hits
 SELECT
     event_id, toUnixTimestamp64Milli(ts) AS ts_ms, p AS prompt_text,
     lengthUTF8(p) AS prompt_chars, lengthUTF8(response) AS response_chars,
@@ -173,7 +178,8 @@ SELECT
 FROM inferences FINAL
 WHERE WINDOW_FILTER GROUP_FILTER AND event_id IN (SAMPLE_IDS)
 ORDER BY cityHash64(event_id), event_id
-""".replace("STOPWORD_HITS", _STOPWORD_HITS).replace("LANGUAGES", ", ".join(f"'{lang}'" for lang in STOPWORDS)).replace("SAMPLE_IDS", _SAMPLE_IDS).replace("PROMPT_TEXT", PROMPT_TEXT_SQL).replace("WINDOW_FILTER", _WINDOW)
+""".replace("WORD_LANGS", _WORD_LANGS).replace("LANG_COUNT", str(len(STOPWORDS) + 1)).replace(
+    "LANGUAGES", ", ".join(f"'{lang}'" for lang in STOPWORDS)).replace("SAMPLE_IDS", _SAMPLE_IDS).replace("PROMPT_TEXT", PROMPT_TEXT_SQL).replace("WINDOW_FILTER", _WINDOW)
 
 
 async def sample_window(store: Store, window: TimeRange, group: Group, settings: DriftSettings) -> WindowSample:
