@@ -86,8 +86,8 @@ class DriftSettings(BaseModel):
     embedding_quantile: float = Field(
         0.99, gt=0.5, lt=1, description="model: also require AUC above this quantile of its no-drift null")
     embedding_pca_components: int | None = Field(None, ge=2)
+    examples: int = Field(5, ge=0, le=50, description="current prompts least like the reference, in details")
     html_report: bool = True
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -300,10 +300,26 @@ def embedding_drift(reference: np.ndarray, current: np.ndarray, settings: DriftS
             "null_quantile": bound, "quantile": settings.embedding_quantile if bound is not None else None}
 
 
-def _subsample(vectors: np.ndarray, n: int, seed: int) -> np.ndarray:
-    if len(vectors) <= n:
-        return vectors
-    return vectors[np.random.default_rng(seed).choice(len(vectors), n, replace=False)]
+def novel_prompts(reference: np.ndarray, current: np.ndarray, texts: Sequence[str], k: int,
+                  max_chars: int = 200) -> list[dict[str, Any]]:
+    """The `k` distinct current prompts least like any reference prompt, as evidence for an operator.
+
+    Embeddings are L2-normalised, so similarity is a dot product; each prompt is scored by its nearest
+    reference prompt. Texts are the stored (redacted) prompts, cut to `max_chars`.
+    """
+    if k <= 0 or len(reference) == 0 or len(current) == 0:
+        return []
+    nearest = (current @ reference.T).max(axis=1)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i in np.argsort(nearest, kind="stable"):
+        text = texts[i][:max_chars]
+        if text not in seen:
+            seen.add(text)
+            out.append({"prompt": text, "nearest_similarity": round(float(nearest[i]), 3)})
+            if len(out) == k:
+                break
+    return out
 
 
 class DriftDetector:
@@ -418,9 +434,11 @@ class DriftDetector:
         if min(len(g.event_ids) for g in got) < s.min_samples:
             return result(EMBEDDING_METRIC, 0.0, 0.0, "insufficient_data", len(got[1].event_ids),
                           {**counts, "min_samples": s.min_samples})
-        ref_v = _subsample(got[0].vectors, s.max_embeddings, s.seed)
-        cur_v = _subsample(got[1].vectors, s.max_embeddings, s.seed + 1)
-        verdict = await asyncio.to_thread(embedding_drift, ref_v, cur_v, s)
+        verdict = await asyncio.to_thread(embedding_drift, got[0].vectors, got[1].vectors, s)
+        if s.examples:
+            text_of = dict(zip(cur.prompts.event_ids, cur.prompts.texts, strict=True))
+            verdict["novel_prompts"] = novel_prompts(got[0].vectors, got[1].vectors,
+                                                     [text_of[e] for e in got[1].event_ids], s.examples)
         return result(EMBEDDING_METRIC, verdict["score"], verdict["threshold"],
                       "alert" if verdict["drifted"] else "ok", len(got[1].event_ids), {**counts, **verdict})
 
@@ -440,4 +458,5 @@ def results_by_metric(results: Sequence[MonitorResult]) -> dict[tuple[str, str, 
     return {(r.model, r.model_version, r.metric): r for r in results}
 
 
-__all__ = ["DriftDetector", "DriftSettings", "auc_null_quantile", "embedding_drift", "feature_frames", "run_drift", "tabular_drift"]
+__all__ = ["DriftDetector", "DriftSettings", "auc_null_quantile", "embedding_drift", "feature_frames", "novel_prompts",
+           "run_drift", "sample_window", "tabular_drift"]

@@ -113,8 +113,8 @@ def alerts(results: list[MonitorResult], metric: str) -> list[MonitorResult]:
 
 async def test_prompt_distribution_shift_raises_exactly_one_embedding_drift_alert(
         store: Store, embedder: PromptEmbedder, tmp_path: Path) -> None:
-    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], seed=1)
-                       + events(prompts(LEGAL, N, 2), CURRENT[0], seed=2))
+    legal = prompts(LEGAL, N, 2)
+    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], seed=1) + events(legal, CURRENT[0], seed=2))
 
     results = await detector(embedder, tmp_path).detect(store, reference=REFERENCE, current=CURRENT)
 
@@ -123,6 +123,8 @@ async def test_prompt_distribution_shift_raises_exactly_one_embedding_drift_aler
     details = msgspec.json.decode(emb.details)
     assert emb.value > 0.9 and emb.threshold == 0.55 and details["method"] == "model"
     assert details["null_quantile"] == pytest.approx(auc_null_quantile(N, N, 0.99))
+    novel = details["novel_prompts"]  # evidence for the operator: new prompts unlike any reference one
+    assert len(novel) == 5 and all(p["prompt"] in legal and p["nearest_similarity"] < 0.5 for p in novel)
     assert details["embedding_samples"] == [N, N] and emb.sample_size == N
     assert (emb.window_start_ms, emb.window_end_ms) == CURRENT and details["baseline_sample_size"] == N
 
