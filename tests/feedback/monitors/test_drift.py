@@ -24,7 +24,7 @@ from feedback.monitors.drift import (
     results_by_metric,
     sample_window,
 )
-from feedback.monitors.embeddings import PromptEmbedder
+from feedback.monitors.embeddings import PromptEmbedder, backfill_embeddings
 from feedback.store import ChdbStore, Store, migrate, write_events
 from schemas.events import InferenceEvent, Message, MonitorResult
 
@@ -185,6 +185,21 @@ async def test_prompt_embeddings_are_cached_so_a_second_run_embeds_nothing(
     stored = await store.query("SELECT count() AS n, uniqExact(event_id) AS ids, any(length(embedding)) AS dim "
                                "FROM prompt_embeddings FINAL")
     assert stored.to_pylist() == [{"n": 2 * N, "ids": 2 * N, "dim": 384}]
+
+
+async def test_backfill_embeds_each_prompt_of_a_window_once(store: Store, embedder: PromptEmbedder) -> None:
+    chats_and_completions = events(prompts(COOKING, 40, 5), REFERENCE[0], seed=5)
+    await write_events(store, chats_and_completions + events(prompts(LEGAL, 10, 6), CURRENT[0], seed=6))
+
+    first = await backfill_embeddings(store, embedder, start_ms=REFERENCE[0], end_ms=REFERENCE[1], chunk=16)
+    again = await backfill_embeddings(store, embedder, start_ms=REFERENCE[0], end_ms=REFERENCE[1])
+
+    assert (first, again) == (40, 0)
+    stored = await store.query("SELECT event_id, embedding FROM prompt_embeddings FINAL ORDER BY event_id")
+    assert stored.column("event_id").to_pylist() == sorted(e.event_id for e in chats_and_completions)
+    by_id = dict(zip(stored.column("event_id").to_pylist(), stored.column("embedding").to_pylist(), strict=True))
+    chat = chats_and_completions[0]  # the user turn is what gets embedded, not the system prompt
+    assert np.allclose(by_id[chat.event_id], embedder.embed([chat.messages[1].content])[0], atol=1e-5)
 
 
 async def test_a_window_under_min_samples_is_insufficient_data(
