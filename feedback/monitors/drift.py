@@ -113,7 +113,6 @@ class DriftRun:
     drifted_share: float = 0.0
     drifted_count: int = 0
     skipped: list[str] = field(default_factory=list)
-    embedding: dict[str, Any] | None = None
     report: str = ""
 
 
@@ -208,21 +207,20 @@ def feature_frames(reference: pd.DataFrame, current: pd.DataFrame, *, max_guardr
     Returns (reference, current, numerical columns, categorical columns, dropped columns). A column
     holding one and the same value in both windows says nothing about drift (and breaks some tests).
     """
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # by column: finding types that differ only in punctuation share one
     for frame in (reference, current):
         for types in frame["guardrail_types"]:
-            for t in set(types):
-                counts[t] = counts.get(t, 0) + 1
-    kept = sorted(counts, key=lambda t: (-counts[t], t))[:max_guardrail_types]
+            for name in {_column_name(t) for t in types}:
+                counts[name] = counts.get(name, 0) + 1
+    guards = sorted(counts, key=lambda c: (-counts[c], c))[:max_guardrail_types]
     out = []
     for frame in (reference, current):
         frame = frame.copy()
-        sets = [set(types) for types in frame.pop("guardrail_types")]
-        for t in kept:
-            frame[_column_name(t)] = ["yes" if t in s else "no" for s in sets]
+        sets = [{_column_name(t) for t in types} for types in frame.pop("guardrail_types")]
+        for name in guards:
+            frame[name] = ["yes" if name in s else "no" for s in sets]
         out.append(frame)
     ref, cur = out
-    guards = [_column_name(t) for t in kept]
     dropped = [c for c in ref.columns if pd.concat([ref[c], cur[c]]).nunique(dropna=False) <= 1]
     numerical = [c for c in NUMERICAL if c in ref.columns and c not in dropped]
     categorical = [c for c in (*CATEGORICAL, *guards) if c in ref.columns and c not in dropped]

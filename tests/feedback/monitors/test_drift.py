@@ -226,6 +226,9 @@ async def test_groups_are_per_model_and_embeddings_can_be_switched_off(store: St
     assert {r.model for r in results if r.metric == DATASET_METRIC} == {"a", "b"}
     only_b = await d.detect(store, reference=REFERENCE, current=CURRENT, model="b", model_version="v1")
     assert {(r.model, r.model_version) for r in only_b} == {("b", "v1")}
+    per_version = DriftDetector(DriftSettings(embeddings=False, per_version=True), report_dir=tmp_path)
+    versions = await per_version.detect(store, reference=REFERENCE, current=CURRENT)
+    assert {(r.model, r.model_version) for r in versions if r.metric == DATASET_METRIC} == {("a", "v1"), ("b", "v1")}
 
 
 async def test_window_features_guess_script_and_language_and_read_chat_user_turns(store: Store) -> None:
@@ -249,7 +252,7 @@ def test_feature_frames_one_hot_finding_types_and_drop_constant_columns() -> Non
     ref = pd.DataFrame({"prompt_chars": [1, 2], "temperature": [0.7, 0.7], "script": ["latin", "latin"],
                         "guardrail_types": [["email"], []]})
     cur = pd.DataFrame({"prompt_chars": [3, 4], "temperature": [0.7, 0.7], "script": ["latin", "cjk"],
-                        "guardrail_types": [["email", "api key"], ["api key"]]})
+                        "guardrail_types": [["email", "api key"], ["api-key"]]})
 
     r, c, numerical, categorical, dropped = feature_frames(ref, cur)
 
