@@ -2,8 +2,9 @@
 
 Two checks per group, both with Evidently (0.7 API):
 
-* tabular: request features computed in ClickHouse (prompt/response length, token counts, charset and
-  script mix, guardrail actions and finding types, sampling parameters) through `DataDriftPreset`:
+* tabular: request features (feedback/monitors/request_features.py: prompt/response length, token
+  counts, charset/script mix, language guess, guardrail actions and finding types, sampling
+  parameters) through `DataDriftPreset`:
   one drift score per column (its stat test and threshold chosen by Evidently by column type and
   sample size) and the dataset-drift flag (share of drifted columns >= `drift_share`);
 * embeddings: prompt embeddings (feedback/monitors/embeddings.py, cached per event id) compared with
@@ -36,34 +37,24 @@ from pydantic import BaseModel, Field
 
 from feedback.monitors.base import MonitorWindow, TimeRange
 from feedback.monitors.embeddings import (
-    PROMPT_TEXT_SQL,
     EmbeddedPrompts,
     PromptEmbedder,
-    PromptRows,
     embed_prompts,
 )
-from feedback.store.base import ParamValue, Store
+from feedback.monitors.request_features import (
+    Group,
+    WindowSample,
+    feature_frames,
+    sample_window,
+    window_groups,
+)
+from feedback.store.base import Store
 from schemas.events import MonitorResult
 
 MONITOR = "drift"
 DATASET_METRIC = "dataset_drift"
 EMBEDDING_METRIC = "prompt_embedding_drift"
 COLUMN_PREFIX = "column:"
-
-NUMERICAL = ("prompt_chars", "response_chars", "tokens_in", "tokens_out", "temperature", "top_p",
-             "max_tokens", "non_ascii_share", "cjk_share", "cyrillic_share", "arabic_share")
-CATEGORICAL = ("operation", "script", "language", "input_action", "output_action")
-# A cheap language guess for Latin-script prompts: the language whose common words occur most.
-# Disjoint lists: each word votes for one language.
-STOPWORDS = {
-    "en": ("the", "and", "is", "are", "of", "to", "what", "how", "my", "you", "can", "do", "for", "with"),
-    "es": ("el", "los", "las", "que", "y", "es", "por", "para", "cómo", "qué", "mi", "del", "pero"),
-    "fr": ("le", "les", "des", "et", "est", "pour", "dans", "comment", "je", "vous", "une", "du", "pas"),
-    "de": ("der", "die", "das", "und", "ist", "nicht", "ich", "wie", "was", "mit", "ein", "eine", "zu"),
-    "pt": ("os", "não", "com", "como", "um", "uma", "meu", "você", "são", "é", "muito", "isso"),
-    "it": ("il", "gli", "che", "è", "non", "per", "con", "come", "sono", "di", "una", "mio", "della"),
-}
-GUARD_PREFIX = "guard_"
 
 
 class DriftSettings(BaseModel):
@@ -90,21 +81,6 @@ class DriftSettings(BaseModel):
     html_report: bool = True
 
 
-@dataclass(frozen=True)
-class Group:
-    model: str
-    model_version: str = ""  # "" = every version of the model
-
-
-@dataclass
-class WindowSample:
-    """A window's sampled rows: features (pandas) and, for the first `max_embeddings`, their prompts."""
-
-    frame: pd.DataFrame
-    prompts: PromptRows
-    rows: int  # rows in the window (before sampling)
-
-
 @dataclass
 class DriftRun:
     """Everything one group's run found, before it becomes MonitorResults (pure data, for tests too)."""
@@ -118,113 +94,6 @@ class DriftRun:
 
 def _as_range(r: TimeRange | tuple[int, int]) -> TimeRange:
     return r if isinstance(r, TimeRange) else TimeRange(int(r[0]), int(r[1]))
-
-
-def _group_filter(group: Group) -> tuple[str, dict[str, ParamValue]]:
-    sql, params = " AND model = {model:String}", {"model": group.model}
-    if group.model_version:
-        sql += " AND model_version = {model_version:String}"
-        params["model_version"] = group.model_version
-    return sql, params
-
-
-_WINDOW = ("ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
-           "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')")
-
-
-async def _groups(store: Store, current: TimeRange, settings: DriftSettings, model: str | None,
-                  model_version: str | None) -> list[Group]:
-    if model is not None:
-        return [Group(model, model_version or "")]
-    by = "model, model_version" if settings.per_version or model_version else "model, '' AS model_version"
-    version = " AND model_version = {model_version:String}" if model_version else ""
-    table = await store.query(
-        f"SELECT DISTINCT {by} FROM inferences WHERE {_WINDOW}{version} ORDER BY 1, 2",
-        {"start_ms": current.start_ms, "end_ms": current.end_ms, **({"model_version": model_version}
-                                                                    if model_version else {})})
-    return [Group(m, v) for m, v in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)]
-
-
-_WORDS = [w for ws in STOPWORDS.values() for w in ws]
-_LANG_OF_WORD = [i + 1 for i, ws in enumerate(STOPWORDS.values()) for _ in ws]
-# One hash lookup per word (transform), then a count per language.
-_WORD_LANGS = "arrayMap(w -> transform(w, [{}], [{}], 0), words)".format(
-    ", ".join(f"'{w}'" for w in _WORDS), ", ".join(map(str, _LANG_OF_WORD)))
-# Two steps, so the per-row feature work runs on the sample only: pick the window's sample by event-id
-# hash (deterministic: the same prompts, hence cached embeddings, on every run), then read those rows.
-_SAMPLE_IDS = ("SELECT event_id FROM inferences WHERE WINDOW_FILTER GROUP_FILTER "
-               "ORDER BY cityHash64(event_id), event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}")
-_FEATURES_SQL = r"""
-WITH PROMPT_TEXT AS p, greatest(lengthUTF8(p), 1) AS pn,
-     splitByRegexp('[^\\p{L}]+', lowerUTF8(p)) AS words, WORD_LANGS AS word_langs,
-     arrayMap(i -> countEqual(word_langs, i), range(1, LANG_COUNT)) AS hits
-SELECT
-    event_id, toUnixTimestamp64Milli(ts) AS ts_ms, p AS prompt_text,
-    lengthUTF8(p) AS prompt_chars, lengthUTF8(response) AS response_chars,
-    tokens_in, tokens_out, temperature, top_p, max_tokens,
-    (lengthUTF8(p) - countMatches(p, '[\\x00-\\x7F]')) / pn AS non_ascii_share,
-    countMatches(p, '[\\p{Han}\\p{Hiragana}\\p{Katakana}\\p{Hangul}]') / pn AS cjk_share,
-    countMatches(p, '\\p{Cyrillic}') / pn AS cyrillic_share,
-    countMatches(p, '\\p{Arabic}') / pn AS arabic_share,
-    multiIf(lengthUTF8(p) = 0, 'empty', cjk_share >= 0.3, 'cjk', cyrillic_share >= 0.3, 'cyrillic',
-            arabic_share >= 0.3, 'arabic', non_ascii_share >= 0.3, 'other', 'latin') AS script,
-    multiIf(script = 'cjk', multiIf(countMatches(p, '[\\p{Hiragana}\\p{Katakana}]') > 0, 'ja',
-                                    countMatches(p, '\\p{Hangul}') > 0, 'ko', 'zh'),
-            script != 'latin', script, arrayMax(hits) = 0, 'unknown',
-            arrayElement([LANGUAGES], indexOf(hits, arrayMax(hits)))) AS language,
-    operation, input_action, output_action, guardrail_types,
-    (SELECT uniqExact(event_id) FROM inferences WHERE WINDOW_FILTER GROUP_FILTER) AS window_rows
-FROM inferences FINAL
-WHERE WINDOW_FILTER GROUP_FILTER AND event_id IN (SAMPLE_IDS)
-ORDER BY cityHash64(event_id), event_id
-""".replace("WORD_LANGS", _WORD_LANGS).replace("LANG_COUNT", str(len(STOPWORDS) + 1)).replace(
-    "LANGUAGES", ", ".join(f"'{lang}'" for lang in STOPWORDS)).replace("SAMPLE_IDS", _SAMPLE_IDS).replace("PROMPT_TEXT", PROMPT_TEXT_SQL).replace("WINDOW_FILTER", _WINDOW)
-
-
-async def sample_window(store: Store, window: TimeRange, group: Group, settings: DriftSettings) -> WindowSample:
-    """A deterministic sample of the window's rows for `group`, with features computed in ClickHouse."""
-    where, params = _group_filter(group)
-    limit = max(settings.max_rows if settings.tabular else 0, settings.max_embeddings if settings.embeddings else 0)
-    table = await store.query(_FEATURES_SQL.replace("GROUP_FILTER", where),
-                              {"start_ms": window.start_ms, "end_ms": window.end_ms, "limit": limit, **params})
-    rows = int(table.column("window_rows")[0].as_py()) if table.num_rows else 0
-    n_emb = min(table.num_rows, settings.max_embeddings)
-    head = table.slice(0, n_emb)
-    prompts = PromptRows(head.column("event_id").to_pylist(), head.column("ts_ms").to_pylist(),
-                         head.column("prompt_text").to_pylist())
-    features = table.drop_columns(["event_id", "ts_ms", "prompt_text", "window_rows"]).slice(0, settings.max_rows)
-    return WindowSample(features.to_pandas(), prompts, rows)
-
-
-def _column_name(finding_type: str) -> str:
-    return GUARD_PREFIX + re.sub(r"[^0-9a-zA-Z_]+", "_", finding_type).strip("_").lower()
-
-
-def feature_frames(reference: pd.DataFrame, current: pd.DataFrame, *, max_guardrail_types: int = 20,
-                   ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str], list[str]]:
-    """Both windows' feature frames with finding types one-hot encoded, and constant columns dropped.
-
-    Returns (reference, current, numerical columns, categorical columns, dropped columns). A column
-    holding one and the same value in both windows says nothing about drift (and breaks some tests).
-    """
-    counts: dict[str, int] = {}  # by column: finding types that differ only in punctuation share one
-    for frame in (reference, current):
-        for types in frame["guardrail_types"]:
-            for name in {_column_name(t) for t in types}:
-                counts[name] = counts.get(name, 0) + 1
-    guards = sorted(counts, key=lambda c: (-counts[c], c))[:max_guardrail_types]
-    out = []
-    for frame in (reference, current):
-        frame = frame.copy()
-        sets = [{_column_name(t) for t in types} for types in frame.pop("guardrail_types")]
-        for name in guards:
-            frame[name] = ["yes" if name in s else "no" for s in sets]
-        out.append(frame)
-    ref, cur = out
-    dropped = [c for c in ref.columns if pd.concat([ref[c], cur[c]]).nunique(dropna=False) <= 1]
-    numerical = [c for c in NUMERICAL if c in ref.columns and c not in dropped]
-    categorical = [c for c in (*CATEGORICAL, *guards) if c in ref.columns and c not in dropped]
-    return ref[numerical + categorical], cur[numerical + categorical], numerical, categorical, dropped
 
 
 def tabular_drift(reference: pd.DataFrame, current: pd.DataFrame, numerical: list[str], categorical: list[str],
@@ -369,14 +238,17 @@ class DriftDetector:
         """
         ref_range, cur_range = _as_range(reference), _as_range(current)
         results: list[MonitorResult] = []
-        for group in await _groups(store, cur_range, self.settings, model, model_version):
+        for group in await window_groups(store, cur_range, per_version=self.settings.per_version, model=model,
+                                             model_version=model_version):
             results += await self._detect_group(store, ref_range, cur_range, group)
         return results
 
     async def _detect_group(self, store: Store, ref_range: TimeRange, cur_range: TimeRange,
                             group: Group) -> list[MonitorResult]:
         s = self.settings
-        ref, cur = await sample_window(store, ref_range, group, s), await sample_window(store, cur_range, group, s)
+        size = {"rows": s.max_rows if s.tabular else 0, "prompts": s.max_embeddings if s.embeddings else 0}
+        ref = await sample_window(store, ref_range, group, **size)
+        cur = await sample_window(store, cur_range, group, **size)
         base = {"monitor": MONITOR, "model": group.model, "model_version": group.model_version,
                 "window_start_ms": cur_range.start_ms, "window_end_ms": cur_range.end_ms}
         evidence = {"reference_start_ms": ref_range.start_ms, "reference_end_ms": ref_range.end_ms,
@@ -456,5 +328,5 @@ def results_by_metric(results: Sequence[MonitorResult]) -> dict[tuple[str, str, 
     return {(r.model, r.model_version, r.metric): r for r in results}
 
 
-__all__ = ["DriftDetector", "DriftSettings", "auc_null_quantile", "embedding_drift", "feature_frames", "novel_prompts",
-           "run_drift", "sample_window", "tabular_drift"]
+__all__ = ["DriftDetector", "DriftSettings", "auc_null_quantile", "embedding_drift", "novel_prompts", "run_drift",
+           "tabular_drift"]

@@ -18,13 +18,11 @@ from feedback.monitors.drift import (
     EMBEDDING_METRIC,
     DriftDetector,
     DriftSettings,
-    Group,
     auc_null_quantile,
-    feature_frames,
     results_by_metric,
-    sample_window,
 )
 from feedback.monitors.embeddings import PromptEmbedder, backfill_embeddings
+from feedback.monitors.request_features import Group, feature_frames, sample_window
 from feedback.store import ChdbStore, Store, migrate, write_events
 from schemas.events import InferenceEvent, Message, MonitorResult
 
@@ -238,7 +236,7 @@ async def test_window_features_guess_script_and_language_and_read_chat_user_turn
              "cyrillic": "Как приготовить борщ дома?", "unknown": "42 + 17 = ?"}
     await write_events(store, events(list(texts.values()), REFERENCE[0]))
 
-    sample = await sample_window(store, TimeRange(*REFERENCE), Group("m"), DriftSettings())
+    sample = await sample_window(store, TimeRange(*REFERENCE), Group("m"), rows=100, prompts=100)
 
     got = dict(zip(sample.prompts.texts, sample.frame["language"], strict=True))
     assert got == {text: lang for lang, text in texts.items()}
