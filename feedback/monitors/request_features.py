@@ -83,8 +83,10 @@ _WORD_LANGS = "arrayMap(w -> transform(w, [{}], [{}], 0), words)".format(
     ", ".join(f"'{w}'" for w in _WORDS), ", ".join(map(str, _LANG_OF_WORD)))
 # Two steps, so the per-row feature work runs on the sample only: pick the window's sample by event-id
 # hash (deterministic: the same prompts, hence cached embeddings, on every run), then read those rows.
+# (A redelivered event not merged yet may take two of the sample's slots: a slightly smaller sample, no
+# double count, and deduplicating 1M ids here would cost more than the whole feature query.)
 _SAMPLE_IDS = ("SELECT event_id FROM inferences WHERE WINDOW_FILTER GROUP_FILTER "
-               "ORDER BY cityHash64(event_id), event_id LIMIT 1 BY event_id LIMIT {limit:UInt64}")
+               "ORDER BY cityHash64(event_id), event_id LIMIT {limit:UInt64}")
 _FEATURES_SQL = r"""
 WITH PROMPT_TEXT AS p, greatest(lengthUTF8(p), 1) AS pn,
      splitByRegexp('[^\\p{L}]+', lowerUTF8(p)) AS words, WORD_LANGS AS word_langs,
@@ -104,7 +106,7 @@ SELECT
             script != 'latin', script, arrayMax(hits) = 0, 'unknown',
             arrayElement([LANGUAGES], indexOf(hits, arrayMax(hits)))) AS language,
     operation, input_action, output_action, guardrail_types,
-    (SELECT uniqExact(event_id) FROM inferences WHERE WINDOW_FILTER GROUP_FILTER) AS window_rows
+    (SELECT count() FROM inferences FINAL WHERE WINDOW_FILTER GROUP_FILTER) AS window_rows
 FROM inferences FINAL
 WHERE WINDOW_FILTER GROUP_FILTER AND event_id IN (SAMPLE_IDS)
 ORDER BY cityHash64(event_id), event_id
