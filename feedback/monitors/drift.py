@@ -88,8 +88,11 @@ class DriftRun:
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> score, method, threshold, drifted
     drifted_share: float = 0.0
     drifted_count: int = 0
-    skipped: list[str] = field(default_factory=list)
     report: str = ""
+
+
+async def _nothing() -> list[MonitorResult]:
+    return []
 
 
 def _as_range(r: TimeRange | tuple[int, int]) -> TimeRange:
@@ -271,30 +274,31 @@ class DriftDetector:
             label = re.sub(r"[^0-9A-Za-z._-]+", "_", f"{group.model}-{group.model_version or 'all'}")
             report_path = self.report_dir / f"drift-{label}-{cur_range.end_ms}-{uuid.uuid4().hex[:8]}.html"
 
-        out: list[MonitorResult] = []
-        run = DriftRun()
-        if s.tabular:
-            ref_f, cur_f, num, cat, dropped = feature_frames(ref.frame, cur.frame,
-                                                             max_guardrail_types=s.max_guardrail_types)
-            run = await asyncio.to_thread(tabular_drift, ref_f, cur_f, num, cat, s, report_path)
-            run.skipped = dropped
-            common = {"report": run.report, "sampled": [len(ref_f), len(cur_f)]}
-            for name, col in run.columns.items():
-                out.append(result(COLUMN_PREFIX + name, col["score"], col["threshold"],
-                                  "warn" if col["drifted"] else "ok", cur.rows,
-                                  {**common, "column": name, "method": col["method"], "drifted": col["drifted"]}))
-            dataset_drift = bool(run.columns) and run.drifted_share >= s.drift_share
-            out.append(result(DATASET_METRIC, run.drifted_share, s.drift_share,
-                              "alert" if dataset_drift else "ok", cur.rows,
-                              {**common, "dataset_drift": dataset_drift, "drifted_columns": run.drifted_count,
-                               "columns": len(run.columns), "skipped_constant": dropped,
-                               "drifted": sorted(c for c, v in run.columns.items() if v["drifted"])}))
-        if s.embeddings:
-            out.append(await self._embedding_result(store, ref, cur, run.report, result))
+        # The tabular report (CPU in a thread) and the embedding check (store reads, then numpy) overlap.
+        report = str(report_path) if report_path is not None else ""
+        parts = await asyncio.gather(
+            self._tabular_results(ref, cur, report_path, result) if s.tabular else _nothing(),
+            self._embedding_result(store, ref, cur, report, result) if s.embeddings else _nothing())
+        return [r for part in parts for r in part]
+
+    async def _tabular_results(self, ref: WindowSample, cur: WindowSample, report_path: Path | None,
+                               result: Any) -> list[MonitorResult]:
+        s = self.settings
+        ref_f, cur_f, num, cat, dropped = feature_frames(ref.frame, cur.frame, max_guardrail_types=s.max_guardrail_types)
+        run = await asyncio.to_thread(tabular_drift, ref_f, cur_f, num, cat, s, report_path)
+        common = {"report": run.report, "sampled": [len(ref_f), len(cur_f)]}
+        out = [result(COLUMN_PREFIX + name, col["score"], col["threshold"], "warn" if col["drifted"] else "ok",
+                      cur.rows, {**common, "column": name, "method": col["method"], "drifted": col["drifted"]})
+               for name, col in run.columns.items()]
+        dataset_drift = bool(run.columns) and run.drifted_share >= s.drift_share
+        out.append(result(DATASET_METRIC, run.drifted_share, s.drift_share, "alert" if dataset_drift else "ok",
+                          cur.rows, {**common, "dataset_drift": dataset_drift, "drifted_columns": run.drifted_count,
+                                     "columns": len(run.columns), "skipped_constant": dropped,
+                                     "drifted": sorted(c for c, v in run.columns.items() if v["drifted"])}))
         return out
 
     async def _embedding_result(self, store: Store, ref: WindowSample, cur: WindowSample, report: str,
-                                result: Any) -> MonitorResult:
+                                result: Any) -> list[MonitorResult]:
         s = self.settings
         embedder = self.embedder
         got: list[EmbeddedPrompts] = [await embed_prompts(store, ref.prompts, embedder),
@@ -302,15 +306,15 @@ class DriftDetector:
         counts = {"embedded_now": sum(g.embedded_now for g in got), "missing": sum(g.missing for g in got),
                   "embedding_samples": [len(g.event_ids) for g in got], "report": report}
         if min(len(g.event_ids) for g in got) < s.min_samples:
-            return result(EMBEDDING_METRIC, 0.0, 0.0, "insufficient_data", len(got[1].event_ids),
-                          {**counts, "min_samples": s.min_samples})
+            return [result(EMBEDDING_METRIC, 0.0, 0.0, "insufficient_data", len(got[1].event_ids),
+                           {**counts, "min_samples": s.min_samples})]
         verdict = await asyncio.to_thread(embedding_drift, got[0].vectors, got[1].vectors, s)
         if s.examples:
             text_of = dict(zip(cur.prompts.event_ids, cur.prompts.texts, strict=True))
             verdict["novel_prompts"] = novel_prompts(got[0].vectors, got[1].vectors,
                                                      [text_of[e] for e in got[1].event_ids], s.examples)
-        return result(EMBEDDING_METRIC, verdict["score"], verdict["threshold"],
-                      "alert" if verdict["drifted"] else "ok", len(got[1].event_ids), {**counts, **verdict})
+        return [result(EMBEDDING_METRIC, verdict["score"], verdict["threshold"],
+                       "alert" if verdict["drifted"] else "ok", len(got[1].event_ids), {**counts, **verdict})]
 
 
 async def run_drift(store: Store, *, reference: TimeRange | tuple[int, int], current: TimeRange | tuple[int, int],
