@@ -79,6 +79,7 @@ class DriftSettings(BaseModel):
     embedding_pca_components: int | None = Field(None, ge=2)
     examples: int = Field(5, ge=0, le=50, description="current prompts least like the reference, in details")
     html_report: bool = True
+    reports_kept: int = Field(500, ge=1, description="newest drift HTML reports kept in the report dir (~4 MB each)")
 
 
 @dataclass
@@ -89,6 +90,18 @@ class DriftRun:
     drifted_share: float = 0.0
     drifted_count: int = 0
     report: str = ""
+
+
+def prune_reports(report_dir: Path, keep: int) -> int:
+    """Delete all but the `keep` newest drift reports in `report_dir`; return how many went.
+
+    Each Evidently report inlines its scripts (~4 MB); results older than the kept reports then link
+    to a missing file, which the dashboard shows as such.
+    """
+    reports = sorted(report_dir.glob("drift-*.html"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    for old in reports[keep:]:
+        old.unlink(missing_ok=True)
+    return max(len(reports) - keep, 0)
 
 
 async def _nothing() -> list[MonitorResult]:
@@ -279,6 +292,8 @@ class DriftDetector:
         parts = await asyncio.gather(
             self._tabular_results(ref, cur, report_path, result) if s.tabular else _nothing(),
             self._embedding_result(store, ref, cur, report, result) if s.embeddings else _nothing())
+        if report_path is not None:
+            await asyncio.to_thread(prune_reports, report_path.parent, s.reports_kept)
         return [r for part in parts for r in part]
 
     async def _tabular_results(self, ref: WindowSample, cur: WindowSample, report_path: Path | None,
@@ -332,5 +347,5 @@ def results_by_metric(results: Sequence[MonitorResult]) -> dict[tuple[str, str, 
     return {(r.model, r.model_version, r.metric): r for r in results}
 
 
-__all__ = ["DriftDetector", "DriftSettings", "auc_null_quantile", "embedding_drift", "novel_prompts", "run_drift",
-           "tabular_drift"]
+__all__ = ["DriftDetector", "DriftSettings", "auc_null_quantile", "embedding_drift", "novel_prompts", "prune_reports",
+           "run_drift", "tabular_drift"]

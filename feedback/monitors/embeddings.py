@@ -170,7 +170,9 @@ async def backfill_embeddings(store: Store, embedder: PromptEmbedder, *, start_m
             f"SELECT event_id, toUnixTimestamp64Milli(ts) AS ts_ms, {PROMPT_TEXT_SQL} AS text "
             "FROM inferences WHERE ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
             "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC') "
-            f"AND event_id NOT IN (SELECT event_id FROM {TABLE} WHERE embedding_model = {{model:String}}) "
+            f"AND event_id NOT IN (SELECT event_id FROM {TABLE} WHERE embedding_model = {{model:String}} "
+            "AND ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
+            "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')) "
             "LIMIT 1 BY event_id LIMIT {n:UInt64}",
             {"start_ms": start_ms, "end_ms": end_ms, "model": embedder.name, "n": n})
         if table.num_rows == 0:

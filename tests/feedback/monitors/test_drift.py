@@ -19,6 +19,7 @@ from feedback.monitors.drift import (
     DriftDetector,
     DriftSettings,
     auc_null_quantile,
+    prune_reports,
     results_by_metric,
 )
 from feedback.monitors.embeddings import PromptEmbedder, backfill_embeddings
@@ -269,3 +270,15 @@ def test_auc_null_quantile_matches_the_simulated_no_drift_distribution() -> None
     aucs = (ranks[:, :half].sum(axis=1) - half * (half + 1) / 2) / (half * half)
     for q in (0.95, 0.99):
         assert auc_null_quantile(n, n, q) == pytest.approx(np.quantile(aucs, q), abs=0.005)
+
+
+def test_only_the_newest_drift_reports_are_kept(tmp_path: Path) -> None:
+    import os
+
+    for i in range(5):
+        (tmp_path / f"drift-m-all-{i}.html").write_text("x")
+        os.utime(tmp_path / f"drift-m-all-{i}.html", ns=(i * 10**9, i * 10**9))
+    (tmp_path / "other.html").write_text("kept")
+
+    assert prune_reports(tmp_path, 2) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drift-m-all-3.html", "drift-m-all-4.html", "other.html"]
