@@ -213,7 +213,8 @@ class DriftDetector:
     def __init__(self, settings: DriftSettings | None = None, *, report_dir: Path | str | None = None,
                  embedder: PromptEmbedder | None = None):
         self.settings = settings or DriftSettings()
-        self.report_dir = Path(report_dir) if report_dir is not None else None
+        # absolute, so a result names its report wherever it is read (the dashboard serves it from there)
+        self.report_dir = Path(report_dir).resolve() if report_dir is not None else None
         self._embedder = embedder
 
     @property
