@@ -305,7 +305,10 @@ class DriftDetector:
         out.append(result(DATASET_METRIC, run.drifted_share, s.drift_share, "alert" if dataset_drift else "ok",
                           cur.rows, {**common, "dataset_drift": dataset_drift, "drifted_columns": run.drifted_count,
                                      "columns": len(run.columns), "skipped_constant": dropped,
-                                     "drifted": sorted(c for c, v in run.columns.items() if v["drifted"])}))
+                                     "drifted": sorted(c for c, v in run.columns.items() if v["drifted"]),
+                                     # per feature, for the dashboard (a policy entry keeps only its own metric)
+                                     "column_scores": {c: {k: v[k] for k in ("score", "threshold", "method", "drifted")}
+                                                       for c, v in run.columns.items()}}))
         return out
 
     async def _embedding_result(self, store: Store, ref: WindowSample, cur: WindowSample, report: str,
