@@ -11,7 +11,7 @@ those positions. `KeywordRule` reports whole-word occurrences of words and phras
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import ahocorasick
 import regex
@@ -153,6 +153,17 @@ class KeywordRule:
         return self._found(view, pos, frontier), frontier
 
 
+def anchor_starts(view: TextView, anchors: Anchors, group: str, first: str = "") -> list[int]:
+    """Sorted starts of `group`'s anchors whose first character is in `first` (any, when empty); memoised in
+    the view, so every rule with the same anchors, group and first characters shares one list."""
+    key = (anchors, group, first)
+    starts = view.memo.get(key)
+    if starts is None:
+        text = view.text
+        starts = view.memo[key] = sorted({s for s, _e in anchors.spans(view, group) if not first or text[s] in first})
+    return starts  # type: ignore[return-value]
+
+
 class AnchoredRule:
     """`pattern` tried (with `match`) at every anchor start (of `group`, for keyword anchors).
 
@@ -172,12 +183,7 @@ class AnchoredRule:
         self.width = self._rule.width
 
     def _starts(self, view: TextView, pos: int, limit: int) -> list[int]:
-        key = (self.anchors, self.group, self._first)
-        starts = view.memo.get(key)
-        if starts is None:  # shared by every rule with the same anchors, group and first characters
-            text, first = view.text, self._first
-            starts = view.memo[key] = sorted({s for s, _e in self.anchors.spans(view, self.group)
-                                              if not first or text[s] in first})
+        starts = anchor_starts(view, self.anchors, self.group, self._first)
         if pos == 0 and limit > len(view.text):
             return starts  # type: ignore[return-value]
         return starts[bisect_left(starts, pos):bisect_left(starts, limit)]  # type: ignore[arg-type]
@@ -216,3 +222,46 @@ class AnchoredRule:
                 if finding is not None:
                     out.append(finding)
         return out, frontier
+
+
+_NAMED_GROUP = regex.compile(r"\(\?P<\w+>")
+
+
+class AnchorProbe:
+    """Anchored rules that share anchors and group, tried together on a whole text.
+
+    Each rule's pattern sits in a capturing look-ahead of one combined pattern (a failed look-ahead falls
+    through to an empty branch; a final condition fails when none matched), so one `match` per anchor tells
+    which rules match there, and only those are matched again for their own match object. A look-ahead
+    captures exactly what the pattern's own `match` at that position would.
+    """
+
+    def __init__(self, rules: Sequence[AnchoredRule]):
+        self.rules = tuple(rules)
+        body = "".join(f"(?:(?=(?P<r{i}>{_NAMED_GROUP.sub('(?:', r.regex.pattern)}))|)"
+                       for i, r in enumerate(self.rules))
+        none = "".join(f"(?(r{i})|" for i in range(len(self.rules))) + "(?!)" + ")" * len(self.rules)
+        self.regex = regex.compile(body + none, regex.V0)
+        self._groups = tuple(self.regex.groupindex[f"r{i}"] for i in range(len(self.rules)))
+
+    def scan(self, view: TextView) -> list[list[Finding]]:
+        """Each rule's `scan(view)`, in rule order."""
+        rules = self.rules
+        out: list[list[Finding]] = [[] for _ in rules]
+        live = [r._rule.applies(view) for r in rules]
+        if not any(live):
+            return out
+        text, probe = view.text, self.regex.match
+        tried = [(k, r, r._first, r.regex.match, r._rule.finding, self._groups[k])
+                 for k, r in enumerate(rules) if live[k]]
+        for s in anchor_starts(view, rules[0].anchors, rules[0].group):
+            m = probe(text, s)
+            if m is None:
+                continue
+            regs = m.regs
+            for k, _rule, first, match, finding, g in tried:
+                if regs[g][0] >= 0 and (not first or text[s] in first):
+                    f = finding(match(text, s))
+                    if f is not None:
+                        out[k].append(f)
+        return out

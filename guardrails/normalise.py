@@ -14,8 +14,7 @@ import binascii
 import re
 import unicodedata
 from bisect import bisect_right
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from urllib.parse import unquote
 
@@ -86,68 +85,145 @@ def fold_char(c: str) -> str:
     return base.casefold().translate(_HOMOGLYPHS)
 
 
-@dataclass(frozen=True, slots=True)
 class MappedText:
-    """A derived text and, piece by piece, where each piece came from in its source text."""
+    """A derived text and, piece by piece, where each piece came from in its source text.
 
-    text: str
-    starts: tuple[int, ...] = ()  # start of each piece in `text`
-    sources: tuple[tuple[int, int, bool], ...] = ()  # (source start, source end, copied verbatim)
+    The pieces may be given, or built on first use by `build` (the skeleton's map is only needed for the
+    few spans that match, so it is not built for every text).
+    """
+
+    __slots__ = ("_build", "_sources", "_starts", "text")
+
+    def __init__(self, text: str, starts: tuple[int, ...] = (), sources: tuple[tuple[int, int, bool], ...] = (),
+                 build: Callable[[], tuple[tuple[int, ...], tuple[tuple[int, int, bool], ...]]] | None = None):
+        self.text = text
+        self._starts = starts  # start of each piece in `text`
+        self._sources = sources  # (source start, source end, copied verbatim)
+        self._build = build
+
+    def _pieces(self) -> tuple[tuple[int, ...], tuple[tuple[int, int, bool], ...]]:
+        if self._build is not None:
+            self._starts, self._sources = self._build()
+            self._build = None
+        return self._starts, self._sources
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return self._pieces()[0]
+
+    @property
+    def sources(self) -> tuple[tuple[int, int, bool], ...]:
+        return self._pieces()[1]
 
     def source_span(self, start: int, end: int) -> tuple[int, int]:
         """The span of the source text that `text[start:end]` came from (identity when no pieces)."""
-        if not self.starts:
+        starts, _ = self._pieces()
+        if not starts:
             return start, end
         return self._source_pos(start, False), self._source_pos(max(start, end - 1), True)
 
     def _source_pos(self, pos: int, end: bool) -> int:
-        i = max(bisect_right(self.starts, pos) - 1, 0)
-        s, e, verbatim = self.sources[i]
+        starts, sources = self._pieces()
+        i = max(bisect_right(starts, pos) - 1, 0)
+        s, e, verbatim = sources[i]
         if verbatim:
-            return min(s + (pos - self.starts[i]) + (1 if end else 0), e)
+            return min(s + (pos - starts[i]) + (1 if end else 0), e)
         return e if end else s
+
+
+# The skeleton of ASCII text, byte for byte: lower case, then leetspeak.
+_ASCII_SKELETON = bytes(ord(chr(c).lower().translate(_LEET)) if c < 128 else c for c in range(256))
+
+
+class _FoldTable(dict[int, str]):
+    """Code point -> its skeleton (fold_char, then leetspeak), filled on first use; bounded."""
+
+    def __missing__(self, cp: int) -> str:
+        folded = fold_char(chr(cp)).translate(_LEET)
+        if len(self) < 65536:
+            self[cp] = folded
+        return folded
+
+
+_FOLD = _FoldTable()
+
+
+def _ascii_skeleton(text: str) -> str:
+    return text.encode("ascii").translate(_ASCII_SKELETON).decode("ascii")
 
 
 def skeleton(text: str) -> MappedText:
     """Fold `text` for pattern matching (see module doc); offsets map back through `source_span`."""
     if text.isascii():
-        return MappedText(text.lower().translate(_LEET))
+        return MappedText(_ascii_skeleton(text))
     parts: list[str] = []
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    for m in _NON_ASCII_RUN.finditer(text):
+        s, e = m.span()
+        if s > pos:
+            parts.append(_ascii_skeleton(text[pos:s]))
+        parts.append(text[s:e].translate(_FOLD))
+        runs.append((s, e))
+        pos = e
+    if pos < len(text):
+        parts.append(_ascii_skeleton(text[pos:]))
+    return MappedText("".join(parts), build=lambda: _skeleton_map(text, runs))
+
+
+def _skeleton_map(text: str, runs: list[tuple[int, int]]) -> tuple[tuple[int, ...],
+                                                                    tuple[tuple[int, int, bool], ...]]:
+    """The pieces of `skeleton(text)`: ASCII stretches copied verbatim, each non-ASCII character that
+    folds to something its own piece (verbatim when it folds to one character)."""
     starts: list[int] = []
     sources: list[tuple[int, int, bool]] = []
-    pos = 0
-    out_len = 0
-
-    def put(piece: str, s: int, e: int, verbatim: bool) -> None:
-        nonlocal out_len
-        starts.append(out_len)
-        sources.append((s, e, verbatim))
-        parts.append(piece)
-        out_len += len(piece)
-
-    for m in _NON_ASCII_RUN.finditer(text):
-        if m.start() > pos:
-            put(text[pos:m.start()].lower(), pos, m.start(), True)
-        for i in range(m.start(), m.end()):
-            folded = fold_char(text[i])
-            if folded:
-                put(folded, i, i + 1, len(folded) == 1)
-        pos = m.end()
+    pos = out = 0
+    for s, e in runs:
+        if s > pos:
+            starts.append(out)
+            sources.append((pos, s, True))
+            out += s - pos
+        for i in range(s, e):
+            n = len(_FOLD[ord(text[i])])
+            if n:
+                starts.append(out)
+                sources.append((i, i + 1, n == 1))
+                out += n
+        pos = e
     if pos < len(text):
-        put(text[pos:].lower(), pos, len(text), True)
-    return MappedText("".join(parts).translate(_LEET), tuple(starts), tuple(sources))
+        starts.append(out)
+        sources.append((pos, len(text), True))
+    return tuple(starts), tuple(sources)
+
+
+def _spaced_runs(text: str, shape: bytes) -> list[re.Match[str]]:
+    """`_SPACED.finditer(text)`, tried only where a match can start: a lone letter followed by a separator
+    (" a " in the padded `shape` once other characters read as separators too)."""
+    loose = shape.replace(b"#", b" ")
+    found: list[re.Match[str]] = []
+    done = 0
+    at = loose.find(b" a ")
+    while at >= 0:
+        if (m := _SPACED.match(text, at)) is not None:  # `at` is the letter's offset in text
+            found.append(m)
+            done = m.end()
+        at = loose.find(b" a ", max(at + 2, done))
+    return found
 
 
 def despace(text: str) -> MappedText | None:
     """Join letter-spaced words ("i g n o r e  a i i") in a skeleton; None if there are none."""
     shape = f" {text} ".encode("ascii", "replace").translate(_SHAPE)
-    if _SPACED_SHAPE.search(shape) is None or _SPACED.search(text) is None:
+    if _SPACED_SHAPE.search(shape) is None:
+        return None
+    found = _spaced_runs(text, shape)
+    if not found:
         return None
     parts: list[str] = []
     starts: list[int] = []
     sources: list[tuple[int, int, bool]] = []
     pos = out = 0
-    for m in _SPACED.finditer(text):
+    for m in found:
         if m.start() > pos:
             starts.append(out)
             sources.append((pos, m.start(), True))
@@ -185,7 +261,7 @@ def _printable(data: bytes) -> str | None:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    letters = sum(1 for c in text if c.isalpha() or c == " ")
+    letters = sum(map(str.isalpha, text)) + text.count(" ")
     if not text or letters < 0.7 * len(text) or " " not in text.strip():
         return None  # decodes, but not to words: ids, hashes and binary stay undecoded
     return text
@@ -210,20 +286,53 @@ def _decode(token: str) -> str | None:
     return None
 
 
+# Whitespace exactly as `str.split` sees it (the `regex` module's \s leaves out \x1c-\x1f), searched
+# forwards and backwards from a position to find the whitespace-delimited token around it.
+_SPACE_AFTER = re.compile(r"\s")
+_SPACE_BEFORE = regex.compile(r"(?r)[\s\x1c-\x1f]")
+_RUN16 = b"a" * 16
+
+
+_WIDE_SPACE = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")
+_SPACES = bytes(ord(" ") if chr(c).isspace() else ord("x") for c in range(128)) + b"x" * 128
+
+
+def _candidate_tokens(text: str, shape: bytes) -> list[tuple[int, int]]:
+    """(start, end) of the whitespace-delimited tokens, in order, that could decode: a token that does holds
+    16 characters of the token alphabet in a row, or a "%"."""
+    wide = not text.isascii()  # non-ASCII whitespace is not in `spaces`: check each token for it
+    spaces = text.encode("ascii", "replace").translate(_SPACES)
+    spans = set()
+    for probe, where in ((_RUN16, shape), ("%", text)):
+        at = where.find(probe)  # type: ignore[arg-type]
+        while at >= 0:
+            s, e = spaces.rfind(b" ", 0, at) + 1, spaces.find(b" ", at)
+            e = len(text) if e < 0 else e
+            if wide and _WIDE_SPACE.search(text, s, e):
+                before = _SPACE_BEFORE.search(text, 0, at)
+                after = _SPACE_AFTER.search(text, at)
+                s, e = before.end() if before else 0, after.start() if after else len(text)
+            spans.add((s, e))
+            at = where.find(probe, e)  # type: ignore[arg-type]
+    return sorted(spans)
+
+
 def encoded_segments(text: str, max_segments: int = 16) -> Iterator[tuple[int, int, str]]:
     """(start, end, decoded text) for base64, hex and percent-encoded tokens of `text` that decode to prose.
 
-    Only whitespace-delimited tokens of 16+ characters are candidates (one `split`, no regex pass).
+    Only whitespace-delimited tokens of 16+ characters with 16 token characters in a row (or a "%") are
+    candidates, found with C-speed searches of the text's token shape; no regex pass over the text.
     """
-    if text.isascii() and b"a" * 16 not in text.encode("ascii").translate(_TOKEN_SHAPE):
+    shape = text.encode("ascii", "replace").translate(_TOKEN_SHAPE)
+    if _RUN16 not in shape and (text.isascii() or "%" not in text):
         return
     count = 0
-    pos = 0
     if "<" in text or ">" in text:  # tokens inside markup: <div>BASE64</div> (same length, same offsets)
         text = text.replace("<", " ").replace(">", " ")
-    for raw in [w for w in text.split() if len(w) >= 16]:
-        start = text.find(raw, pos)
-        pos = start + len(raw)
+    for start, end in _candidate_tokens(text, shape):
+        if end - start < 16:
+            continue
+        raw = text[start:end]
         token = raw.strip(_TRIM) if raw[0] in _TRIM or raw[-1] in _TRIM else raw
         if len(token) < 16:
             continue

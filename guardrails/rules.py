@@ -17,7 +17,7 @@ an attempt could begin.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import regex
@@ -40,11 +40,13 @@ _SHAPE = bytes(
     ord("d") if chr(c).isdigit() else ord("U") if chr(c).isupper() else ord("s") if chr(c) in " .-/"
     else ord("c") if (c < 32 and c not in (9, 10, 13)) or c == 127 else ord("x") for c in range(256))
 
+_LOOSE_SHAPE = _SHAPE[:ord("?")] + b"n" + _SHAPE[ord("?") + 1:]
+
 
 class TextView:
     """One text and what several rules derive from it, computed once: fold, shape, anchor positions."""
 
-    __slots__ = ("_digit", "_folded", "_shape", "_shaped", "memo", "start", "text")
+    __slots__ = ("_digit", "_folded", "_loose", "_shape", "_shaped", "memo", "start", "text")
 
     def __init__(self, text: str, folded: str | None = None, start: int = 0):
         self.text = text
@@ -53,6 +55,7 @@ class TextView:
         self._digit: bool | None = None
         self._shape: bytes | None = None
         self._shaped = False
+        self._loose: bytes | None = None
         self.memo: dict[object, object] = {}
 
     @property
@@ -68,6 +71,15 @@ class TextView:
             self._shape = self.text.encode("ascii").translate(_SHAPE) if self.text.isascii() else None
             self._shaped = True
         return self._shape
+
+    @property
+    def loose_shape(self) -> bytes:
+        """The byte shape of any text, each non-ASCII character (and "?") read as "n", "could be anything":
+        a shape pattern that allows "n" wherever the real pattern allows a non-ASCII character finds a
+        superset of the real pattern's match starts (see guardrails/candidates.py)."""
+        if self._loose is None:
+            self._loose = self.text.encode("ascii", "replace").translate(_LOOSE_SHAPE)
+        return self._loose
 
     def contains(self, probe: re.Pattern[str]) -> bool:
         """Whether `probe` occurs in the text (memoised, so rules sharing a probe search once)."""
@@ -96,7 +108,9 @@ class PatternRule:
     text / in `fold(text)`), `requires_digit` / `requires_nonascii` say every match holds such a character,
     `requires_re` is a (Python `re`) pattern every match contains, `requires_shape` byte shapes of which
     an ASCII text must contain one (see TextView.shape): a whole-text scan skips the rule when one of these
-    cannot hold.
+    cannot hold. `candidates`, when given, yields in increasing order every position where a match could
+    start (a superset, found by C-speed searches; see guardrails/candidates.py): a whole-text scan tries
+    the pattern only there, with exactly `finditer`'s results. Patterns given candidates never match ''.
     """
 
     detector: str
@@ -111,6 +125,7 @@ class PatternRule:
     requires_re: re.Pattern[str] | None = None
     requires_shape: tuple[bytes, ...] = ()
     flags: int = 0
+    candidates: Callable[[TextView], Iterable[int]] | None = None
     regex: regex.Pattern[str] = field(init=False)
     width: int = field(init=False)
     lookahead: int = field(init=False)
@@ -165,10 +180,19 @@ class PatternRule:
         if not self.applies(view):
             return []
         out = []
-        for m in self.regex.finditer(view.text):
-            f = self.finding(m)
-            if f is not None:
-                out.append(f)
+        if self.candidates is None:
+            for m in self.regex.finditer(view.text):
+                f = self.finding(m)
+                if f is not None:
+                    out.append(f)
+            return out
+        text, match, done = view.text, self.regex.match, 0
+        for s in self.candidates(view):
+            if s >= done and (m := match(text, s)) is not None:
+                done = m.end()  # as finditer: the next match starts after this one
+                f = self.finding(m)
+                if f is not None:
+                    out.append(f)
         return out
 
     def settled(self, buf: str, start: int) -> bool:

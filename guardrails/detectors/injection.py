@@ -1,9 +1,11 @@
 """Prompt injection and jailbreak: maintained pattern sets matched on normalised text, with a score.
 
-The text is folded to a skeleton (see `guardrails.normalise`), letter-spaced words are joined, and base64,
-hex and percent-encoded runs that decode to prose are normalised and scanned again (depth-bounded). One
-Aho-Corasick pass finds trigger words and pattern heads: a pattern is tried only when a word of each of its
-trigger groups occurs, and then only with `match` where one of its heads starts a word. Evidence combines
+The text is folded to a skeleton (see `guardrails.normalise`), letter-spaced words are joined (the joined
+text is the one view patterns are matched in: outside the spaced runs it is the skeleton itself), and
+base64, hex and percent-encoded runs that decode to prose are normalised and scanned again
+(depth-bounded). One Aho-Corasick pass finds trigger words and pattern heads: a pattern is tried only
+when a word of each of its trigger groups occurs, and then only with `match` where one of its heads starts
+a word. Evidence combines
 per finding type as 1 - prod(1 - weight); encoded evidence counts a little more, since hiding is a signal.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import ahocorasick
 
 from guardrails.detectors.injection_patterns import load_patterns
-from guardrails.normalise import MappedText, despace, encoded_segments, skeleton
+from guardrails.normalise import despace, encoded_segments, skeleton
 from guardrails.rules import TextView
 from guardrails.verdict import Finding
 
@@ -27,6 +29,7 @@ QUOTED_FACTOR = 0.4
 _QUOTES = "'\"`"
 # Word characters of the skeleton; everything else becomes a space in the view heads are looked up in.
 _BOUNDARY = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
+_BOUNDARY_BYTES = bytes(c if c >= 128 or chr(c).isalnum() else ord(" ") for c in range(256))
 # A pattern without heads is searched from this far before to this far after its first-group triggers.
 WINDOW_BEFORE, WINDOW_AFTER = 120, 360
 
@@ -55,6 +58,9 @@ class InjectionDetector:
                 gid[(i, g)] = len(gid)
         self._required = tuple((i, frozenset(gid[(i, g)] for g in range(len(p.groups))))
                                for i, p in enumerate(self.patterns))
+        # One automaton over the boundary view (ASCII punctuation read as spaces, a space in front) finds both
+        # kinds of key: a trigger anywhere (one holding punctuation or spaces is confirmed in the text
+        # itself, since the view blurs them), a head only where it starts a word.
         words: dict[str, tuple[set[int], set[int]]] = {}
         for i, p in enumerate(self.patterns):
             for g, group in enumerate(p.groups):
@@ -63,19 +69,20 @@ class InjectionDetector:
                     ids.add(gid[(i, g)])
                     if g == 0 and not p.heads:
                         windowed.add(i)  # patterns without heads are searched around these words
-        self._triggers = ahocorasick.Automaton()
-        for word, (ids, windowed) in words.items():
-            self._triggers.add_word(word, (frozenset(ids), tuple(sorted(windowed))))
-        self._triggers.make_automaton()
-        # Heads (at word starts only: the key starts with the boundary space of the boundary view).
         heads: dict[str, set[int]] = {}
         for i, p in enumerate(self.patterns):
             for head in p.heads:
                 heads.setdefault(" " + head.translate(_BOUNDARY), set()).add(i)
-        self._heads = ahocorasick.Automaton()
-        for key, ids in heads.items():
-            self._heads.add_word(key, (frozenset(ids), len(key)))
-        self._heads.make_automaton()
+        triggers: dict[str, list[tuple[str | None, frozenset[int], tuple[int, ...]]]] = {}
+        for word, (ids, windowed) in words.items():
+            blurred = any(c.isascii() and not c.isalnum() for c in word)
+            triggers.setdefault(word.translate(_BOUNDARY), []).append(
+                (word if blurred else None, frozenset(ids), tuple(sorted(windowed))))
+        self._keys = ahocorasick.Automaton()
+        for key in heads.keys() | triggers.keys():
+            head_ids = frozenset(heads.get(key, ()))
+            self._keys.add_word(key, (head_ids, len(key), tuple(triggers.get(key, ()))))
+        self._keys.make_automaton()
 
     def _search(self, i: int, text: str, ends: list[int]) -> re.Match[str] | None:
         """Pattern `i` searched only in windows around its trigger occurrences (ends, ascending)."""
@@ -96,19 +103,26 @@ class InjectionDetector:
         """Pattern index -> its first match in one view; a pattern is tried only when all its groups occur."""
         seen: set[int] = set()
         first_group_ends: dict[int, list[int]] = {}
-        for end, (ids, windowed) in self._triggers.iter(text):
-            seen |= ids
-            for i in windowed:
-                first_group_ends.setdefault(i, []).append(end)
+        head_hits: list[tuple[int, frozenset[int]]] = []
+        view = " " + (text.encode("ascii").translate(_BOUNDARY_BYTES).decode("ascii") if text.isascii()
+                      else text.translate(_BOUNDARY))
+        for end, (head_ids, length, triggers) in self._keys.iter(view):
+            if head_ids:
+                head_hits.append((end - length + 1, head_ids))
+            for word, ids, windowed in triggers:  # `end - 1`: where the trigger ends in `text`
+                if word is not None and (end < length or not text.startswith(word, end - length)):
+                    continue
+                seen |= ids
+                for i in windowed:
+                    first_group_ends.setdefault(i, []).append(end - 1)
         gated = {i for i, required in self._required if required <= seen}
         found: dict[int, re.Match[str]] = {}
         if not gated:
             return found
         starts: dict[int, list[int]] = {}
-        if any(self.patterns[i].heads for i in gated):
-            for end, (ids, length) in self._heads.iter(" " + text.translate(_BOUNDARY)):
-                for i in ids & gated:
-                    starts.setdefault(i, []).append(end - length + 1)
+        for start, ids in head_hits:
+            for i in ids & gated:
+                starts.setdefault(i, []).append(start)
         for i in sorted(gated):
             pattern = self.patterns[i]
             if pattern.heads:
@@ -125,21 +139,16 @@ class InjectionDetector:
         """Pattern index -> (start, end, weight) in `text`'s offsets, over every view of `text`."""
         hits: dict[int, tuple[int, int, float]] = {}
         skel = skeleton(text)
-        views: list[tuple[str, list[MappedText]]] = [(skel.text, [skel])]
         spaced = despace(skel.text)
-        if spaced is not None:
-            views.append((spaced.text, [spaced, skel]))
-        for view_text, maps in views:
-            for i, m in self._view_hits(view_text).items():
-                if i in hits:
-                    continue
-                s, e = m.span()
-                weight = self.patterns[i].weight
-                if _quoted(view_text, s, e):
-                    weight *= QUOTED_FACTOR
-                for mapped in maps:
-                    s, e = mapped.source_span(s, e)
-                hits[i] = (s, e, weight)
+        view_text, maps = (skel.text, (skel,)) if spaced is None else (spaced.text, (spaced, skel))
+        for i, m in self._view_hits(view_text).items():
+            s, e = m.span()
+            weight = self.patterns[i].weight
+            if _quoted(view_text, s, e):
+                weight *= QUOTED_FACTOR
+            for mapped in maps:
+                s, e = mapped.source_span(s, e)
+            hits[i] = (s, e, weight)
         if depth > 0:
             for s, e, plain in encoded_segments(text):
                 for i, (_s, _e, w) in self._hits(plain, depth - 1).items():

@@ -11,6 +11,7 @@ import ipaddress
 
 import regex
 
+from guardrails.candidates import run_before, shape
 from guardrails.detectors.anchors import context_anchors
 from guardrails.keywords import AnchoredRule, RegexAnchors
 from guardrails.rules import LOOKBACK, PatternRule
@@ -266,12 +267,16 @@ def rules() -> tuple[PatternRule | AnchoredRule, ...]:
     clusters = (b"dsd", b"d" * 13)
     words = context_anchors()
     return (
-        PatternRule(NAME, "EMAIL", validate=_email, requires=("@",), pattern=(
+        # A match starts where the run of [\w.%+-] before its "@" starts (its look-behind forbids one before
+        # it, and every local-part character is one), at most 64 characters before the "@".
+        PatternRule(NAME, "EMAIL", validate=_email, requires=("@",), candidates=run_before("@", r"\w.%+\-", 64),
+                    pattern=(
             r"(?<![\w.%+\-])(?<!//)[A-Za-z0-9](?:[A-Za-z0-9._%+\-]{0,62}[A-Za-z0-9_%+\-])?@"
             r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.){1,4}[A-Za-z]{2,24}(?![\w\-]|\.[A-Za-z0-9])")),
         AnchoredRule(NAME, "CREDIT_CARD", digits, validate=_card, requires_shape=clusters, pattern=(  # not inside an IBAN: "DE25 6782..."
             r"\d(?<![A-Za-z\-.,]\d)(?<![A-Z]{2}\d{2} \d)(?:[ \-]?\d){12,18}(?![\d]|[.,]\d)")),
-        PatternRule(NAME, "IBAN", validate=_iban, requires_digit=True, requires_shape=(b"UUdd",), pattern=(
+        PatternRule(NAME, "IBAN", validate=_iban, requires_digit=True, requires_shape=(b"UUdd",),
+                    candidates=shape(rb"UU[dn][dn]"), pattern=(
             r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?:[ ]?[A-Z0-9]){11,30}(?![A-Za-z0-9])")),
         AnchoredRule(NAME, "US_SSN", digits, validate=_ssn, requires_shape=clusters, pattern=(
             r"\d(?<!-\d)\d{2}[\- ]\d{2}[\- ]\d{4}(?![\d\-]|\.\d)")),

@@ -33,7 +33,12 @@ def shannon_entropy(text: str) -> float:
 
 def char_classes(text: str) -> int:
     """How many of lower-case, upper-case and digits occur in `text`."""
+    if text.isascii():  # case changes only letters of that case; digits survive deleting everything else
+        return (text.upper() != text) + (text.lower() != text) + bool(text.translate(_KEEP_DIGITS))
     return (any(c.islower() for c in text)) + (any(c.isupper() for c in text)) + (any(c.isdigit() for c in text))
+
+
+_KEEP_DIGITS = {c: None for c in range(128) if not chr(c).isdigit()}
 
 
 _PLACEHOLDER = regex.compile(
@@ -45,15 +50,21 @@ _PASSWORD_WORDS = ("pass", "pwd", "passphrase")
 
 def generated_looking(value: str, *, password: bool = False) -> bool:
     """True when `value` looks like a generated secret rather than a word, identifier or placeholder."""
-    if _PLACEHOLDER.match(value) or _DOTTED_IDENTIFIER.match(value) or len(set(value)) < 4:
+    # One conjunction, cheapest tests first: most values next to "token" or "secret" are plain words.
+    n = len(value)
+    if n < (6 if password else 10) or (password and value.isalpha()):
         return False
     classes = char_classes(value)
-    symbols = any(not c.isalnum() for c in value)
     if password:
-        return len(value) >= 6 and (classes + symbols >= 2) and not value.isalpha()
-    if len(value) >= 16 and shannon_entropy(value) >= 3.3 and classes >= 2:
-        return True
-    return len(value) >= 10 and classes == 3 and shannon_entropy(value) >= 3.0
+        if classes + (not value.isalnum()) < 2:
+            return False
+    elif classes < 2 or (classes == 2 and n < 16):
+        return False
+    else:
+        entropy = shannon_entropy(value)
+        if not ((n >= 16 and entropy >= 3.3) or (classes == 3 and entropy >= 3.0)):
+            return False
+    return not (len(set(value)) < 4 or _PLACEHOLDER.match(value) or _DOTTED_IDENTIFIER.match(value))
 
 
 def _keyword_secret(m: regex.Match[str]) -> tuple[str, float] | None:
