@@ -78,6 +78,7 @@ class Ingester:
         self._stopping = asyncio.Event()
         self._assigned: set[tuple[str, int]] = set()
         self._revocations = 0  # bumped by every revocation: a batch read across one is filtered
+        self._watermarks: dict[tuple[str, int], tuple[int, int]] = {}  # written on the consumer thread only
         self._uncommitted: dict[tuple[str, int], int] = {}  # offsets stored but whose commit failed
         self.committed: dict[tuple[str, int], int] = {}  # next offset to read, per partition, as committed
         self.consumed = self.ingested = self.batches = self.failures = self.commit_failures = 0
@@ -123,18 +124,26 @@ class Ingester:
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Records not yet committed, per assigned partition: the high watermark of the last fetch minus the
-        committed offset (tansu under-reports ListOffsets, so the fetch's own watermark is used)."""
-        consumer, out = self._consumer, {}
+        committed offset (tansu under-reports ListOffsets, so the fetch's own watermark is used).
+
+        Reads only what the consumer thread recorded: calling the consumer from here could wait on its lock
+        while that thread sits in a commit to an unresponsive broker, and this runs on the event loop.
+        """
+        return {tp: max(0, high - max(low, self.committed.get(tp, 0)))
+                for tp, (low, high) in list(self._watermarks.items()) if tp in self._assigned}
+
+    def _record_watermarks(self) -> None:
+        """On the consumer thread, after a fetch: the cached watermarks of every assigned partition."""
+        consumer = self._consumer
         if consumer is None:
-            return {}
+            return
         for topic, part in list(self._assigned):
             try:
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
             except (KafkaException, RuntimeError):  # closed meanwhile, or nothing fetched yet
                 continue
             if high >= 0:
-                out[(topic, part)] = max(0, high - max(low, self.committed.get((topic, part), 0)))
-        return out
+                self._watermarks[(topic, part)] = (low, high)
 
     # -- rebalance callbacks (on the consumer thread) --------------------------------------------------------------
 
@@ -188,7 +197,7 @@ class Ingester:
             timeout = 0.25 if deadline is None else deadline - time.monotonic()
             if timeout <= 0:
                 break
-            got = await self._call(self._consumer.consume, min(limit - len(out), 10_000), min(timeout, 0.25))
+            got = await self._call(self._consume, min(limit - len(out), 10_000), min(timeout, 0.25))
             for m in got:
                 err = m.error()
                 if err is None:
@@ -199,6 +208,12 @@ class Ingester:
                 deadline = time.monotonic() + wait
         self.consumed += len(out)
         return out
+
+    def _consume(self, n: int, timeout: float) -> list[Message]:
+        assert self._consumer is not None
+        got = self._consumer.consume(n, timeout)
+        self._record_watermarks()
+        return got
 
     async def _positions(self) -> dict[tuple[str, int], int]:
         """Per assigned partition, the offset after the last record handed to us (one call, not one per record)."""
