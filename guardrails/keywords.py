@@ -10,13 +10,14 @@ those positions. `KeywordRule` reports whole-word occurrences of words and phras
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
 import ahocorasick
 import regex
 
-from guardrails.rules import PatternRule, TextView, Validator, fold, pattern_starts
+from guardrails.rules import PatternRule, TextView, Validator, fold, pattern_starts, re_twin
 from guardrails.verdict import Finding
 
 
@@ -47,9 +48,9 @@ class KeywordAnchors:
         self.empty = self.maxlen == 0
         if not self.empty:
             self.auto.make_automaton()
+        self._start_chars = frozenset(c for c in map(chr, range(128)) if fold(c) in self.firsts)
 
-    def spans(self, view: TextView, group: str) -> list[tuple[int, int]]:
-        """(start, end) of every occurrence of a `group` term, overlaps included, starting a word."""
+    def _found(self, view: TextView) -> list[tuple[int, int, frozenset[str]]]:
         found = view.memo.get(self)
         if found is None:
             f = view.folded
@@ -57,11 +58,36 @@ class KeywordAnchors:
                 (end - length + 1, end + 1, names) for end, (length, names) in self.auto.iter(f, view.start)
                 if not (end - length + 1 > 0 and _is_word(f[end - length]))]
             view.memo[self] = found
-        return [(s, e) for s, e, names in found if group in names]  # type: ignore[attr-defined]
+        return found  # type: ignore[return-value]
+
+    def spans(self, view: TextView, group: str) -> list[tuple[int, int]]:
+        """(start, end) of every occurrence of a `group` term, overlaps included, starting a word."""
+        return [(s, e) for s, e, names in self._found(view) if group in names]
+
+    def starts(self, view: TextView, group: str) -> list[int]:
+        """Sorted distinct starts of `group`'s occurrences (every group's list built in one pass, memoised)."""
+        key = (self, "starts")
+        by_group: dict[str, list[int]] | None = view.memo.get(key)  # type: ignore[assignment]
+        if by_group is None:
+            collected: dict[str, set[int]] = {}
+            for s, _e, names in self._found(view):
+                for name in names:
+                    collected.setdefault(name, set()).add(s)
+            by_group = view.memo[key] = {name: sorted(found) for name, found in collected.items()}
+        return by_group.get(group, [])
 
     def start_chars(self) -> frozenset[str]:
         """The ASCII characters a term can begin with."""
-        return frozenset(c for c in map(chr, range(128)) if fold(c) in self.firsts)
+        return self._start_chars
+
+    def last_event(self, view: TextView) -> int:
+        """The last position (from `view.start`) where any group's term starts or the end of the text is a
+        prefix of a term; -1 when none: a rule resuming after it has nothing to try and nothing pending."""
+        found = self._found(view)
+        last = max((s for s, _e, _n in found), default=-1)
+        self.pending(view, view.start)  # fills the memo
+        tail: list[int] = view.memo[(self, "pending")]  # type: ignore[assignment]
+        return max(last, tail[-1]) if tail else last
 
     def pending(self, view: TextView, pos: int) -> int:
         """The first position >= `pos` where the end of the text is a prefix of a term (len if none)."""
@@ -70,8 +96,10 @@ class KeywordAnchors:
         if found is None:  # every such position in the text's last `maxlen` characters, shared by all rules
             f = view.folded
             n = len(f)
+            # only where a word starts: a term must (see `_found`)
             found = view.memo[key] = [s for s in range(max(view.start, n - self.maxlen), n)
-                                      if f[s] in self.firsts and self.auto.match(f[s:n])]
+                                      if f[s] in self.firsts and not (s > 0 and _is_word(f[s - 1]))
+                                      and self.auto.match(f[s:n])]
         for s in found:  # type: ignore[attr-defined]
             if s >= pos:
                 return s
@@ -80,26 +108,50 @@ class KeywordAnchors:
 
 class RegexAnchors:
     """Starts of the matches of a short, local `pattern` (whether it matches at a position depends only on
-    the `max_len` characters from it, e.g. a digit not preceded by a digit)."""
+    the `max_len` characters from it, e.g. a digit not preceded by a digit).
 
-    def __init__(self, pattern: str, max_len: int):
+    `shape`, when given, is the same pattern over an ASCII text's byte shape (`TextView.shape`): searched
+    there instead, with `re` over bytes, which skips to its first literal at C speed.
+    """
+
+    def __init__(self, pattern: str, max_len: int, *, shape: bytes | None = None):
         self.regex = regex.compile(pattern)
+        self._shape = re.compile(shape) if shape else None
         self.maxlen = max_len
         _prefix, first = pattern_starts(pattern)
         self._first = regex.compile(first) if first else None
+        self._first_last = regex.compile("(?r)" + first) if first else None
+        self._start_chars = None if self._first is None else \
+            frozenset(c for c in map(chr, range(128)) if self._first.match(c))
 
     def spans(self, view: TextView, group: str = "") -> list[tuple[int, int]]:
         got = view.memo.get(self)
         if got is None:
-            got = [m.span() for m in self.regex.finditer(view.text, view.start)]
-            view.memo[self] = got
+            shape = view.shape if self._shape is not None else None
+            found = self._shape.finditer(shape, view.start) if shape is not None else \
+                self.regex.finditer(view.text, view.start)  # type: ignore[union-attr]
+            got = view.memo[self] = [m.span() for m in found]
+        return got  # type: ignore[return-value]
+
+    def starts(self, view: TextView, group: str = "") -> list[int]:
+        """Sorted starts of the anchors (memoised)."""
+        key = (self, "starts")
+        got = view.memo.get(key)
+        if got is None:
+            got = view.memo[key] = [s for s, _e in self.spans(view)]
         return got  # type: ignore[return-value]
 
     def start_chars(self) -> frozenset[str] | None:
         """The ASCII characters an anchor can begin with (None: can't tell)."""
-        if self._first is None:
-            return None
-        return frozenset(c for c in map(chr, range(128)) if self._first.match(c))
+        return self._start_chars
+
+    def last_event(self, view: TextView) -> int:
+        """The last position (from `view.start`) where an anchor or a pending anchor may start: the last
+        character that can begin one (-1 when none, len(text) when that cannot be told)."""
+        if self._first_last is None:
+            return len(view.text)
+        m = self._first_last.search(view.text, view.start)
+        return -1 if m is None else m.start()
 
     def pending(self, view: TextView, pos: int) -> int:
         """The first position >= `pos` whose anchor may still change with more text: one that could start
@@ -156,11 +208,13 @@ class KeywordRule:
 def anchor_starts(view: TextView, anchors: Anchors, group: str, first: str = "") -> list[int]:
     """Sorted starts of `group`'s anchors whose first character is in `first` (any, when empty); memoised in
     the view, so every rule with the same anchors, group and first characters shares one list."""
+    if not first:
+        return anchors.starts(view, group)
     key = (anchors, group, first)
     starts = view.memo.get(key)
     if starts is None:
         text = view.text
-        starts = view.memo[key] = sorted({s for s, _e in anchors.spans(view, group) if not first or text[s] in first})
+        starts = view.memo[key] = [s for s in anchors.starts(view, group) if text[s] in first]
     return starts  # type: ignore[return-value]
 
 
@@ -180,6 +234,7 @@ class AnchoredRule:
                                  requires=requires, requires_shape=requires_shape)
         self.anchors = anchors
         self.regex: regex.Pattern[str] = self._rule.regex
+        self._re = self._rule._re
         self.width = self._rule.width
 
     def _starts(self, view: TextView, pos: int, limit: int) -> list[int]:
@@ -196,8 +251,12 @@ class AnchoredRule:
         if not self._rule.applies(view):
             return []
         out = []
-        for s in self._starts(view, 0, len(view.text) + 1):
-            m = self.regex.match(view.text, s)
+        starts = self._starts(view, 0, len(view.text) + 1)
+        if not starts:
+            return out
+        match = (self._re if self._re is not None and view.re_safe else self.regex).match
+        for s in starts:
+            m = match(view.text, s)
             if m is not None:
                 finding = self._rule.finding(m)
                 if finding is not None:
@@ -209,9 +268,10 @@ class AnchoredRule:
         buf = view.text
         frontier = len(buf) if finished else self.anchors.pending(view, pos)
         out = []
+        match = (self._re if self._re is not None and view.re_safe else self.regex).match
         for s in self._starts(view, pos, frontier):
             if finished or s + self.width <= len(buf):
-                m = self.regex.match(buf, s)
+                m = match(buf, s)
             else:
                 m = self.regex.match(buf, s, partial=True)
                 if m is not None and (m.partial or not self._rule.settled(buf, s)):
@@ -242,7 +302,10 @@ class AnchorProbe:
                        for i, r in enumerate(self.rules))
         none = "".join(f"(?(r{i})|" for i in range(len(self.rules))) + "(?!)" + ")" * len(self.rules)
         self.regex = regex.compile(body + none, regex.V0)
+        self._re = re_twin(body + none) if all(r._re is not None for r in self.rules) else None
         self._groups = tuple(self.regex.groupindex[f"r{i}"] for i in range(len(self.rules)))
+        if self._re is not None and tuple(self._re.groupindex[f"r{i}"] for i in range(len(self.rules))) != self._groups:
+            self._re = None
 
     def scan(self, view: TextView) -> list[list[Finding]]:
         """Each rule's `scan(view)`, in rule order."""
@@ -251,8 +314,10 @@ class AnchorProbe:
         live = [r._rule.applies(view) for r in rules]
         if not any(live):
             return out
-        text, probe = view.text, self.regex.match
-        tried = [(k, r, r._first, r.regex.match, r._rule.finding, self._groups[k])
+        text = view.text
+        fast = self._re is not None and view.re_safe
+        probe = self._re.match if fast else self.regex.match  # type: ignore[union-attr]
+        tried = [(k, r, r._first, (r._re if fast else r.regex).match, r._rule.finding, self._groups[k])  # type: ignore[union-attr]
                  for k, r in enumerate(rules) if live[k]]
         for s in anchor_starts(view, rules[0].anchors, rules[0].group):
             m = probe(text, s)

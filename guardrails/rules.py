@@ -32,6 +32,7 @@ __all__ = ["LOOKBACK", "BadPattern", "PatternRule", "TextView", "UnboundedPatter
 # when the validator narrows it), None to reject it.
 Validator = Callable[["regex.Match[str]"], "tuple[str, float] | tuple[str, float, int, int] | None"]
 _HAS_DIGIT = regex.compile(r"\d")
+_HAS_DIGIT_RE = re.compile(r"\d")
 
 
 # Byte "shapes" of ASCII text for C-speed prefilters (`bytes.translate` then substring tests): digits -> d,
@@ -41,12 +42,25 @@ _SHAPE = bytes(
     else ord("c") if (c < 32 and c not in (9, 10, 13)) or c == 127 else ord("x") for c in range(256))
 
 _LOOSE_SHAPE = _SHAPE[:ord("?")] + b"n" + _SHAPE[ord("?") + 1:]
+_RE_UNSAFE = (b"\x1c", b"\x1d", b"\x1e", b"\x1f")
+
+
+def re_twin(pattern: str, flags: int = 0) -> re.Pattern[str] | None:
+    """`pattern` compiled by the `re` module, equal to `regex` on `re_safe` texts and cheaper per `match` at
+    a given position (scans stay with `regex`, which skips ahead to a required literal where `re` tries
+    every position); None when `re` cannot compile it (a variable-width look-behind, say) or flags are set."""
+    if flags:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error:
+        return None
 
 
 class TextView:
     """One text and what several rules derive from it, computed once: fold, shape, anchor positions."""
 
-    __slots__ = ("_digit", "_folded", "_loose", "_shape", "_shaped", "memo", "start", "text")
+    __slots__ = ("_ascii", "_digit", "_folded", "_loose", "_re_safe", "_shape", "_shaped", "memo", "start", "text")
 
     def __init__(self, text: str, folded: str | None = None, start: int = 0):
         self.text = text
@@ -56,6 +70,8 @@ class TextView:
         self._shape: bytes | None = None
         self._shaped = False
         self._loose: bytes | None = None
+        self._ascii: bytes | bool | None = False  # False: not computed yet
+        self._re_safe: bool | None = None
         self.memo: dict[object, object] = {}
 
     @property
@@ -71,6 +87,23 @@ class TextView:
             self._shape = self.text.encode("ascii").translate(_SHAPE) if self.text.isascii() else None
             self._shaped = True
         return self._shape
+
+    @property
+    def ascii(self) -> bytes | None:
+        """The text as ASCII bytes (None when it is not ASCII), for byte-table searches."""
+        if self._ascii is False:
+            self._ascii = self.text.encode("ascii") if self.text.isascii() else None
+        return self._ascii  # type: ignore[return-value]
+
+    @property
+    def re_safe(self) -> bool:
+        """True when the `re` module matches every rule pattern here exactly as `regex` does: the text is
+        ASCII (where the two agree on \\w, \\d and case) and holds none of \\x1c-\\x1f (which only `re`
+        counts as \\s)."""
+        if self._re_safe is None:
+            ascii = self.ascii
+            self._re_safe = ascii is not None and not any(c in ascii for c in _RE_UNSAFE)
+        return self._re_safe
 
     @property
     def loose_shape(self) -> bytes:
@@ -91,7 +124,7 @@ class TextView:
     @property
     def has_digit(self) -> bool:
         if self._digit is None:
-            self._digit = _HAS_DIGIT.search(self.text) is not None
+            self._digit = (_HAS_DIGIT_RE if self.re_safe else _HAS_DIGIT).search(self.text) is not None
         return self._digit
 
     def may_contain(self, shapes: tuple[bytes, ...]) -> bool:
@@ -133,11 +166,16 @@ class PatternRule:
     _stop: regex.Pattern[str] | None = field(init=False)
     _prefix: str = field(init=False)
     _first: regex.Pattern[str] | None = field(init=False)
+    _stop_bytes: bytes | None = field(init=False)
+    _first_bytes: bytes | None = field(init=False)
+    _start_chars: frozenset[str] | None = field(init=False)
+    _re: re.Pattern[str] | None = field(init=False)
 
     def __post_init__(self) -> None:
         width, lookahead, stopper = pattern_shape(self.pattern)
         set_ = object.__setattr__
         set_(self, "regex", regex.compile(self.pattern, self.flags | regex.V0))
+        set_(self, "_re", re_twin(self.pattern, self.flags))
         set_(self, "width", width + 1)  # +1: `\b`/`$`-style checks peek one past what they examine
         set_(self, "lookahead", lookahead)
         set_(self, "_has_value", "v" in self.regex.groupindex)
@@ -145,6 +183,12 @@ class PatternRule:
         prefix, first = pattern_starts(self.pattern)
         set_(self, "_prefix", prefix if len(prefix) >= 2 and not self.flags & regex.IGNORECASE else "")
         set_(self, "_first", regex.compile(first, regex.IGNORECASE) if first else None)
+        # The same two tests as byte tables over ASCII ("S": a stopper, "F": a possible first character), so
+        # a stream's ASCII buffer is searched with `bytes.rfind`/`find` instead of a regex call per rule.
+        set_(self, "_stop_bytes", _byte_table(stopper, b"S") if stopper else None)
+        set_(self, "_first_bytes", _byte_table(first, b"F") if first else None)
+        set_(self, "_start_chars", frozenset(self._prefix[0]) if self._prefix else None if self._first is None else
+             frozenset(c for c in map(chr, range(128)) if self._first.match(c)))
 
     def finding(self, m: regex.Match[str], base: int = 0) -> Finding | None:
         start, end = m.span("v") if self._has_value and m.start("v") >= 0 else m.span()
@@ -175,18 +219,32 @@ class PatternRule:
             return False
         return self.requires_re is None or view.contains(self.requires_re)
 
+    def _may_match_from(self, view: TextView, pos: int) -> bool:
+        """`applies` for the text from `pos` on (no shape test): False means no match starts at or after it."""
+        text = view.text
+        if self.requires and all(text.find(r, pos) < 0 for r in self.requires):
+            return False
+        if self.requires_nonascii and text.isascii():
+            return False
+        if self.requires_digit and (_HAS_DIGIT_RE if view.re_safe else _HAS_DIGIT).search(text, pos) is None:
+            return False
+        if self.requires_lower and all(view.folded.find(r, pos) < 0 for r in self.requires_lower):
+            return False
+        return self.requires_re is None or self.requires_re.search(text, pos) is not None
+
     def scan(self, view: TextView) -> list[Finding]:
         """Every validated match in the whole text of `view`."""
         if not self.applies(view):
             return []
         out = []
-        if self.candidates is None:
+        if self.candidates is None:  # `regex` scans: it skips to a required literal, `re` tries every position
             for m in self.regex.finditer(view.text):
                 f = self.finding(m)
                 if f is not None:
                     out.append(f)
             return out
-        text, match, done = view.text, self.regex.match, 0
+        text, done = view.text, 0
+        match = (self._re if self._re is not None and view.re_safe else self.regex).match
         for s in self.candidates(view):
             if s >= done and (m := match(text, s)) is not None:
                 done = m.end()  # as finditer: the next match starts after this one
@@ -203,32 +261,37 @@ class PatternRule:
         return self._stop is not None and start < n - self.lookahead and \
             self._stop.search(buf, start, n - self.lookahead) is not None
 
-    def settled_from(self, buf: str) -> int:
+    def settled_from(self, buf: str, ascii: bytes | None = None) -> int:
         """The first position whose attempt may still depend on text after the end of `buf`.
 
         Settledness is a prefix: an attempt at `s` is settled when `s + width <= n`, or when a character no
-        match can consume lies in `buf[s:n - lookahead]` (the match must end before it).
+        match can consume lies in `buf[s:n - lookahead]` (the match must end before it). `ascii`: `buf` as
+        ASCII bytes, when it is ASCII.
         """
         n = len(buf)
         lo = n - self.width + 1
         if self._stop is not None and lo < n - self.lookahead:
-            stop = self._stop.search(buf, max(lo, 0), n - self.lookahead)
-            if stop is not None:
-                lo = stop.start() + 1
+            if ascii is not None and self._stop_bytes is not None:
+                at = ascii.translate(self._stop_bytes).rfind(b"S", max(lo, 0), n - self.lookahead)
+                if at >= 0:
+                    lo = at + 1
+            else:
+                stop = self._stop.search(buf, max(lo, 0), n - self.lookahead)
+                if stop is not None:
+                    lo = stop.start() + 1
         return max(lo, 0)
 
     def start_chars(self) -> frozenset[str] | None:
         """The ASCII characters an attempt can begin with (None: can't tell), for a stream's skip test."""
-        if self._prefix:
-            return frozenset(self._prefix[0])
-        if self._first is not None:
-            return frozenset(c for c in map(chr, range(128)) if self._first.match(c))
-        return None
+        return self._start_chars
 
-    def could_start(self, buf: str, pos: int) -> int:
+    def could_start(self, buf: str, pos: int, ascii: bytes | None = None) -> int:
         """The first position >= `pos` where an attempt might begin (len(buf) if none): where the literal
         prefix occurs or is cut off by the end, else where a possible first character is."""
         n = len(buf)
+        if ascii is not None and not self._prefix and self._first_bytes is not None:
+            at = ascii.translate(self._first_bytes).find(b"F", pos)
+            return n if at < 0 else at
         if self._prefix:
             found = buf.find(self._prefix, pos)
             if found >= 0:
@@ -251,15 +314,15 @@ class PatternRule:
         unsettled tail where an attempt could begin (all normal-mode searches: the `regex` module's partial
         mode is exact but an order of magnitude slower).
         """
-        buf = view.text
+        buf, ascii = view.text, view.ascii
         n = len(buf)
         out: list[Finding] = []
-        pos = self.could_start(buf, pos)  # nothing before it can begin a match (the common, cheap exit)
+        pos = self.could_start(buf, pos, ascii)  # nothing before it can begin a match (the common, cheap exit)
         if pos >= n:
             return out, n
-        lo = n if finished else self.settled_from(buf)
+        lo = n if finished else self.settled_from(buf, ascii)
         last_end = pos
-        if lo > pos:
+        if lo > pos and self._may_match_from(view, pos):
             for m in self.regex.finditer(buf, pos):
                 if m.start() >= lo:
                     break
@@ -269,7 +332,19 @@ class PatternRule:
                     out.append(f)
         if finished:
             return out, n
-        return out, self.could_start(buf, max(lo, last_end))
+        return out, self.could_start(buf, max(lo, last_end), ascii)
+
+
+def _byte_table(char_pattern: str, mark: bytes) -> bytes | None:
+    """A `bytes.translate` table marking with `mark` the ASCII characters that the one-character
+    `char_pattern` (compiled case-insensitively, as the rules compile it) matches; None when a character
+    cannot be tested alone (a look-around reaching beyond it)."""
+    probe = regex.compile(char_pattern, regex.IGNORECASE)
+    try:
+        marks = [probe.fullmatch(chr(c)) is not None for c in range(128)]
+    except regex.error:
+        return None
+    return bytes(mark[0] if hit else ord(".") for hit in marks) + b"." * 128
 
 
 def fold(text: str) -> str:

@@ -22,7 +22,7 @@ from guardrails.rules import LOOKBACK, TextView, fold
 from guardrails.verdict import Finding, Verdict, strongest
 
 CONTEXT = LOOKBACK + 4  # characters kept before the resume point, for look-behinds and validators
-BATCH_CHARS = 32  # new characters gathered before the rules run again (a newline or `finish` runs them at once)
+BATCH_CHARS = 64  # new characters gathered before the rules run again (`finish` runs them at once)
 
 
 class StreamGuard:
@@ -45,6 +45,8 @@ class StreamGuard:
         # For each rule, the ASCII characters its attempts (or anchors) can start with: a rule with nothing
         # pending is skipped when none of them arrived since the rules last ran.
         self._starts = [rule.start_chars() for rule, _ in self._rules]
+        # Anchored rules: one test per shared anchors (their last event) skips every rule resuming after it.
+        self._anchors = [getattr(rule, "anchors", None) for rule, _ in self._rules]
         self._checked_to = 0  # absolute offset up to which the rules have run
         self._buf = ""
         self._folded = ""  # fold(self._buf), kept alongside (folding is per character)
@@ -74,7 +76,7 @@ class StreamGuard:
         self._folded += fold(chunk)
         self.chars_in += len(chunk)
         self._unchecked += len(chunk)
-        if self._unchecked < self._batch and "\n" not in chunk:
+        if self._unchecked < self._batch:
             return ""
         return self._advance(False)
 
@@ -102,6 +104,7 @@ class StreamGuard:
         checked_to, self._checked_to = self._checked_to, end
         view = TextView(buf, self._folded, max(0, min(self._resume, default=base) - base - 1))
         frontier = end
+        last_event: dict[object, int] = {}
         for i, (rule, step) in enumerate(self._rules):
             starts = self._starts[i]
             if (arrived is not None and starts is not None and self._resume[i] >= checked_to
@@ -109,6 +112,14 @@ class StreamGuard:
                 self._resume[i] = end  # nothing pending, and nothing that could start an attempt arrived
                 continue
             pos = self._resume[i] - base
+            anchors = self._anchors[i]
+            if anchors is not None and not finished:
+                last = last_event.get(anchors)
+                if last is None:
+                    last = last_event[anchors] = anchors.last_event(view)
+                if pos > last:  # no anchor at or after `pos`, none pending: `advance` would find nothing
+                    self._resume[i] = end
+                    continue
             found, resume = rule.advance(view, pos, finished)
             self._resume[i] = resume + base
             frontier = min(frontier, resume + base)

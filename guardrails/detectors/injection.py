@@ -12,6 +12,7 @@ per finding type as 1 - prod(1 - weight); encoded evidence counts a little more,
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from pathlib import Path
 
 import ahocorasick
@@ -32,6 +33,17 @@ _BOUNDARY = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum
 _BOUNDARY_BYTES = bytes(c if c >= 128 or chr(c).isalnum() else ord(" ") for c in range(256))
 # A pattern without heads is searched from this far before to this far after its first-group triggers.
 WINDOW_BEFORE, WINDOW_AFTER = 120, 360
+
+
+def _positions(text: str, literals: tuple[str, ...]) -> list[int]:
+    """Sorted distinct positions where any of `literals` occurs in `text`."""
+    found: set[int] = set()
+    for lit in literals:
+        at = text.find(lit)
+        while at >= 0:
+            found.add(at)
+            at = text.find(lit, at + 1)
+    return sorted(found)
 
 
 def _quoted(text: str, start: int, end: int) -> bool:
@@ -85,19 +97,37 @@ class InjectionDetector:
         self._keys.make_automaton()
 
     def _search(self, i: int, text: str, ends: list[int]) -> re.Match[str] | None:
-        """Pattern `i` searched only in windows around its trigger occurrences (ends, ascending)."""
-        pattern = self.patterns[i].regex
+        """Pattern `i`'s first match in windows around its trigger occurrences (ends, ascending): the first
+        window holding a match, its leftmost one (a `search` of each window, tried only at the pattern's
+        leads when it has any)."""
+        pattern = self.patterns[i]
         n = len(text)
-        lo = hi = -1
+        windows: list[tuple[int, int]] = []
         for end in ends:
             a, b = max(0, end - WINDOW_BEFORE), min(n, end + WINDOW_AFTER)
-            if a <= hi:
-                hi = b
-                continue
-            if hi >= 0 and (m := pattern.search(text, lo, hi)) is not None:
-                return m
-            lo, hi = a, b
-        return pattern.search(text, lo, hi) if hi >= 0 else None
+            if windows and a <= windows[-1][1]:
+                windows[-1] = (windows[-1][0], b)
+            else:
+                windows.append((a, b))
+        if not pattern.leads:
+            for lo, hi in windows:
+                if (m := pattern.regex.search(text, lo, hi)) is not None:
+                    return m
+            return None
+        starts = _positions(text, pattern.leads)
+        match = pattern.regex.match
+        for lo, hi in windows:
+            tried = lo - 1
+            for h in starts[bisect_left(starts, lo):bisect_left(starts, hi)]:
+                s = h
+                if pattern.after_non_word:  # the match may start anywhere in the punctuation before the lead
+                    while s > lo and not text[s - 1].isalnum():
+                        s -= 1
+                for at in range(max(s, tried + 1), h + 1):
+                    if (m := match(text, at, hi)) is not None:
+                        return m
+                tried = h
+        return None
 
     def _view_hits(self, text: str) -> dict[int, re.Match[str]]:
         """Pattern index -> its first match in one view; a pattern is tried only when all its groups occur."""
@@ -121,8 +151,9 @@ class InjectionDetector:
             return found
         starts: dict[int, list[int]] = {}
         for start, ids in head_hits:
-            for i in ids & gated:
-                starts.setdefault(i, []).append(start)
+            for i in ids:
+                if i in gated:
+                    starts.setdefault(i, []).append(start)
         for i in sorted(gated):
             pattern = self.patterns[i]
             if pattern.heads:

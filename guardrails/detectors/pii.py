@@ -263,7 +263,8 @@ def rules() -> tuple[PatternRule | AnchoredRule, ...]:
     """
     # Every number-shaped rule needs a digit run of 13+ or one followed by a separator and a digit: in an
     # ASCII text's shape, "dsd" or 13 d's (checked before the anchor pass runs at all).
-    digits = RegexAnchors(r"\d(?<!\d\d)(?=\d{12}|\d{0,15}[ .\-/]\d)", 18)
+    digits = RegexAnchors(r"\d(?<!\d\d)(?=\d{12}|\d{0,15}[ .\-/]\d)", 18,
+                          shape=rb"d(?<!dd)(?=d{12}|d{0,15}sd)")  # the same, in an ASCII text's shape
     clusters = (b"dsd", b"d" * 13)
     words = context_anchors()
     return (

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardrails import Policy, default_policy_set, parse_policy_set
+from guardrails.stream import BATCH_CHARS
 
 CANARY = "zebra-canary-7731"
 
@@ -110,5 +111,5 @@ def test_the_hold_back_stays_small_on_ordinary_prose() -> None:
     for i in range(0, len(prose), 4):
         guard.feed(prose[i:i + 4])
         held.append(guard.held)
-    assert max(held) <= 32 + 64  # the batch plus at most a clause (IBAN-shaped candidates end at punctuation)
+    assert max(held) <= BATCH_CHARS + 64  # the batch plus at most a clause (IBAN-shaped candidates end at punctuation)
     assert guard.finish() != "" or guard.held == 0
