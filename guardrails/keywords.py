@@ -306,6 +306,10 @@ class AnchorProbe:
         self._groups = tuple(self.regex.groupindex[f"r{i}"] for i in range(len(self.rules)))
         if self._re is not None and tuple(self._re.groupindex[f"r{i}"] for i in range(len(self.rules))) != self._groups:
             self._re = None
+        # per rule, for the `regex` and the `re` probe: (index, first characters, match, finding, group)
+        self._tries = {fast: tuple((k, r._first, (r._re if fast else r.regex).match, r._rule.finding, self._groups[k])
+                                   for k, r in enumerate(self.rules))
+                       for fast in (False, True) if not fast or self._re is not None}
 
     def scan(self, view: TextView) -> list[list[Finding]]:
         """Each rule's `scan(view)`, in rule order."""
@@ -314,17 +318,19 @@ class AnchorProbe:
         live = [r._rule.applies(view) for r in rules]
         if not any(live):
             return out
+        starts = anchor_starts(view, rules[0].anchors, rules[0].group)
+        if not starts:
+            return out
         text = view.text
         fast = self._re is not None and view.re_safe
         probe = self._re.match if fast else self.regex.match  # type: ignore[union-attr]
-        tried = [(k, r, r._first, (r._re if fast else r.regex).match, r._rule.finding, self._groups[k])  # type: ignore[union-attr]
-                 for k, r in enumerate(rules) if live[k]]
-        for s in anchor_starts(view, rules[0].anchors, rules[0].group):
+        tried = [t for t in self._tries[fast] if live[t[0]]]
+        for s in starts:
             m = probe(text, s)
             if m is None:
                 continue
             regs = m.regs
-            for k, _rule, first, match, finding, g in tried:
+            for k, first, match, finding, g in tried:
                 if regs[g][0] >= 0 and (not first or text[s] in first):
                     f = finding(match(text, s))
                     if f is not None:

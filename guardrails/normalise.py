@@ -247,8 +247,9 @@ def despace(text: str) -> MappedText | None:
     return MappedText("".join(parts), tuple(starts), tuple(sources))
 
 
-_BASE64 = regex.compile(r"[A-Za-z0-9+/_\-]{16,8192}={0,2}")
-_HEX = regex.compile(r"(?:[0-9A-Fa-f]{2}[:]?){12,4096}")
+# ASCII classes: `re` agrees with `regex` on any text and is cheaper per call (`\s` it does not: `regex` below)
+_BASE64 = re.compile(r"[A-Za-z0-9+/_\-]{16,8192}={0,2}")
+_HEX = re.compile(r"(?:[0-9A-Fa-f]{2}[:]?){12,4096}")
 _PERCENT = regex.compile(r"(?:%[0-9A-Fa-f]{2}[^%\s]{0,3}){6,4096}")
 _TRIM = "\"'`()[]{}<>,;.!?"
 # Characters of base64, hex and percent-encoded tokens -> "a", everything else -> " ": a text whose shape

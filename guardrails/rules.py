@@ -128,9 +128,12 @@ class TextView:
         return self._digit
 
     def may_contain(self, shapes: tuple[bytes, ...]) -> bool:
-        """False only when the text is ASCII and its shape holds none of `shapes`."""
-        shape = self.shape
-        return shape is None or any(s in shape for s in shapes)
+        """False only when the text is ASCII and its shape holds none of `shapes` (memoised per `shapes`)."""
+        got = self.memo.get(shapes)
+        if got is None:
+            shape = self.shape
+            got = self.memo[shapes] = shape is None or any(s in shape for s in shapes)
+        return got  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, eq=False)

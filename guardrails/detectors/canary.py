@@ -24,5 +24,8 @@ def canary_detector(canary: str) -> RuleDetector:
     if not words or len(canary) > MAX_CANARY_CHARS:
         raise ValueError(f"a system-prompt canary must be 1 to {MAX_CANARY_CHARS} non-blank characters")
     pattern = r"[ \t\r\n]{1,8}".join(regex.escape(w) for w in words)
+    # Every character that matches an ASCII one case-insensitively folds to it: an ASCII first word, folded,
+    # is in the folded text wherever the canary occurs (a whole-text check and a stream skip on it).
+    requires = (words[0].lower(),) if words[0].isascii() else ()
     return RuleDetector(CANARY, VERSION, (PatternRule(CANARY, "SYSTEM_PROMPT_LEAK", pattern=f"(?i:{pattern})",
-                                                      score=1.0),))
+                                                      score=1.0, requires_lower=requires),))

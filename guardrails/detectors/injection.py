@@ -85,15 +85,23 @@ class InjectionDetector:
         for i, p in enumerate(self.patterns):
             for head in p.heads:
                 heads.setdefault(" " + head.translate(_BOUNDARY), set()).add(i)
-        triggers: dict[str, list[tuple[str | None, frozenset[int], tuple[int, ...]]]] = {}
+        # Per key: (head patterns, key length, group ids of the triggers it is, patterns searched around it,
+        # triggers to confirm as (word, group ids, patterns searched around it)).
+        plain: dict[str, tuple[set[int], set[int]]] = {}
+        blurred: dict[str, list[tuple[str, frozenset[int], tuple[int, ...]]]] = {}
         for word, (ids, windowed) in words.items():
-            blurred = any(c.isascii() and not c.isalnum() for c in word)
-            triggers.setdefault(word.translate(_BOUNDARY), []).append(
-                (word if blurred else None, frozenset(ids), tuple(sorted(windowed))))
+            key = word.translate(_BOUNDARY)
+            if any(c.isascii() and not c.isalnum() for c in word):
+                blurred.setdefault(key, []).append((word, frozenset(ids), tuple(sorted(windowed))))
+            else:
+                got = plain.setdefault(key, (set(), set()))
+                got[0].update(ids)
+                got[1].update(windowed)
         self._keys = ahocorasick.Automaton()
-        for key in heads.keys() | triggers.keys():
-            head_ids = frozenset(heads.get(key, ()))
-            self._keys.add_word(key, (head_ids, len(key), tuple(triggers.get(key, ()))))
+        for key in heads.keys() | plain.keys() | blurred.keys():
+            ids, windowed = plain.get(key, ((), ()))
+            self._keys.add_word(key, (frozenset(heads.get(key, ())), len(key), frozenset(ids),
+                                      tuple(sorted(windowed)), tuple(blurred.get(key, ()))))
         self._keys.make_automaton()
 
     def _search(self, i: int, text: str, ends: list[int]) -> re.Match[str] | None:
@@ -131,29 +139,31 @@ class InjectionDetector:
 
     def _view_hits(self, text: str) -> dict[int, re.Match[str]]:
         """Pattern index -> its first match in one view; a pattern is tried only when all its groups occur."""
-        seen: set[int] = set()
-        first_group_ends: dict[int, list[int]] = {}
-        head_hits: list[tuple[int, frozenset[int]]] = []
         view = " " + (text.encode("ascii").translate(_BOUNDARY_BYTES).decode("ascii") if text.isascii()
                       else text.translate(_BOUNDARY))
-        for end, (head_ids, length, triggers) in self._keys.iter(view):
-            if head_ids:
-                head_hits.append((end - length + 1, head_ids))
-            for word, ids, windowed in triggers:  # `end - 1`: where the trigger ends in `text`
-                if word is not None and (end < length or not text.startswith(word, end - length)):
-                    continue
-                seen |= ids
-                for i in windowed:
-                    first_group_ends.setdefault(i, []).append(end - 1)
+        # (key end in `view`, value); in `text` a trigger ends at `end - 1` and a head starts at `end - length + 1`
+        hits = list(self._keys.iter(view))
+        seen: set[int] = set().union(*[v[2] for _end, v in hits if v[2]])
+        first_group_ends: dict[int, list[int]] = {}
+        for end, (_h, length, _ids, windowed, blurred) in [hit for hit in hits if hit[1][3] or hit[1][4]]:
+            for i in windowed:
+                first_group_ends.setdefault(i, []).append(end - 1)
+            for word, ids, around in blurred:
+                if end >= length and text.startswith(word, end - length):
+                    seen |= ids
+                    for i in around:
+                        first_group_ends.setdefault(i, []).append(end - 1)
         gated = {i for i, required in self._required if required <= seen}
         found: dict[int, re.Match[str]] = {}
         if not gated:
             return found
         starts: dict[int, list[int]] = {}
-        for start, ids in head_hits:
-            for i in ids:
-                if i in gated:
-                    starts.setdefault(i, []).append(start)
+        for end, value in hits:
+            head_ids = value[0]
+            if head_ids and not gated.isdisjoint(head_ids):
+                for i in head_ids:
+                    if i in gated:
+                        starts.setdefault(i, []).append(end - value[1] + 1)
         for i in sorted(gated):
             pattern = self.patterns[i]
             if pattern.heads:

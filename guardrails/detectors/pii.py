@@ -38,8 +38,16 @@ def digits_of(text: str) -> str:
     return _NOT_DIGIT.sub("", text)
 
 
+# Each ASCII digit's byte -> its Luhn contribution when doubled (2d, less 9 above 9).
+_LUHN_DOUBLED = bytes((d * 2 - 9 if d > 4 else d * 2) if 48 <= c <= 57 and (d := c - 48) >= 0 else 0 for c in range(256))
+
+
 def luhn_ok(number: str) -> bool:
     """True when the digit string passes the Luhn (mod 10) check."""
+    if number.isascii() and number.isdigit():  # every other byte as is, the rest doubled via a table
+        b = number.encode("ascii")
+        plain = b[-1::-2]
+        return (sum(plain) - 48 * len(plain) + sum(b[-2::-2].translate(_LUHN_DOUBLED))) % 10 == 0
     total = 0
     for i, ch in enumerate(reversed(number)):
         d = ord(ch) - 48
@@ -85,18 +93,18 @@ def _card(m: regex.Match[str]) -> tuple[str, float, int, int] | None:
     if not seps:
         return ("CREDIT_CARD", 0.95, m.start(), m.end()) if _card_number_ok(raw) else None
     # A grouped number may run into neighbouring number groups ("0 4111 1111 1111 1111 7"): try the
-    # windows of whole groups, longest first, then leftmost.
-    sep = seps.pop()
-    groups, pos = [], 0
-    for g in raw.split(sep):
-        groups.append((pos, pos + len(g)))
+    # windows of whole groups, longest first, then leftmost (those of 13 to 19 digits: no other can pass).
+    parts = raw.split(seps.pop())
+    offsets, pos = [], 0
+    for g in parts:
+        offsets.append(pos)
         pos += len(g) + 1
-    k = len(groups)
+    k = len(parts)
     for size in range(k, 0, -1):
         for i in range(k - size + 1):
-            s, e = groups[i][0], groups[i + size - 1][1]
-            if _card_number_ok(digits_of(raw[s:e])):
-                return "CREDIT_CARD", 0.95, m.start() + s, m.start() + e
+            number = "".join(parts[i:i + size])
+            if 13 <= len(number) <= 19 and _card_number_ok(number):
+                return "CREDIT_CARD", 0.95, m.start() + offsets[i], m.start() + offsets[i + size - 1] + len(parts[i + size - 1])
     return None
 
 
