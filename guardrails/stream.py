@@ -4,7 +4,10 @@ The guard appends each engine chunk to a small buffer and lets every span rule o
 over it (`advance` of each rule, see guardrails/rules.py): each rule reports the findings that are final and
 the earliest position where a match might still start. Text before the smallest such position, cut back so
 no redacted span is split, is redacted and emitted; the rest is held. Rules run once per `batch_chars` new
-characters, not per token. The hold-back is bounded by the widest rule (a few hundred characters; a PEM
+characters, not per token, and most of them not even then: a rule with nothing pending is skipped when no
+character it can start with arrived, a rule on shared anchors when none lies past its resume point, and a
+rule that needs a literal and cannot span whitespace moves past the last whitespace while the literal is
+absent (one shared search). The hold-back is bounded by the widest rule (a few hundred characters; a PEM
 private-key block, once its header has appeared, up to ~5k) plus the batch.
 
 Guarantee (tested with hypothesis): for any text and any chunking, the concatenated output equals the
@@ -51,6 +54,8 @@ class StreamGuard:
         # arrived since their resume point, no attempt before the last whitespace can ever match, so they
         # resume after it without running (one shared search instead of one rule each).
         self._literals = [_whitespace_bounded_literals(rule) for rule, _ in self._rules]
+        self._plan = [(rule, step, starts, literals, anchors) for (rule, step), starts, literals, anchors
+                      in zip(self._rules, self._starts, self._literals, self._anchors, strict=True)]
         self._checked_to = 0  # absolute offset up to which the rules have run
         self._buf = ""
         self._folded = ""  # fold(self._buf), kept alongside (folding is per character)
@@ -110,35 +115,35 @@ class StreamGuard:
         frontier = end
         last_event: dict[object, int] = {}
         after_space = -1  # just after the buffer's last whitespace (computed when first needed)
-        for i, (rule, step) in enumerate(self._rules):
-            starts = self._starts[i]
-            if (arrived is not None and starts is not None and self._resume[i] >= checked_to
-                    and starts.isdisjoint(arrived)):
-                self._resume[i] = end  # nothing pending, and nothing that could start an attempt arrived
+        resumes, folded = self._resume, self._folded
+        for i, (rule, step, starts, literals, anchors) in enumerate(self._plan):
+            pos = resumes[i] - base
+            if arrived is not None and starts is not None and pos >= checked_to - base and starts.isdisjoint(arrived):
+                resumes[i] = end  # nothing pending, and nothing that could start an attempt arrived
                 continue
-            pos = self._resume[i] - base
-            literals = self._literals[i]
-            if literals is not None and not finished:
-                text, lits = literals
-                where = self._folded if text == "folded" else buf
-                if all(where.find(lit, pos) < 0 for lit in lits):
+            if finished:
+                pass
+            elif literals is not None:
+                where = folded if literals[0] == "folded" else buf
+                if all(where.find(lit, pos) < 0 for lit in literals[1]):
                     if after_space < 0:
                         after_space = 1 + max(buf.rfind(" "), buf.rfind("\n"), buf.rfind("\t"), buf.rfind("\r"))
                     resume = max(pos, after_space) + base
-                    self._resume[i] = resume
-                    frontier = min(frontier, resume)
+                    resumes[i] = resume
+                    if resume < frontier:
+                        frontier = resume
                     continue
-            anchors = self._anchors[i]
-            if anchors is not None and not finished:
+            elif anchors is not None:
                 last = last_event.get(anchors)
                 if last is None:
                     last = last_event[anchors] = anchors.last_event(view)
                 if pos > last:  # no anchor at or after `pos`, none pending: `advance` would find nothing
-                    self._resume[i] = end
+                    resumes[i] = end
                     continue
             found, resume = rule.advance(view, pos, finished)
-            self._resume[i] = resume + base
-            frontier = min(frontier, resume + base)
+            resumes[i] = resume + base
+            if resume + base < frontier:
+                frontier = resume + base
             for raw in found:
                 f = step.judge(raw, buf, self._allowlist)
                 if f is not None:
