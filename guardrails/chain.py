@@ -50,11 +50,14 @@ def span_key(f: Finding) -> tuple[int, int, str, str, float]:
     return (f.start, -f.end, f.detector, f.type, -f.score)
 
 
-def dedupe(findings: Sequence[Finding]) -> tuple[Finding, ...]:
-    """`findings` sorted by `span_key`, keeping one per (part, span, type): two rules that agree count once."""
+def dedupe(findings: Sequence[Finding], *, ordered: bool = False) -> tuple[Finding, ...]:
+    """`findings` sorted by `span_key`, keeping one per (part, span, type): two rules that agree count once.
+
+    `ordered`: `findings` are already sorted by `span_key`.
+    """
     seen: set[tuple[int, int, int, str]] = set()
     out = []
-    for f in sorted(findings, key=span_key):
+    for f in (findings if ordered else sorted(findings, key=span_key)):
         key = (f.part, f.start, f.end, f.type)
         if key not in seen:
             seen.add(key)
@@ -62,13 +65,15 @@ def dedupe(findings: Sequence[Finding]) -> tuple[Finding, ...]:
     return tuple(out)
 
 
-def redact(text: str, findings: Iterable[Finding], offset: int = 0) -> str:
+def redact(text: str, findings: Iterable[Finding], offset: int = 0, *, ordered: bool = False) -> str:
     """`text` with each group of overlapping redacted/blocked spans replaced by the first one's placeholder.
 
     `offset` is where `text` starts in the coordinates of the findings' spans (the stream guard redacts
-    pieces of a longer text); every span must lie inside the piece.
+    pieces of a longer text); every span must lie inside the piece. `ordered`: `findings` are already
+    sorted by `span_key`.
     """
-    spans = sorted((f for f in findings if f.action != "allow"), key=span_key)
+    kept = [f for f in findings if f.action != "allow"]
+    spans = kept if ordered else sorted(kept, key=span_key)
     if not spans:
         return text
     out: list[str] = []
@@ -113,10 +118,10 @@ class Chain:
         findings: list[Finding] = []
         redacted: list[str] = []
         for i, text in enumerate(texts):
-            found = self.findings(text, i, extra)
+            found = self.findings(text, i, extra)  # sorted by span_key
             findings.extend(found)
-            redacted.append(redact(text, found) if found else text)
-        return Verdict(action=strongest(f.action for f in findings), findings=dedupe(findings),
+            redacted.append(redact(text, found, ordered=True) if found else text)
+        return Verdict(action=strongest(f.action for f in findings), findings=dedupe(findings, ordered=len(texts) == 1),
                        texts=tuple(redacted))
 
     @property
