@@ -58,7 +58,7 @@ class StreamGuard:
                       in zip(self._rules, self._starts, self._literals, self._anchors, strict=True)]
         self._checked_to = 0  # absolute offset up to which the rules have run
         self._buf = ""
-        self._folded = ""  # fold(self._buf), kept alongside (folding is per character)
+        self._folded = ""  # fold of the start of self._buf, extended when the rules run (folding is per character)
         self._base = 0  # absolute offset of self._buf[0]
         self._emitted = 0  # absolute offset up to which output has been emitted
         self._pending: list[Finding] = []  # final, not yet emitted
@@ -82,7 +82,6 @@ class StreamGuard:
         if self.blocked or self.finished or not chunk:
             return ""
         self._buf += chunk
-        self._folded += fold(chunk)
         self.chars_in += len(chunk)
         self._unchecked += len(chunk)
         if self._unchecked < self._batch:
@@ -111,6 +110,7 @@ class StreamGuard:
         fresh = buf[self._checked_to - base:]
         arrived = set(fresh) if fresh.isascii() else None
         checked_to, self._checked_to = self._checked_to, end
+        self._folded += fold(buf[len(self._folded):])
         view = TextView(buf, self._folded, max(0, min(self._resume, default=base) - base - 1))
         frontier = end
         last_event: dict[object, int] = {}
