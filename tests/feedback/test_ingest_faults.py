@@ -232,6 +232,8 @@ async def test_while_the_store_is_unavailable_the_ingester_retries_with_backoff_
         ids = await publish_pairs(broker.bootstrap_servers, prefix, tmp_path / "spool", 1000)
         await wait_count(view, len(ids), timeout_s=60)
         ingester = running[0]
+        # A batch is committed just after it is stored: wait for the commits to catch up before the snapshot.
+        await wait_until(lambda: sum(ingester.committed.values()) == len(ids), 30, "the stored events committed")
         committed = dict(ingester.committed)
 
         with endpoint.outage(mode, database=database) as outage:  # type: ignore[arg-type]
