@@ -30,6 +30,7 @@ EpochMs = Annotated[int, msgspec.Meta(ge=0, le=10_413_791_999_999)]  # DateTime6
 UInt32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+Share = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
 Operation = Literal["chat", "text_completion"]
 Status = Literal["ok", "error", "cancelled", "blocked"]
@@ -207,6 +208,8 @@ class ModelEvent(Event, kw_only=True, frozen=True, tag="model"):
     reason: str = ""
     actor: str = ""
     lineage: str = "{}"
+    artifact_sha256: str = ""  # schemas.artifacts.tree_sha256 of the adapter directory; verified before loading
+    canary_share: Share = 0.0  # the share of traffic a version in `canary` gets (0..1)
 
 
 class MonitorResult(Event, kw_only=True, frozen=True, tag="monitor"):

@@ -28,7 +28,7 @@ def _for(t: msgspec.inspect.Type) -> st.SearchStrategy[Any]:
         return st.integers(min_value=t.ge if t.ge is not None else -(2**63),
                            max_value=t.le if t.le is not None else 2**63 - 1)
     if isinstance(t, ti.FloatType):
-        return st.floats(min_value=t.ge, allow_nan=False, allow_infinity=False)
+        return st.floats(min_value=t.ge, max_value=t.le, allow_nan=False, allow_infinity=False)
     if isinstance(t, ti.VarTupleType):
         return st.lists(_for(t.item_type), max_size=4).map(tuple)
     if isinstance(t, ti.DictType):

@@ -18,7 +18,7 @@ def test_released_migrations_are_numbered_from_one_without_gaps() -> None:
 def test_every_statement_is_idempotent_by_construction() -> None:
     for m in load_migrations():
         for statement in m.statements:
-            head = " ".join(statement.split()[:6]).upper()
+            head = " ".join(statement.split()[:8]).upper()
             assert "IF NOT EXISTS" in head or "IF EXISTS" in head, f"{m.name}: {head}"
 
 
