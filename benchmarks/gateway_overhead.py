@@ -3,7 +3,10 @@
 Open-loop load (requests start on schedule whether or not earlier ones finished) at each offered rate,
 for a fixed duration, against: the upstream directly, the gateway over HTTP, the gateway over gRPC —
 with auth and rate limiting on. Added latency = gateway percentile - direct percentile at the same rate.
-Then streaming: tokens/s of the real engine on the tiny model alone vs. through the gateway.
+Two gateway processes run side by side: `gateway` (auth + rate limits: the configuration the target is
+for) and `guarded` (the same plus the default guardrail policy on input and output), so what the
+guardrails add is measured in the same run (their own per-KB figures are in benchmarks/guardrails.py).
+Then streaming: tokens/s of the real engine on the tiny model alone vs. through the guarded gateway.
 
     .venv/bin/python benchmarks/gateway_overhead.py            # full run (≈3 min)
     .venv/bin/python benchmarks/gateway_overhead.py --quick    # smoke run
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -21,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -80,64 +85,81 @@ def _pooled(runs: list[dict], rate: float) -> dict:
             "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99)}
 
 
-async def measure_unary(upstream_url: str, gw_http: str, gw_grpc: str, key: str, rates: list[int],
-                        duration: float, rounds: int, gateway_pid: int) -> list[dict]:
-    """Per rate: `rounds` alternating slices of direct / HTTP / gRPC (duration/rounds seconds each), pooled, so a
-    burst of outside load hits all three alike; the gateway process's CPU per request is read from /proc."""
+@dataclass(frozen=True)
+class GatewayUnderTest:
+    name: str  # gateway | guarded
+    http: str
+    grpc: str
+    pid: int
+
+
+async def measure_unary(upstream_url: str, gateways: list[GatewayUnderTest], key: str, rates: list[int],
+                        duration: float, rounds: int) -> list[dict]:
+    """Per rate: `rounds` alternating slices of direct and each gateway over HTTP and gRPC (duration/rounds seconds
+    each), pooled, so a burst of outside load hits all alike; each gateway process's CPU per request is read
+    from /proc."""
     rows = []
     conn = aiohttp.TCPConnector(limit=2000)
-    async with aiohttp.ClientSession(connector=conn) as http, grpc.aio.insecure_channel(gw_grpc) as channel:
-        stub = pb_grpc.InferenceStub(channel)
-        auth = {"Authorization": f"Bearer {key}"}
-        grpc_req = pb.GenerateRequest(model="fixed", messages=[pb.ChatMessage(role="user", content="Say something short.")],
-                                      params=pb.SamplingParams(max_tokens=16))
-        md = (("authorization", f"Bearer {key}"),)
+    auth = {"Authorization": f"Bearer {key}"}
+    grpc_req = pb.GenerateRequest(model="fixed", messages=[pb.ChatMessage(role="user", content="Say something short.")],
+                                  params=pb.SamplingParams(max_tokens=16))
+    md = (("authorization", f"Bearer {key}"),)
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession(connector=conn))
 
         async def direct() -> bool:
             async with http.post(f"{upstream_url}/chat/completions", json=BODY) as r:
                 await r.read()
                 return r.status == 200
 
-        async def via_http() -> bool:
-            async with http.post(f"{gw_http}/v1/chat/completions", json=BODY, headers=auth) as r:
-                await r.read()
-                return r.status == 200
+        def over_http(base: str) -> Callable[[], Awaitable[bool]]:
+            async def send() -> bool:
+                async with http.post(f"{base}/v1/chat/completions", json=BODY, headers=auth) as r:
+                    await r.read()
+                    return r.status == 200
+            return send
 
-        async def via_grpc() -> bool:
-            try:
-                await stub.Generate(grpc_req, metadata=md, timeout=30)
-                return True
-            except grpc.aio.AioRpcError:
-                return False
+        def over_grpc(stub: pb_grpc.InferenceStub) -> Callable[[], Awaitable[bool]]:
+            async def send() -> bool:
+                try:
+                    await stub.Generate(grpc_req, metadata=md, timeout=30)
+                    return True
+                except grpc.aio.AioRpcError:
+                    return False
+            return send
 
-        for send in (direct, via_http, via_grpc):  # warm connections and code paths
+        targets: list[tuple[str, Callable[[], Awaitable[bool]], int | None]] = [("direct", direct, None)]
+        for gw in gateways:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(gw.grpc))
+            targets += [(f"{gw.name}_http", over_http(gw.http), gw.pid),
+                        (f"{gw.name}_grpc", over_grpc(pb_grpc.InferenceStub(channel)), gw.pid)]
+        for _, send, _ in targets:  # warm connections and code paths
             await asyncio.gather(*(send() for _ in range(50)))
-        targets = (("direct", direct), ("gateway_http", via_http), ("gateway_grpc", via_grpc))
         for rate in rates:
-            runs: dict[str, list[dict]] = {name: [] for name, _ in targets}
-            cpu: dict[str, float] = {name: 0.0 for name, _ in targets}
+            runs: dict[str, list[dict]] = {name: [] for name, _, _ in targets}
+            cpu: dict[str, float] = {name: 0.0 for name, _, _ in targets}
             for _ in range(rounds):
-                for name, send in targets:
-                    before = _cpu_s(gateway_pid)
+                for name, send, pid in targets:
+                    before = _cpu_s(pid) if pid else 0.0
                     runs[name].append(await open_loop(send, rate, duration / rounds))
-                    cpu[name] += _cpu_s(gateway_pid) - before
+                    cpu[name] += (_cpu_s(pid) - before) if pid else 0.0
                     await asyncio.sleep(0.3)
             results = {name: _pooled(r, rate) for name, r in runs.items()}
             d = results["direct"]
             row = {"offered_rps": rate, "rounds": rounds,
                    **{f"{k}_{m}": v[m] for k, v in results.items()
                       for m in ("p50_ms", "p95_ms", "p99_ms", "achieved_rps", "failures")}}
-            for api in ("gateway_http", "gateway_grpc"):
+            apis = [name for name, _, pid in targets if pid]
+            for api in apis:
                 row[f"{api}_cpu_ms_per_request"] = round(cpu[api] * 1000 / max(1, results[api]["requests"]), 3)
-            for api in ("gateway_http", "gateway_grpc"):
                 for q in ("p50", "p95", "p99"):
                     row[f"{api}_added_{q}_ms"] = round(results[api][f"{q}_ms"] - d[f"{q}_ms"], 3)
             rows.append(row)
-            print(f"{rate:5d} req/s  direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f} | "
-                  f"http +{row['gateway_http_added_p50_ms']:.2f}/+{row['gateway_http_added_p99_ms']:.2f} ms "
-                  f"(cpu {row['gateway_http_cpu_ms_per_request']} ms/req) "
-                  f"({row['gateway_http_achieved_rps']} rps) | grpc +{row['gateway_grpc_added_p50_ms']:.2f}/"
-                  f"+{row['gateway_grpc_added_p99_ms']:.2f} ms ({row['gateway_grpc_achieved_rps']} rps)", flush=True)
+            print(f"{rate:5d} req/s  direct p50 {d['p50_ms']:.2f} p99 {d['p99_ms']:.2f}", flush=True)
+            for api in apis:
+                print(f"      {api:13s} +{row[f'{api}_added_p50_ms']:.2f} / +{row[f'{api}_added_p99_ms']:.2f} ms "
+                      f"p50/p99 added, cpu {row[f'{api}_cpu_ms_per_request']} ms/req, "
+                      f"{row[f'{api}_achieved_rps']} rps, {row[f'{api}_failures']} failures", flush=True)
     return rows
 
 
@@ -231,11 +253,18 @@ def main() -> None:
         engine = "vllm" if vllm_available() else "transformers"
 
     tmp = Path(tempfile.mkdtemp(prefix="servoloop-bench-"))
-    up_port, http_port, grpc_port = free_port(), free_port(), free_port()
+    up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "tests.support.openai_upstream", "--port", str(up_port),
                                  "--latency-ms", str(a.upstream_latency_ms), "--tokens", "16"], cwd=ROOT)
-    cfg = tmp / "servoloop.yaml"
-    cfg.write_text(f"""data_dir: {tmp}
+    procs: list[subprocess.Popen] = [upstream]
+    gateways: list[GatewayUnderTest] = []
+    env: dict[str, str] = {}
+    # `gateway`: auth + rate limits only; `guarded`: the same with the default guardrail policy, and the local
+    # engine for the streaming part (loaded only there, so it cannot disturb the unary figures of the other).
+    for name, guarded in (("gateway", False), ("guarded", True)):
+        http_port, grpc_port = free_port(), free_port()
+        cfg = tmp / f"{name}.yaml"
+        cfg.write_text(f"""data_dir: {tmp}
 log_level: WARNING
 gateway:
   host: 127.0.0.1
@@ -243,35 +272,39 @@ gateway:
   grpc_port: {grpc_port}
   rate_limits: {{requests_per_minute: 10000000, tokens_per_minute: 1000000000, max_concurrent_streams: 1000}}
   limits: {{max_output_tokens: 2048}}
+  guardrails: {{enabled: {str(guarded).lower()}}}
   models:
     - {{name: fixed, engine: remote, url: "http://127.0.0.1:{up_port}/v1", max_connections: 2000}}
-""" + ("" if a.no_streaming else f"""    - {{name: tiny, engine: {engine}, path: "{a.model}", max_concurrency: {a.streams}}}
+""" + ("" if a.no_streaming or not guarded else f"""    - {{name: tiny, engine: {engine}, path: "{a.model}", max_concurrency: {a.streams}}}
 """))
-    env = {**os.environ, "SERVOLOOP_CONFIG": str(cfg)}
-    gateway = subprocess.Popen([str(BIN / "servoloop"), "serve"], env=env, cwd=tmp)
+        env = {**os.environ, "SERVOLOOP_CONFIG": str(cfg)}
+        proc = subprocess.Popen([str(BIN / "servoloop"), "serve"], env=env, cwd=tmp)
+        procs.append(proc)
+        gateways.append(GatewayUnderTest(name, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc.pid))
     try:
-        wait_http(f"http://127.0.0.1:{http_port}/readyz", 300, gateway)
+        for gw, proc in zip(gateways, procs[1:]):
+            wait_http(f"{gw.http}/readyz", 300, proc)
         wait_http(f"http://127.0.0.1:{up_port}/v1/models", 30, upstream)
         key = subprocess.run([str(BIN / "servoloop"), "keys", "create", "--tenant", "bench"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        time.sleep(1.5)  # the gateway picks up the new key
-        rows = asyncio.run(measure_unary(f"http://127.0.0.1:{up_port}/v1", f"http://127.0.0.1:{http_port}",
-                                         f"127.0.0.1:{grpc_port}", key, rates, duration, a.rounds, gateway.pid))
+        time.sleep(1.5)  # the gateways pick up the new key
+        rows = asyncio.run(measure_unary(f"http://127.0.0.1:{up_port}/v1", gateways, key, rates, duration, a.rounds))
         streaming = {} if a.no_streaming else asyncio.run(measure_streaming(
-            Path(a.model), engine, f"http://127.0.0.1:{http_port}", key, a.streams, a.stream_tokens,
+            Path(a.model), engine, gateways[1].http, key, a.streams, a.stream_tokens,
             2 if a.quick else a.stream_rounds))
         if streaming:
             print(f"streaming ({engine}, {a.streams} streams): engine alone {streaming['engine_alone_tokens_per_s']} tok/s,"
-              f" through gateway {streaming['through_gateway_tokens_per_s']} tok/s "
+                  f" through the guarded gateway {streaming['through_gateway_tokens_per_s']} tok/s "
                   f"(ratio {streaming['gateway_vs_engine_ratio']})")
     finally:
-        gateway.terminate()
-        upstream.terminate()
-        gateway.wait(30)
-        upstream.wait(30)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
     out = write_result("gateway_overhead", {
         "upstream_latency_ms": a.upstream_latency_ms, "duration_s_per_rate": duration, "unary": rows,
         "streaming": streaming,
+        "gateways": {"gateway": "auth + rate limits", "guarded": "auth + rate limits + default guardrail policy"},
         "targets": {"added_p50_ms_at_500_rps": 1.0, "added_p99_ms_at_500_rps": 3.0, "streaming_ratio": 0.95},
     })
     print(f"wrote {out}")
