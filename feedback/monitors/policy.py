@@ -12,6 +12,10 @@
 
 Durations are seconds or strings like `90s`, `15m`, `1h`, `7d`. Every key under `defaults` is a default
 for every monitor entry; an entry's own keys win.
+
+An optional `canary:` section (`CanaryPolicy`) sets how the canary monitor (feedback/monitors/canary.py)
+compares a canary version with the active one and whether it may request promotion or rollback itself.
+A file without it gets the defaults.
 """
 
 from __future__ import annotations
@@ -146,10 +150,36 @@ class MonitorPolicy(_Strict):
         return (not self.tenants or tenant in self.tenants) and (not self.models or model in self.models)
 
 
+class CanaryPolicy(_Strict):
+    """Canary vs active: when a canary is decided, and whether the decision is acted on or only recorded.
+
+    `min_samples` requests per arm before any decision; `min_feedback` rated responses per arm (thumbs,
+    ratings, or head-to-head preferences between the arms) before a user signal counts. Promotion needs
+    every user signal significantly not worse than the active arm by more than its margin
+    (`non_inferiority_margin` for rates: thumbs-up and win rate; `rating_margin` in rating units), and
+    error and block rates no more than `max_*_increase` above the active arm. Rollback: a user signal worse
+    by more than its margin, or an error or block rate above active + its margin, each significant at
+    `alpha` (Bonferroni over the checks). With `auto_promote`/`auto_rollback` off the decision is only
+    recorded (a MonitorResult), no request is made.
+    """
+
+    enabled: bool = True
+    min_samples: int = Field(200, ge=1)
+    min_feedback: int = Field(100, ge=1)
+    non_inferiority_margin: float = Field(0.05, ge=0, lt=1)
+    rating_margin: float = Field(0.25, ge=0)
+    max_error_rate_increase: float = Field(0.02, ge=0, lt=1)
+    max_block_rate_increase: float = Field(0.02, ge=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    auto_promote: bool = True
+    auto_rollback: bool = True
+
+
 class PolicyFile(_Strict):
     version: Literal[1] = 1
     defaults: dict[str, Any] = Field(default_factory=dict)
     monitors: list[MonitorPolicy] = Field(default_factory=list)
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
 
     @model_validator(mode="before")
     @classmethod

@@ -6,7 +6,8 @@ A cycle computes every quality metric once per distinct window (feedback/monitor
 other monitor kinds (drift) through the `Monitor` seam, and for each policy entry and group applies
 the significance test, the minimum sample size, hysteresis and the cooldown (evaluate.py, stats.py).
 It emits exactly one MonitorResult per entry and group, and one RetrainTrigger per fire of a `retrain`
-entry, both through `publish` (the event sink, so they reach Kafka like every event, or the store
+entry; the canary monitor (feedback/monitors/canary.py, the policy's `canary:` section) adds one result
+per canary version and its promote/rollback requests (`ModelEvent`s); all go through `publish` (the event sink, so they reach Kafka like every event, or the store
 directly); then it posts fire/resolve alerts to the webhook.
 
 Alert state survives restarts without a state file: each MonitorResult carries its incident state in
@@ -32,6 +33,7 @@ import msgspec
 
 from feedback.monitors.alerts import Alert, WebhookNotifier
 from feedback.monitors.base import GroupKey, Monitor, MonitorWindow, group_of
+from feedback.monitors.canary import run_canary
 from feedback.monitors.evaluate import evaluate
 from feedback.monitors.policy import MonitorPolicy, PolicyFile, PolicyReloader
 from feedback.monitors.quality import Price, QualitySnapshot, estimate_of, quality_snapshot
@@ -39,7 +41,7 @@ from feedback.monitors.settings import MonitorSettings
 from feedback.monitors.stats import AlertState, Level, corrected_alpha, step
 from feedback.store.base import Store
 from feedback.store.writer import write_events
-from schemas.events import Event, MonitorResult, RetrainTrigger, now_ms
+from schemas.events import Event, ModelEvent, MonitorResult, RetrainTrigger, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class CycleReport:
     now_ms: int
     results: list[MonitorResult] = field(default_factory=list)
     triggers: list[RetrainTrigger] = field(default_factory=list)
+    model_requests: list[ModelEvent] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     alerts_delivered: int = 0
     errors: dict[str, str] = field(default_factory=dict)
@@ -83,7 +86,7 @@ class CycleReport:
         for r in self.results:
             statuses[r.status] = statuses.get(r.status, 0) + 1
         return {"now_ms": self.now_ms, "results": len(self.results), "statuses": statuses,
-                "triggers": len(self.triggers), "alerts": len(self.alerts), "alerts_delivered": self.alerts_delivered,
+                "triggers": len(self.triggers), "model_requests": len(self.model_requests), "alerts": len(self.alerts), "alerts_delivered": self.alerts_delivered,
                 "errors": self.errors, "elapsed_s": round(self.elapsed_s, 3)}
 
 
@@ -343,8 +346,17 @@ async def run_cycle(store: Store, policy: PolicyFile, *, now_ms: int, publish: P
             continue
         cycle.apply(entry, window, outcomes)
     report = cycle.report
-    if report.results or report.triggers:
-        await publish([*report.results, *report.triggers])
+    if policy.canary.enabled:
+        try:
+            canary = await run_canary(store, policy.canary, now_ms=now_ms, state=cycle.state)
+            report.results += canary.results
+            report.model_requests += canary.requests
+            report.errors.update(canary.errors)
+        except Exception as e:  # the canary monitor failing must not silence the others
+            log.exception("canary monitor failed")
+            report.errors["canary"] = f"{type(e).__name__}: {e}"
+    if report.results or report.triggers or report.model_requests:
+        await publish([*report.results, *report.triggers, *report.model_requests])
     report.state = cycle.state
     if notifier is not None and report.alerts:
         report.alerts_delivered = await notifier.send_all(report.alerts)
