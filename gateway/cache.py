@@ -21,16 +21,17 @@ class CachedAnswer:
     stored_at: float
 
 
-def cache_key(request: InferenceRequest, tenant: str) -> str | None:
+def cache_key(request: InferenceRequest, tenant: str, version: str = "") -> str | None:
     """The cache key, or None when the request is not cacheable (sampling is not deterministic).
 
-    Keys include the tenant: one tenant's cached answers are never served to another.
+    Keys include the tenant: one tenant's cached answers are never served to another; and the model version
+    the request was routed to: after a hot swap (or on the other canary arm) an old version's answer is a miss.
     """
     if request.params.temperature != 0:
         return None
     p = request.params
     material = msgspec.msgpack.encode(
-        [tenant, request.model, request.operation, p.max_tokens, p.top_p, list(p.stop), p.seed, p.min_tokens,
+        [tenant, request.model, version, request.operation, p.max_tokens, p.top_p, list(p.stop), p.seed, p.min_tokens,
          [[m.role, m.content] for m in request.messages], request.prompt]
     )
     return hashlib.blake2b(material, digest_size=20).hexdigest()

@@ -57,7 +57,7 @@ def outcome_events(o: Outcome) -> list[Event]:
         event_id=rid, ts_ms=ts_ms, tenant=p.tenant, key_id=p.key_id, request_id=rid, trace_id=req.trace_id,
         span_id=req.span_id, user=req.user, model=req.model, model_version=adm.model_version,
         adapter=(served.adapter if served else adm.route.adapter) or "", engine=served.kind if served else "",
-        operation=req.operation, prompt=req.prompt, messages=tuple(Message(m.role, m.content) for m in req.messages),
+        canary_arm=adm.arm, operation=req.operation, prompt=req.prompt, messages=tuple(Message(m.role, m.content) for m in req.messages),
         response=o.text, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
         seed=params.seed, stop=params.stop, tokens_in=o.usage.prompt_tokens, tokens_out=o.usage.completion_tokens,
         ttft_ms=(o.ttft_s or 0.0) * 1000.0, latency_ms=o.latency_s * 1000.0, status=o.status,  # type: ignore[arg-type]

@@ -28,3 +28,10 @@ class GatewayMetrics:
                                 ["tenant", "outcome"], registry=r)
         self.fallbacks = Counter("servoloop_engine_fallbacks", "Requests moved to a fallback model",
                                  ["model", "fallback"], registry=r)
+        self.model_swaps = Counter("servoloop_model_swaps", "Hot swaps of a model's routing, by outcome (ok, failed, "
+                                   "artifact_mismatch)", ["model", "outcome"], registry=r)
+        self.model_swap_latency = Histogram("servoloop_model_swap_seconds", "From a model event's arrival to the "
+                                            "routing switch (fetch, verify, load, warm)", ["model"],
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_version = Gauge("servoloop_model_version_info", "The version each arm of a model serves (1)",
+                                   ["model", "arm", "version"], registry=r)

@@ -49,6 +49,7 @@ class InferenceRequest:
     stream: bool = False
     use_cache: bool = False
     user: str = ""
+    session: str = ""  # the caller's session id (x-servoloop-session): keeps it on one canary arm
     request_id: str = ""
     traceparent: str = ""
     trace_id: str = ""  # 32 hex digits when tracing assigned one (from `traceparent` or new)

@@ -1,11 +1,19 @@
-"""Model name → engine, with ordered fallbacks when an engine cannot serve."""
+"""Model name → engine, with ordered fallbacks when an engine cannot serve; per model an active and a canary arm.
+
+Each model's arms live in one table that the hot-swap watcher replaces with a single reference assignment:
+a request picks its route once, at admission (`select`), and keeps that route object (version and adapter)
+until it ends, whatever swaps happen meanwhile. `hold`/`release` count requests per engine adapter, so an
+old adapter is unloaded only after the requests that use it drained.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from gateway.canary import ACTIVE, CANARY, choose_arm
 from gateway.engines import Engine
 from gateway.request import Chunk, InferenceRequest
 from schemas.errors import EngineUnavailable, ModelNotFound
@@ -21,6 +29,16 @@ class ModelRoute:
     version: str = "base"
     adapter: str | None = None
     ready: bool = field(default=False)
+    arm: str = ACTIVE  # active | canary: which arm of the model's split this route is
+
+
+@dataclass(frozen=True, slots=True)
+class Arms:
+    """What one model serves now: the active route and an optional canary route with its traffic share."""
+
+    active: ModelRoute
+    canary: ModelRoute | None = None
+    canary_share: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,34 +49,79 @@ class Served:
     kind: str
     version: str
     adapter: str | None
+    arm: str = ACTIVE
 
 
 class Router:
     """Resolves model names and streams from the first engine that can serve, in fallback order."""
 
     def __init__(self, routes: list[ModelRoute], *, on_fallback: Callable[[str, str], None] | None = None):
-        self._routes = {r.name: r for r in routes}
+        self._base = {r.name: r for r in routes}  # as configured: the base model of each name
+        self._table: dict[str, Arms] = {r.name: Arms(r) for r in routes}
         self._on_fallback = on_fallback
+        self._in_flight: Counter[tuple[int, str | None]] = Counter()
 
     def names(self) -> list[str]:
-        return list(self._routes)
+        return list(self._base)
 
     def routes(self) -> list[ModelRoute]:
-        return list(self._routes.values())
+        """Each model's active route."""
+        return [a.active for a in self._table.values()]
 
-    def primary(self, model: str) -> ModelRoute:
-        """The route for `model`; raises ModelNotFound naming the models that exist."""
-        route = self._routes.get(model)
-        if route is None:
+    def base(self, model: str) -> ModelRoute:
+        """The configured route of `model` (its base model, no adapter)."""
+        return self._base[model]
+
+    def arms(self, model: str) -> Arms:
+        return self._table[model]
+
+    def swap(self, model: str, arms: Arms) -> None:
+        """Route new requests of `model` to `arms` from now on; requests already admitted keep their route."""
+        table = dict(self._table)
+        table[model] = arms
+        self._table = table  # one reference assignment: a reader sees the old table or the new one
+
+    def _arms(self, model: str) -> Arms:
+        arms = self._table.get(model)
+        if arms is None:
             raise ModelNotFound(
-                f"model {model!r} does not exist; available: {', '.join(sorted(self._routes)) or 'none'}",
+                f"model {model!r} does not exist; available: {', '.join(sorted(self._base)) or 'none'}",
                 param="model",
             )
-        return route
+        return arms
 
-    def chain(self, model: str) -> list[ModelRoute]:
-        first = self.primary(model)
-        return [first, *(self._routes[n] for n in first.fallbacks if n in self._routes)]
+    def primary(self, model: str) -> ModelRoute:
+        """The active route for `model`; raises ModelNotFound naming the models that exist."""
+        return self._arms(model).active
+
+    def select(self, model: str, sticky_key: str) -> ModelRoute:
+        """The route a request of `model` takes: the canary for the keys its share sticks to, else the active."""
+        arms = self._arms(model)
+        if arms.canary is not None and choose_arm(model, sticky_key, arms.canary_share) == CANARY:
+            return arms.canary
+        return arms.active
+
+    def chain(self, model: str, first: ModelRoute | None = None) -> list[ModelRoute]:
+        """`first` (default: the active route of `model`), then the active routes of its fallbacks."""
+        first = first or self.primary(model)
+        table = self._table
+        return [first, *(table[n].active for n in first.fallbacks if n in table)]
+
+    def hold(self, route: ModelRoute) -> None:
+        """Count a request that will use `route` until `release`."""
+        self._in_flight[(id(route.engine), route.adapter)] += 1
+
+    def release(self, route: ModelRoute) -> None:
+        key = (id(route.engine), route.adapter)
+        left = self._in_flight[key] - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            del self._in_flight[key]
+
+    def in_flight(self, engine: Engine, adapter: str | None) -> int:
+        """Requests admitted and not finished that use `adapter` on `engine`."""
+        return self._in_flight.get((id(engine), adapter), 0)
 
     def _falling_back(self, chain: list[ModelRoute], failed: int, err: EngineUnavailable) -> None:
         """Log and count a move from chain[failed] to the next route, if there is one."""
@@ -69,14 +132,14 @@ class Router:
                 self._on_fallback(a, b)
 
     async def stream(
-        self, request: InferenceRequest, served: list[Served]
+        self, request: InferenceRequest, served: list[Served], route: ModelRoute | None = None
     ) -> AsyncIterator[Chunk]:
-        """Stream from the first route that works; fall back only before any text was sent.
+        """Stream from `route` (default: the active one), then its fallbacks; fall back only before any text.
 
         Appends the route that answered to `served`. Raises the last EngineUnavailable when every
         route failed, and re-raises a failure after the first chunk (a stream cannot switch engines).
         """
-        chain = self.chain(request.model)
+        chain = self.chain(request.model, route)
         last_error: EngineUnavailable | None = None
         for i, route in enumerate(chain):
             started = False
@@ -84,7 +147,8 @@ class Router:
                 async for chunk in route.engine.stream(request, adapter=route.adapter):
                     if not started:
                         started = True
-                        served.append(Served(route.name, route.engine.kind, route.version, route.adapter))
+                        served.append(Served(route.name, route.engine.kind, route.version, route.adapter,
+                                              route.arm))
                     yield chunk
                 return
             except EngineUnavailable as e:
@@ -95,9 +159,10 @@ class Router:
         assert last_error is not None
         raise last_error
 
-    async def generate(self, request: InferenceRequest, served: list[Served]) -> Chunk:
+    async def generate(self, request: InferenceRequest, served: list[Served],
+                       route: ModelRoute | None = None) -> Chunk:
         """Unary generation with the same fallback order."""
-        chain = self.chain(request.model)
+        chain = self.chain(request.model, route)
         last_error: EngineUnavailable | None = None
         for i, route in enumerate(chain):
             try:
@@ -106,7 +171,7 @@ class Router:
                 last_error = e
                 self._falling_back(chain, i, e)
                 continue
-            served.append(Served(route.name, route.engine.kind, route.version, route.adapter))
+            served.append(Served(route.name, route.engine.kind, route.version, route.adapter, route.arm))
             return chunk
         assert last_error is not None
         raise last_error

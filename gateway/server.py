@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -21,6 +22,7 @@ from gateway.engines import Engine, vllm_available
 from gateway.events import EventEmitter, EventPublisher
 from gateway.feedback import FeedbackService, InferenceOwners
 from gateway.guarding import RequestGuard
+from gateway.hotswap import ModelEventSource, ModelWatcher
 from gateway.langfuse import LangfuseScores, TraceIndex
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
@@ -110,7 +112,16 @@ class Gateway:
         self.http_extensions: list[Callable[[FastAPI], None]] = []
         # Companion components' state for /readyz (e.g. the event pipeline); informational, not a readiness gate.
         self.status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.model_watcher: ModelWatcher | None = None  # set by follow_models: versions follow the registry
         self._ready = False
+
+    def follow_models(self, *, cache_dir: Path, bootstrap_servers: str | None = None, topic: str | None = None,
+                      poll: ModelEventSource | None = None) -> ModelWatcher:
+        """Hot-swap model versions as the model events say (Kafka topic, or a polled source); started by `start`."""
+        self.model_watcher = ModelWatcher(self.router, self.metrics, self.settings.hotswap, cache_dir=cache_dir,
+                                          bootstrap_servers=bootstrap_servers, topic=topic, poll=poll)
+        self.status_providers["hotswap"] = self.model_watcher.status
+        return self.model_watcher
 
     def extend_http(self, app: FastAPI) -> None:
         for extend in self.http_extensions:
@@ -122,6 +133,8 @@ class Gateway:
             await asyncio.gather(*(e.start() for e in self.engines.values()))
         for r in self.router.routes():
             r.ready = True
+        if self.model_watcher is not None:  # replays the model events: serve the current versions from the start
+            await self.model_watcher.start()
         await self.auth.start()
         if self.policies is not None:
             self._tasks.append(asyncio.create_task(self.policies.run(), name="guardrail-policy-reloader"))
@@ -131,6 +144,8 @@ class Gateway:
 
     async def aclose(self) -> None:
         self._ready = False
+        if self.model_watcher is not None:
+            await self.model_watcher.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

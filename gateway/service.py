@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from gateway.auth import Principal
 from gateway.cache import CachedAnswer, ResponseCache, cache_key
+from gateway.canary import sticky_key
 from gateway.engines import collect
 from gateway.guarding import GuardState, RequestGuard
 from gateway.limits import RateLimiter
@@ -56,6 +57,11 @@ class Admission:
         if self.cached is not None:
             return self.cached.model_version
         return self.served[-1].version if self.served else self.route.version
+
+    @property
+    def arm(self) -> str:
+        """The canary-split arm that answered (`active` or `canary`)."""
+        return self.served[-1].arm if self.served else self.route.arm
 
 
 @dataclass(slots=True)
@@ -113,7 +119,9 @@ class InferenceService:
         sampled = assign_trace(request, self._trace_bound)  # before the guard, whose redaction copies the request
         try:
             principal.require("infer")
-            route = self.router.primary(request.model)
+            # The route (version, adapter, arm) is chosen once: the request keeps it through any hot swap.
+            route = self.router.select(request.model, sticky_key(session=request.session, user=request.user,
+                                                                 key_id=principal.key_id))
             guard_state = None
             if self._guard is not None:
                 request, guard_state = self._guard.check_input(principal.tenant, request)
@@ -123,7 +131,7 @@ class InferenceService:
                 raise PromptTooLong(f"the prompt has {prompt_tokens} tokens; at most {self._limits.max_prompt_tokens} "
                                     "are allowed", param="messages" if request.operation == "chat" else "prompt")
             cache = self._cache
-            key = cache_key(request, principal.tenant) if cache is not None and (request.use_cache or principal.cache) else None
+            key = cache_key(request, principal.tenant, route.version) if cache is not None and (request.use_cache or principal.cache) else None
             cached = cache.get(key) if key and cache is not None else None
             if key:
                 self._metrics.cache.labels("hit" if cached else "miss").inc()
@@ -143,6 +151,7 @@ class InferenceService:
                         log.exception("refusal observer failed")
             raise
         request.request_id = request.request_id or new_event_id()
+        self.router.hold(route)  # released in _finish: an old adapter is unloaded only after it drained
         return Admission(principal, request, route, api, prompt_tokens, reserved, key, cached, guard_state,
                          admitted_at=now, sampled=sampled)
 
@@ -166,7 +175,7 @@ class InferenceService:
                 final = Chunk(c.text, c.finish_reason, Usage(adm.prompt_tokens, 0))  # type: ignore[arg-type]
             else:
                 async with asyncio.timeout(adm.request.time_left()):
-                    final = await self.router.generate(adm.request, adm.served)
+                    final = await self.router.generate(adm.request, adm.served, adm.route)
                 if adm.guard is not None:
                     final = RequestGuard.check_output(adm.guard, final)
         except TimeoutError:
@@ -204,7 +213,7 @@ class InferenceService:
                         yield Chunk(c.text)
                         yield final
                         return
-                    source = self.router.stream(req, adm.served)
+                    source = self.router.stream(req, adm.served, adm.route)
                     if adm.guard is not None:
                         source = RequestGuard.guard_stream(adm.guard, source)
                     async with asyncio.timeout(req.time_left()):
@@ -239,6 +248,7 @@ class InferenceService:
                 code: str, ttft: float | None, start: float) -> None:
         """Account for a finished request exactly once: tokens, metrics, cache, observers."""
         now = self._clock()
+        self.router.release(adm.route)
         usage = usage or Usage(adm.prompt_tokens, 0)
         p, model, tenant = adm.principal, adm.request.model, adm.principal.tenant
         self._limiter.settle(p.key_id, adm.reserved_tokens, usage.total_tokens if adm.cached is None else 0, now)

@@ -146,6 +146,19 @@ class TracingSettings(BaseModel):
         return self
 
 
+class HotSwapSettings(BaseModel):
+    """Model versions follow the registry: each gateway watches the model events and swaps adapters in."""
+
+    enabled: bool = True
+    poll_interval_s: float = Field(2.0, gt=0, description="how often the store is polled when there is no broker")
+    cache_dir: Path | None = Field(None, description="where fetched adapters are kept (default: <data_dir>/adapters)")
+    drain_timeout_s: float = Field(60.0, ge=0, description="how long an old adapter waits for its requests to "
+                                                           "finish before it is unloaded anyway")
+    load_timeout_s: float = Field(120.0, gt=0, description="fetch, verify, load and warm of one adapter")
+    startup_wait_s: float = Field(15.0, ge=0, description="how long start-up waits to replay the current versions "
+                                                          "before serving (then they swap in as they arrive)")
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -162,6 +175,7 @@ class GatewaySettings(BaseModel):
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    hotswap: HotSwapSettings = Field(default_factory=HotSwapSettings)
 
     @model_validator(mode="after")
     def _fallbacks_name_known_models(self) -> GatewaySettings:

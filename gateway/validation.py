@@ -85,6 +85,7 @@ def make_request(
     stream: bool = False,
     cache: bool = False,
     user: Any = None,
+    session: Any = None,
     traceparent: str = "",
     deadline: float | None = None,
 ) -> InferenceRequest:
@@ -105,6 +106,9 @@ def make_request(
     )
     if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_ID):
         raise InvalidRequest(f"'user' must be a string of at most {MAX_USER_ID} characters", param="user")
+    if session is not None and (not isinstance(session, str) or len(session) > MAX_USER_ID):
+        raise InvalidRequest(f"the session id must be a string of at most {MAX_USER_ID} characters",
+                             param="x-servoloop-session")
     if operation == "chat":
         msgs = _messages(messages, limits)
         text = ""
@@ -114,5 +118,5 @@ def make_request(
         msgs, text = (), prompt
     return InferenceRequest(
         model=model, operation=operation, params=params, messages=msgs, prompt=text, stream=stream,
-        use_cache=cache, user=user or "", traceparent=traceparent, deadline=deadline,
+        use_cache=cache, user=user or "", session=session or "", traceparent=traceparent, deadline=deadline,
     )

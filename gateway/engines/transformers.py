@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -27,17 +28,34 @@ _DONE = object()
 
 
 class AdapterGate:
-    """Lets requests of one adapter run together and makes others wait for the switch."""
+    """Lets requests of one adapter run together and makes others wait for the switch.
+
+    Fair: once a request for another adapter (or an adapter load) waits, newcomers for the running adapter
+    queue behind it, so a steady stream of one version can never starve a hot swap or the other canary arm.
+    """
 
     def __init__(self) -> None:
         self._active: str | None = None
         self._running = 0
+        self._waiting: Counter[str | None] = Counter()  # adapter -> requests waiting for it
         self._cond = asyncio.Condition()
+
+    def _may_enter(self, adapter: str | None) -> bool:
+        if self._running == 0:
+            return True
+        return self._active == adapter and sum(self._waiting.values()) == self._waiting[adapter]
 
     @asynccontextmanager
     async def use(self, adapter: str | None) -> AsyncIterator[None]:
         async with self._cond:
-            await self._cond.wait_for(lambda: self._running == 0 or self._active == adapter)
+            if not self._may_enter(adapter):
+                self._waiting[adapter] += 1
+                try:
+                    await self._cond.wait_for(lambda: self._may_enter(adapter))
+                finally:
+                    self._waiting[adapter] -= 1
+                    if not self._waiting[adapter]:
+                        del self._waiting[adapter]
             self._active = adapter
             self._running += 1
         try:

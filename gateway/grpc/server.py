@@ -79,7 +79,7 @@ class GrpcFrontEnd:
             top_p=p.top_p if p.HasField("top_p") else None, stop=list(p.stop) or None,
             seed=p.seed if p.HasField("seed") else None,
             min_tokens=p.min_tokens if p.HasField("min_tokens") else None, stream=stream, cache=msg.cache, user=msg.user or None,
-            traceparent=_metadata(context, "traceparent") or "",
+            session=_metadata(context, "x-servoloop-session"), traceparent=_metadata(context, "traceparent") or "",
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
         return self._gw.service.admit(principal, req, api="grpc")

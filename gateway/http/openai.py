@@ -106,7 +106,8 @@ def build_router(gw: Gateway) -> tuple[APIRouter, dict[tuple[str, str], Handler]
             prompt=wire.prompt_text() if operation == "text_completion" else None,
             max_tokens=max_tokens, temperature=wire.temperature, top_p=wire.top_p, stop=wire.stop,
             seed=wire.seed, min_tokens=wire.min_tokens, stream=wire.stream, cache=bool(wire.servoloop and wire.servoloop.cache),
-            user=wire.user, traceparent=request.headers.get("traceparent", ""), deadline=_deadline(request),
+            user=wire.user, session=request.headers.get("x-servoloop-session"),
+            traceparent=request.headers.get("traceparent", ""), deadline=_deadline(request),
         )
         return service.admit(principal, req, api="http"), wire
 

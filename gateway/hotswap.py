@@ -1,0 +1,414 @@
+"""Hot swap: every gateway follows the registry's model events and switches versions without a failed request.
+
+`ModelWatcher` keeps every `ModelEvent` it has seen, folds them into each model's routing
+(`gateway.canary.routing_from_events`) and reconciles the router with it: a version it does not serve yet is
+fetched and verified (`schemas.artifacts.fetch_verified`, in a worker thread), loaded into the model's engine
+under its version id, warmed with one short generation, and only then switched in with one reference
+assignment (`Router.swap`). Requests admitted before the switch keep their route; an adapter no arm uses any
+more is unloaded once its requests drained (or after `drain_timeout_s`). A version that cannot be loaded (its
+bytes do not match the announced hash, the engine refuses it) is logged and counted and never served: the
+previous routing keeps serving.
+
+Sources: `KafkaModelEvents` reads the `<prefix>models` topic from the beginning in a consumer thread (manual
+assignment, no consumer group: each gateway replays the whole history and so rebuilds the current table on
+start); without a broker, a `ModelEventSource` (an async callable returning the rows, e.g. from the store) is
+polled every `poll_interval_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.canary import ACTIVE, CANARY, Arm, ModelRouting, routing_from_events
+from gateway.metrics import GatewayMetrics
+from gateway.request import InferenceRequest, SamplingParams
+from gateway.router import Arms, ModelRoute, Router
+from gateway.settings import HotSwapSettings
+from schemas.artifacts import ArtifactMismatch, fetch_verified
+from schemas.events import ModelEvent, decode_event
+
+log = logging.getLogger(__name__)
+
+
+class ModelEventSource(Protocol):
+    """Every model lifecycle row the store holds (any order; the fold takes the latest per version)."""
+
+    async def __call__(self) -> Sequence[ModelEvent]: ...
+
+
+class KafkaModelEvents:
+    """Reads one topic from its first record on, in a thread, and hands decoded `ModelEvent`s to `deliver`.
+
+    `deliver(events, caught_up)` is called from the consumer thread; `caught_up` turns true once every
+    partition was read to its end the first time (or the topic does not exist yet: nothing to replay).
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str,
+                 deliver: Callable[[list[ModelEvent], bool], None], *, poll_s: float = 0.05):
+        self._bootstrap = bootstrap_servers
+        self._topic = topic
+        self._deliver = deliver
+        self._poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.assigned = False
+        self.error = ""
+        self.records = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="model-events", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "bootstrap.servers": self._bootstrap,
+            "group.id": f"servoloop-gateway-{uuid.uuid4().hex}",  # never joined or committed: assignment is manual
+            "client.id": "servoloop-model-watcher",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 50,  # a promotion reaches every gateway within a poll, not half a second
+            "reconnect.backoff.ms": 50,
+            "reconnect.backoff.max.ms": 1000,
+            "logger": logging.getLogger("servoloop.kafka.models"),
+        }
+
+    def _run(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+        consumer = Consumer(self._config())
+        at_end: set[int] = set()
+        partitions: list[int] = []
+        caught_up = False
+        try:
+            while not self._stop.is_set():
+                if not self.assigned:
+                    try:
+                        meta = consumer.list_topics(self._topic, timeout=2.0).topics.get(self._topic)
+                    except Exception as e:  # the broker is away: keep trying, the gateway serves meanwhile
+                        self.error = f"metadata: {e}"
+                        self._stop.wait(0.5)
+                        continue
+                    if meta is None or meta.error is not None or not meta.partitions:
+                        if not caught_up:  # no topic yet: there is no history to replay
+                            caught_up = True
+                            self._deliver([], True)
+                        self._stop.wait(0.5)
+                        continue
+                    partitions = sorted(meta.partitions)
+                    consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
+                    self.assigned, self.error = True, ""
+                batch: list[ModelEvent] = []
+                for m in consumer.consume(1000, self._poll_s):
+                    err = m.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            at_end.add(m.partition())
+                        else:
+                            self.error = err.str()
+                            log.debug("model events: %s", err)
+                        continue
+                    self.records += 1
+                    try:
+                        event = decode_event(m.value() or b"")
+                    except ValueError as e:
+                        log.warning("model events: skipping an undecodable record at offset %d: %s", m.offset(), e)
+                        continue
+                    if isinstance(event, ModelEvent):
+                        batch.append(event)
+                now_caught_up = caught_up or at_end.issuperset(partitions)
+                if batch or now_caught_up != caught_up:
+                    caught_up = now_caught_up
+                    self._deliver(batch, caught_up)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("model events consumer stopped")
+        finally:
+            consumer.close()
+
+
+@dataclasses.dataclass(slots=True)
+class _Loaded:
+    path: str
+    sha256: str
+
+
+class ModelWatcher:
+    """Keeps the router's routing equal to what the model events say, loading and unloading adapters."""
+
+    def __init__(self, router: Router, metrics: GatewayMetrics, settings: HotSwapSettings, *, cache_dir: Path,
+                 bootstrap_servers: str | None = None, topic: str | None = None,
+                 poll: ModelEventSource | None = None, on_swap: Callable[[str], None] | None = None):
+        if not (bootstrap_servers and topic) and poll is None:
+            raise ValueError("ModelWatcher needs a broker (bootstrap_servers and topic) or a poll source")
+        self._router = router
+        self._metrics = metrics
+        self._settings = settings
+        self._cache_dir = cache_dir
+        self._bootstrap, self._topic = bootstrap_servers, topic
+        self._poll = poll
+        self._on_swap = on_swap
+        self._rows: dict[str, ModelEvent] = {}
+        self._changed = asyncio.Event()
+        self._synced = asyncio.Event()  # the history was replayed and applied once
+        self._caught_up = False
+        self._pending_since: float | None = None
+        self._lock = asyncio.Lock()  # reconciling and unloading never interleave
+        self._loaded: dict[tuple[str, str], _Loaded] = {}  # (model, version) -> adapter loaded in its engine
+        self._failed: dict[tuple[str, str, str], str] = {}  # (model, version, sha) -> why it is not served
+        self._tasks: list[asyncio.Task[None]] = []
+        self._drains: set[asyncio.Task[None]] = set()
+        self._kafka: KafkaModelEvents | None = None
+        self.state = "starting"
+        self.swaps = 0
+        self.failures = 0
+        self.last_error = ""
+        self.last_swap_s: float | None = None
+
+    # -- sources ------------------------------------------------------------------------------------------
+
+    def add_events(self, events: Iterable[ModelEvent], *, caught_up: bool = True) -> None:
+        """Take new rows (from any source, on the event loop); the routing follows asynchronously."""
+        new = False
+        for e in events:
+            if e.event_id not in self._rows:
+                self._rows[e.event_id] = e
+                new = True
+        if new and self._pending_since is None:
+            self._pending_since = time.monotonic()
+        if new or (caught_up and not self._caught_up):
+            self._caught_up = self._caught_up or caught_up
+            self._changed.set()
+
+    async def _poll_store(self) -> None:
+        assert self._poll is not None
+        while True:
+            try:
+                rows = await self._poll()
+                self.add_events(rows)
+                if self._kafka is None:
+                    self.state = "running"
+            except Exception as e:  # the store is away: keep the routing we have
+                self._note_error(f"polling model events failed: {type(e).__name__}: {e}")
+            await asyncio.sleep(self._settings.poll_interval_s)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start following the events; wait (up to `startup_wait_s`) until the current versions are served."""
+        loop = asyncio.get_running_loop()
+        self._tasks.append(asyncio.create_task(self._run(), name="model-watcher"))
+        if self._bootstrap and self._topic:
+            def deliver(events: list[ModelEvent], caught_up: bool) -> None:
+                loop.call_soon_threadsafe(lambda: self.add_events(events, caught_up=caught_up))
+
+            self._kafka = KafkaModelEvents(self._bootstrap, self._topic, deliver)
+            self._kafka.start()
+        if self._poll is not None:
+            self._tasks.append(asyncio.create_task(self._poll_store(), name="model-events-poll"))
+        if self._settings.startup_wait_s > 0:
+            try:
+                await asyncio.wait_for(self._synced.wait(), self._settings.startup_wait_s)
+            except TimeoutError:
+                log.warning("hot swap: the current model versions were not replayed within %.0f s; serving what is "
+                            "loaded, versions swap in as they arrive", self._settings.startup_wait_s)
+
+    async def aclose(self) -> None:
+        if self._kafka is not None:
+            await asyncio.to_thread(self._kafka.stop)
+        for task in [*self._tasks, *self._drains]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._drains, return_exceptions=True)
+        self.state = "stopped"
+
+    async def wait_synced(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        """For /readyz: the watcher's state, its source, and what each model serves now."""
+        models: dict[str, Any] = {}
+        for name in self._router.names():
+            arms = self._router.arms(name)
+            models[name] = {"active": arms.active.version,
+                            **({"canary": arms.canary.version, "canary_share": arms.canary_share}
+                               if arms.canary is not None else {})}
+        out: dict[str, Any] = {"state": self.state, "source": "kafka" if self._kafka is not None else "store",
+                               "synced": self._synced.is_set(), "events": len(self._rows), "swaps": self.swaps,
+                               "failures": self.failures, "models": models}
+        if self._kafka is not None:
+            out["topic"] = self._topic
+            out["assigned"] = self._kafka.assigned
+            if self._kafka.error:
+                out["broker_error"] = self._kafka.error
+        if self.last_error:
+            out["last_error"] = self.last_error
+        if self.last_swap_s is not None:
+            out["last_swap_s"] = round(self.last_swap_s, 4)
+        return out
+
+    def _note_error(self, message: str) -> None:
+        self.last_error = message
+        log.error("hot swap: %s", message)
+
+    # -- reconciling --------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            if not self._caught_up:  # mid-replay: switch once, to where the history ends
+                continue
+            started = self._pending_since
+            self._pending_since = None
+            try:
+                async with self._lock:
+                    await self._reconcile(started)
+            except Exception as e:  # never let one bad version stop the watcher
+                self.failures += 1
+                self._note_error(f"reconcile failed: {type(e).__name__}: {e}")
+            if self.state == "starting":
+                self.state = "running"
+            self._synced.set()
+
+    async def _reconcile(self, started: float | None) -> None:
+        desired = routing_from_events(self._rows.values())
+        for model in self._router.names():
+            want = desired.get(model, ModelRouting())
+            cur = self._router.arms(model)
+            active = await self._route(model, want.active, ACTIVE, cur)
+            if active is None:  # the new active version could not be loaded: the current one keeps serving
+                active = cur.active
+            canary = await self._route(model, want.canary, CANARY, cur) if want.canary is not None else None
+            share = want.canary_share if canary is not None else 0.0
+            if _same(active, cur.active) and _same(canary, cur.canary) and share == cur.canary_share:
+                continue
+            self._router.swap(model, Arms(active, canary, share))
+            elapsed = time.monotonic() - started if started is not None else 0.0
+            self.swaps += 1
+            self.last_swap_s = elapsed
+            m = self._metrics
+            m.model_swaps.labels(model, "ok").inc()
+            m.model_swap_latency.labels(model).observe(elapsed)
+            self._publish_versions(model, cur, Arms(active, canary, share))
+            log.info("hot swap: model %s now serves %s%s (%.0f ms after the event)", model, active.version,
+                     f", canary {canary.version} at {share:.0%}" if canary else "", elapsed * 1000)
+            if self._on_swap is not None:
+                self._on_swap(model)
+            self._release_unused(model)
+
+    def _publish_versions(self, model: str, old: Arms, new: Arms) -> None:
+        gauge = self._metrics.model_version
+        for arm, route in ((ACTIVE, old.active), (CANARY, old.canary)):
+            if route is not None:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(model, arm, route.version)
+        gauge.labels(model, ACTIVE, new.active.version).set(1)
+        if new.canary is not None:
+            gauge.labels(model, CANARY, new.canary.version).set(new.canary_share)
+
+    async def _route(self, model: str, arm: Arm | None, arm_name: str, cur: Arms) -> ModelRoute | None:
+        """The route serving `arm` as `arm_name`, loading its adapter first; None when it cannot be served."""
+        base = self._router.base(model)
+        if arm is None:
+            return base if arm_name == ACTIVE else None
+        for route in (cur.active, cur.canary):
+            if route is not None and route.version == arm.version and route.adapter == arm.adapter \
+                    and route.arm == arm_name:
+                return route
+        made = dataclasses.replace(base, version=arm.version, adapter=arm.adapter, arm=arm_name, ready=True)
+        if arm.adapter is None:
+            return made
+        key = (model, arm.version)
+        loaded = self._loaded.get(key)
+        if loaded is not None and loaded.sha256 == arm.artifact_sha256:
+            return made
+        failed_key = (model, arm.version, arm.artifact_sha256)
+        if failed_key in self._failed:
+            return None
+        try:
+            async with asyncio.timeout(self._settings.load_timeout_s):
+                path = await self._load(base, arm)
+        except Exception as e:
+            outcome = "artifact_mismatch" if isinstance(e, ArtifactMismatch) else "failed"
+            why = f"{type(e).__name__}: {e}"
+            self._failed[failed_key] = why
+            self.failures += 1
+            self._metrics.model_swaps.labels(model, outcome).inc()
+            self._note_error(f"model {model} version {arm.version} is not served ({outcome}): {why}")
+            return None
+        self._loaded[key] = _Loaded(path, arm.artifact_sha256)
+        return made
+
+    async def _load(self, base: ModelRoute, arm: Arm) -> str:
+        """Fetch and verify the artifact, load it into the engine under the version id, warm it."""
+        assert arm.adapter is not None
+        path = await asyncio.to_thread(fetch_verified, arm.adapter_path, arm.artifact_sha256, self._cache_dir)
+        engine = base.engine
+        await engine.load_adapter(arm.adapter, str(path))
+        warm = InferenceRequest(model=base.name, operation="text_completion", prompt="Hello",
+                                params=SamplingParams(max_tokens=1, temperature=0.0),
+                                request_id=f"warm-{uuid.uuid4().hex}")
+        try:
+            await engine.generate(warm, adapter=arm.adapter)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await engine.unload_adapter(arm.adapter)
+            raise
+        return str(path)
+
+    # -- draining -----------------------------------------------------------------------------------------
+
+    def _in_use(self, model: str, version: str) -> bool:
+        arms = self._router.arms(model)
+        return any(r is not None and r.adapter == version for r in (arms.active, arms.canary))
+
+    def _release_unused(self, model: str) -> None:
+        for m, version in list(self._loaded):
+            if m == model and not self._in_use(model, version):
+                task = asyncio.create_task(self._drain_and_unload(model, version), name=f"drain-{model}-{version}")
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+
+    async def _drain_and_unload(self, model: str, version: str) -> None:
+        """Unload `version` once no admitted request uses it (or the drain timeout passed)."""
+        engine = self._router.base(model).engine
+        deadline = time.monotonic() + self._settings.drain_timeout_s
+        while self._router.in_flight(engine, version) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 (a counter, polled)
+            await asyncio.sleep(0.05)
+        async with self._lock:
+            if self._in_use(model, version) or (model, version) not in self._loaded:
+                return  # switched back to it meanwhile, or already gone
+            left = self._router.in_flight(engine, version)
+            if left:
+                log.warning("hot swap: unloading %s/%s with %d requests still on it (drain timeout)", model,
+                            version, left)
+            try:
+                await engine.unload_adapter(version)
+            except Exception as e:
+                self._note_error(f"unloading {model}/{version} failed: {type(e).__name__}: {e}")
+            self._loaded.pop((model, version), None)
+            log.info("hot swap: unloaded adapter %s of model %s", version, model)
+
+
+def _same(a: ModelRoute | None, b: ModelRoute | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.version, a.adapter, a.arm) == (b.version, b.adapter, b.arm)
