@@ -159,7 +159,7 @@ def config_show(config: ConfigOpt = None) -> None:
 
 def _mount_optional() -> None:
     """Command groups that live in servoloop/commands/<name>.py (each a typer app named `app`)."""
-    for name in ("guard", "db", "ingest", "events", "models", "monitor", "train"):
+    for name in ("guard", "db", "ingest", "events", "models", "monitor", "train", "retrain"):
         try:
             module = importlib.import_module(f"servoloop.commands.{name}")
         except ModuleNotFoundError as e:
@@ -181,3 +181,7 @@ def main() -> None:
     except ServoloopError as e:
         console.print(f"[red]error[/red] ({e.code}): {e.message}")
         sys.exit(2)
+
+
+if __name__ == "__main__":  # `python -m servoloop.cli …`, as `accelerate launch -m servoloop.cli train …` runs it
+    main()
