@@ -11,12 +11,15 @@ from functools import partial
 from prometheus_client import CollectorRegistry
 
 from feedback.dashboard import admin_extension
+from feedback.dashboard.models_api import models_extension
 from feedback.monitors.runner import Scheduler, sink_publisher
 from feedback.pipeline import EventPipeline
 from feedback.store import Store, get_inference
 from gateway.auth import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.server import Gateway, GatewayServer
+from retrain.registry import StoreRegistry
+from retrain.requests import RequestWorker
 from servoloop.settings import Settings
 
 log = logging.getLogger("servoloop")
@@ -61,10 +64,11 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
     pipeline = make_pipeline(metrics.registry) if make_pipeline is not None else None
     server: GatewayServer | None = None
     scheduler: Scheduler | None = None
+    model_requests: RequestWorker | None = None  # applies model action requests through the one registry of this process
     report_dir = settings.monitors.report_dir or settings.data_dir / "monitor-reports"  # drift HTML reports
 
     async def start() -> None:
-        nonlocal server, scheduler
+        nonlocal server, scheduler, model_requests
         if pipeline is not None:
             await pipeline.start()
             if pipeline.store is not None and pipeline.sink is not None and settings.monitors.enabled:
@@ -72,6 +76,11 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
                 scheduler = Scheduler(pipeline.store, settings.monitors, sink_publisher(pipeline.sink),
                                       report_dir=report_dir)
                 await scheduler.start()
+            if pipeline.store is not None and pipeline.sink is not None:
+                # The store's owner runs the registry: its rows go to the store, then to the `models` topic.
+                registry = StoreRegistry(pipeline.store, settings.data_dir / "artifacts", publish=pipeline.sink.publish)
+                model_requests = RequestWorker(registry, poll_s=1.0)
+                await model_requests.start()
         gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics,
                      events=pipeline.sink if pipeline is not None else None)
         if pipeline is not None:
@@ -83,6 +92,8 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
                     health=pipeline.health,
                     report_dir=report_dir,
                     prices={m: (p.input_per_1k, p.output_per_1k) for m, p in settings.monitors.prices.items()}))
+                gw.http_extensions.append(models_extension(  # the registry's admin routes (versions, lineage)
+                    pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None))
         server = GatewayServer(gw)
         await server.start()
         if on_ready:
@@ -93,6 +104,8 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
             await server.stop()  # drains in-flight requests: their events are published before the sink closes
         if scheduler is not None:
             await scheduler.aclose()
+        if model_requests is not None:
+            await model_requests.aclose()
         if pipeline is not None:
             await pipeline.aclose()
 
