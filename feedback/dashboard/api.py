@@ -309,6 +309,13 @@ def build_admin_router(store: Store, authenticate: Authenticate, *, publish: Cal
         timeline = await reads.model_timeline(store, model=parse_name(q.get("model"), field="model"))
         return _json({"actions": list(ACTIONS) if publish is not None else [], "models": timeline})
 
+    @router.get("/admin/v1/canary")
+    async def canary(request: Request) -> Response:
+        admin(request)
+        q = _check_query(request, {"model"})
+        rows = await reads.canaries(store, now_ms=now_ms(), model=parse_name(q.get("model"), field="model"))
+        return _json({"server_time_ms": now_ms(), "canaries": rows})
+
     @router.get("/admin/v1/triggers")
     async def triggers(request: Request) -> Response:
         admin(request)

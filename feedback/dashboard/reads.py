@@ -14,6 +14,8 @@ Contract with the monitors (feedback/monitors: the runner publishes one `Monitor
 - any other result is a quality metric: `details` may hold `ci_low`/`ci_high` (or `ci: [low, high]`); an
   `insufficient_data` result without a sample or an interval has no value (the runner writes 0.0).
 - a result with status `alert` (or `warn`) is an alert.
+- a canary result (`monitor` = `canary`, feedback/monitors/canary.py) is a decision, not a quality metric:
+  the canary panel shows it (`canaries`), the quality charts leave it out.
 A version's lineage (`ModelEvent.lineage`) names the trigger that caused it as `trigger_id` (also read:
 `retrain_trigger_id`, `trigger_event_id`) = `RetrainTrigger.event_id`.
 """
@@ -104,7 +106,7 @@ async def quality_series(store: Store, span: Span, *, metric: str | None = None,
     """
     sql = f"""
         SELECT {_RESULT_COLUMNS} FROM monitor_results FINAL
-        WHERE {_TS} AND NOT {DRIFT}{_eq("metric", metric)}{_eq("model", model)}
+        WHERE {_TS} AND NOT {DRIFT} AND monitor != 'canary'{_eq("metric", metric)}{_eq("model", model)}
         ORDER BY tenant, monitor, metric, model, model_version, window_end, ts DESC
         LIMIT 1 BY tenant, monitor, metric, model, model_version, window_start, window_end
         LIMIT {_MAX_ROWS}"""
@@ -297,3 +299,36 @@ async def version_state(store: Store, model: str, version_id: str) -> dict[str, 
         ORDER BY NOT endsWith(state, '_requested') DESC, ts DESC, event_id DESC LIMIT 1""",
                        {"model": model, "version_id": version_id})
     return rows[0] if rows else None
+
+
+# -- canaries ----------------------------------------------------------------------------------------------------------
+
+
+async def canaries(store: Store, *, now_ms: int, model: str | None = None) -> list[dict[str, Any]]:
+    """Every version in `canary` now: both arms side by side over its lifetime (read live), and the canary
+    monitor's latest decision for it (None before its first cycle), with that decision's checks and reasons."""
+    from feedback.monitors.canary import MONITOR, arm_stats, arm_summary, canary_versions
+
+    versions = [v for v in await canary_versions(store, now_ms=now_ms) if model is None or v.model == model]
+    if not versions:
+        return []
+    decided = await _rows(store, f"""
+        SELECT {_RESULT_COLUMNS} FROM monitor_results FINAL
+        WHERE monitor = {{monitor:String}} AND model IN {{models:Array(String)}}
+        ORDER BY model, model_version, ts DESC, event_id DESC
+        LIMIT 1 BY model, model_version""", {"monitor": MONITOR, "models": sorted({v.model for v in versions})})
+    latest = {(r["model"], r["model_version"]): r for r in decided}
+    out = []
+    for v in versions:
+        canary, active = await arm_stats(store, v, now_ms=now_ms)
+        r = latest.get((v.model, v.version_id))
+        details = _json(r["details"]) if r is not None and r["ts_ms"] >= v.since_ms else None
+        decision = None if details is None or r is None else {
+            "action": details.get("decision"), "status": r["status"], "ts_ms": r["ts_ms"],
+            "reasons": details.get("reasons", []), "checks": details.get("checks", []),
+            "requested": details.get("requested"), "request_skipped": details.get("request_skipped"),
+            "event_id": r["event_id"]}
+        out.append({"model": v.model, "version_id": v.version_id, "active_version": v.active_version,
+                    "since_ms": v.since_ms, "canary_share": v.canary_share, "requested": list(v.requested),
+                    "arms": {"canary": arm_summary(canary), "active": arm_summary(active)}, "decision": decision})
+    return out

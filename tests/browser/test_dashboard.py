@@ -6,14 +6,16 @@ click must reach the admin API (the published ModelEvent), and a screenshot is k
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from playwright.async_api import Page, async_playwright
 
+from feedback.store import write_events
 from gateway.auth import KeyStore
-from schemas.events import ModelEvent
+from schemas.events import ModelEvent, MonitorResult
 from tests.browser.dashboard_support import QUALITY_V1, admin_gateway, new_store, seed_dashboard
 
 CHROMIUM = "/usr/bin/chromium"
@@ -31,6 +33,11 @@ async def test_dashboard_renders_the_seeded_data_and_a_rollback_click_reaches_th
                                                                                       tmp_path: Path):
     store = await new_store()
     seeded = await seed_dashboard(store, tmp_path / "reports")
+    # the canary monitor's latest decision on v2 (canary since base + 55 min): wait, too few requests
+    await write_events(store, [MonitorResult(
+        ts_ms=seeded.base_ms + 58 * 60_000, monitor="canary", metric="canary_decision", model="chat",
+        model_version="v2", status="insufficient_data", details=json.dumps({
+            "monitor_kind": "canary", "decision": "wait", "reasons": ["too few requests: canary 0, active 0"]}))])
     async with admin_gateway(store, keystore, report_dir=seeded.report_dir) as gw, async_playwright() as pw:
         key_id, key = gw.key()
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -83,6 +90,14 @@ async def test_dashboard_renders_the_seeded_data_and_a_rollback_click_reaches_th
             for chart in ("quality", "drift", "guardrails", "latency", "cost", "timeline"):
                 assert await page.locator(f"#chart-{chart} .main-svg").count() > 0, chart
             assert await page.locator("#chart-drift .point").count() == 3
+
+            # canary vs active: v2's two arms side by side with the monitor's latest decision
+            canary = page.locator("#canaries tr[data-canary='chat@v2']")
+            assert await canary.count() == 2
+            assert await canary.first.get_attribute("data-arm") == "canary"
+            assert "wait" in await canary.first.text_content()
+            assert "too few requests" in await canary.first.text_content()
+            assert "v1" in await canary.nth(1).text_content()  # the active arm names the active version
 
             # rollback of the canary: the click reaches the API, which publishes the request
             await page.click("#versions button[data-action='rollback'][data-version='v2']")

@@ -220,6 +220,37 @@ function renderModels(models, actions) {
     [el("tr", {}, el("td", { colSpan: 6, className: "empty" }, "no model versions yet"))]));
 }
 
+const pct = (v) => (v == null ? "–" : `${(100 * v).toFixed(1)}%`);
+
+function renderCanaries(c) {
+  const rows = [];
+  for (const v of c.canaries) {
+    const d = v.decision;
+    const verdict = d ? `${d.action}${d.requested ? " (requested)" : d.request_skipped ? ` (${d.request_skipped})` : ""}`
+      : "not evaluated yet";
+    ["canary", "active"].forEach((name, i) => {
+      const a = v.arms[name];
+      const cells = [
+        el("td", {}, `${name === "canary" ? v.version_id : v.active_version || "?"} · ${name}`),
+        el("td", {}, a.requests), el("td", {}, pct(a.error_rate)), el("td", {}, pct(a.block_rate)),
+        el("td", {}, pct(a.redact_rate)), el("td", {}, a.latency_p95_ms == null ? "–" : `${fmtNum(a.latency_p95_ms)} ms`),
+        el("td", {}, `${pct(a.thumbs_up_rate)} (n=${a.thumbs_n})`),
+        el("td", {}, `${a.rating_mean == null ? "–" : fmtNum(a.rating_mean)} (n=${a.rating_n})`),
+        el("td", {}, `${pct(a.win_rate)} (n=${a.comparisons})`)];
+      if (i === 0) {
+        cells.unshift(el("td", { rowSpan: 2 }, label(v.model, v.version_id),
+          el("div", { className: "muted" }, `since ${fmtTime(v.since_ms)} · share ${pct(v.canary_share)}`)));
+        cells.push(el("td", { rowSpan: 2, className: d ? `decision-${d.action}` : "muted",
+          title: d ? d.reasons.join("\n") : "" }, verdict,
+          ...(d ? d.reasons.map((r) => el("div", { className: "muted" }, r)) : [])));
+      }
+      rows.push(el("tr", { "data-canary": `${v.model}@${v.version_id}`, "data-arm": name }, ...cells));
+    });
+  }
+  $("canaries").tBodies[0].replaceChildren(...(rows.length ? rows :
+    [el("tr", {}, el("td", { colSpan: 11, className: "empty" }, "no version in canary"))]));
+}
+
 function renderTriggers(t) {
   $("triggers").tBodies[0].replaceChildren(...t.triggers.map((r) => el("tr", {},
     el("td", {}, fmtTime(r.ts_ms)), el("td", {}, label(r.model, r.model_version)), el("td", {}, r.method),
@@ -252,15 +283,16 @@ async function refresh() {
   if (!sessionStorage.getItem(KEY_ITEM)) return;
   const since = encodeURIComponent($("since").value);
   try {
-    const [overview, metrics, drift, guardrails, latency, models, triggers, alerts] = await Promise.all([
+    const [overview, metrics, drift, guardrails, latency, models, triggers, alerts, canaries] = await Promise.all([
       api(`/admin/v1/overview?since=${since}`), api(`/admin/v1/metrics?since=${since}`),
       api(`/admin/v1/drift?since=${since}`), api(`/admin/v1/guardrails?since=${since}`),
       api(`/admin/v1/latency?since=${since}`), api("/admin/v1/models"),
-      api(`/admin/v1/triggers?since=${since}`), api(`/admin/v1/alerts?since=${since}`),
+      api(`/admin/v1/triggers?since=${since}`), api(`/admin/v1/alerts?since=${since}`), api("/admin/v1/canary"),
     ]);
-    dash.data = { overview, metrics, drift, guardrails, latency, models, triggers, alerts };
+    dash.data = { overview, metrics, drift, guardrails, latency, models, triggers, alerts, canaries };
     renderOverview(overview); renderQuality(metrics); renderDrift(drift); renderGuardrails(guardrails);
     renderLatency(latency); renderModels(models, models.actions); renderTriggers(triggers); renderAlerts(alerts);
+    renderCanaries(canaries);
     dash.refreshes += 1;
     document.body.dataset.refreshes = String(dash.refreshes);
     setStatus(`updated ${new Date().toLocaleTimeString()}${overview.actions_enabled ? "" : " · read-only"}`);

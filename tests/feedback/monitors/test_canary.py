@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+import httpx
 import pytest
 
 from feedback.monitors.canary import ArmStats, arm_stats, canary_versions, decide_canary
 from feedback.monitors.policy import CanaryPolicy, PolicyFile, parse_policy
 from feedback.monitors.runner import run_cycle, store_publisher
 from feedback.store import ChdbStore, Store, migrate, write_events
+from gateway.auth import KeyStore
 from schemas.errors import ConfigError
 from schemas.events import Event, FeedbackEvent, InferenceEvent, ModelEvent
+from tests.browser.dashboard_support import admin_gateway
 from tests.support.clickhouse_http import shared_chdb_session
 
 HOUR = 3_600_000
@@ -331,3 +335,40 @@ def test_a_policy_without_a_canary_section_gets_the_defaults_and_bad_values_are_
         parse_policy("canary: {alpha: 1.5}")
     with pytest.raises(ConfigError, match=r"canary\.auto_promte: Extra inputs are not permitted"):
         parse_policy("canary: {auto_promte: false}")
+
+
+# -- the admin API ------------------------------------------------------------------------------------------------------
+
+
+async def test_the_admin_api_shows_both_arms_side_by_side_with_the_latest_decision(store: Store,
+                                                                                   keystore: KeyStore) -> None:
+    now = time.time_ns() // 1_000_000
+    rng = random.Random(5)
+    start = now - 4 * HOUR
+    await write_events(store, [
+        ModelEvent(ts_ms=start - HOUR, model="chat", version_id="v0", state="active"),
+        ModelEvent(ts_ms=start, model="chat", version_id="v1", state="canary", previous_state="candidate",
+                   canary_share=0.25),
+        *arm(rng, n=40, version="v1", arm="canary", up_rate=0.75, error_rate=0.05, start_ms=start),
+        *arm(rng, n=60, version="v0", arm="active", up_rate=0.5, start_ms=start)])
+    await cycle(store, now_ms=now - 1000)  # too few samples: wait
+
+    async with admin_gateway(store, keystore, report_dir=None) as gw:
+        _, key = gw.key()
+        async with httpx.AsyncClient(base_url=gw.http, headers={"Authorization": f"Bearer {key}"}) as c:
+            body = (await c.get("/admin/v1/canary")).json()
+            assert (await c.get("/admin/v1/canary", params={"model": "other"})).json()["canaries"] == []
+            bad = await c.get("/admin/v1/canary", params={"modle": "chat"})
+        _, infer_key = gw.key("acme", ("infer",))
+        async with httpx.AsyncClient(base_url=gw.http) as c:
+            refused = await c.get("/admin/v1/canary", headers={"Authorization": f"Bearer {infer_key}"})
+    [v1] = body["canaries"]
+    assert (v1["model"], v1["version_id"], v1["active_version"], v1["since_ms"], v1["canary_share"]) == (
+        "chat", "v1", "v0", start, 0.25)
+    canary, active = v1["arms"]["canary"], v1["arms"]["active"]
+    assert (canary["requests"], canary["errors"], canary["thumbs_up_rate"]) == (40, 2, 0.75)
+    assert (active["requests"], active["errors"], active["thumbs_up_rate"]) == (60, 0, 0.5)
+    assert v1["decision"]["action"] == "wait" and v1["decision"]["status"] == "insufficient_data"
+    assert "too few requests" in v1["decision"]["reasons"][0]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "modle"
+    assert refused.status_code == 403
