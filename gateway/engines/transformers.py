@@ -277,5 +277,11 @@ class TransformersEngine:
         if name not in self._adapters:
             raise NotFound(f"adapter {name!r} is not loaded")
         async with self._gate.use(f"\0unload:{name}"):
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._model.delete_adapter, name)
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._unload_adapter, name)
         del self._adapters[name]
+
+    def _unload_adapter(self, name: str) -> None:
+        with self._model_lock:
+            self._model.delete_adapter(name)
+            if not self._model.peft_config:  # none left: PEFT would still name the deleted one active; unwrap
+                self._model = self._model.unload().eval()

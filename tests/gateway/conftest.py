@@ -118,3 +118,8 @@ async def vllm_gateway(keystore: KeyStore, tiny_model_dir: object, vllm_engine: 
 def local_gateway(request: pytest.FixtureRequest) -> RunningGateway:
     """The same tests over both local engines serving the real tiny model."""
     return request.getfixturevalue(f"{request.param}_gateway")
+
+
+# Hot swap: the session's tansu broker (shared with tests/feedback when both run) and real LoRA adapters.
+from tests.feedback.conftest import broker  # noqa: E402, F401
+from tests.gateway.hotswap_support import lora_adapters  # noqa: E402, F401
