@@ -254,20 +254,26 @@ class CanaryVersion(msgspec.Struct, frozen=True, kw_only=True):
     requested: tuple[str, ...] = ()  # actions (promote, rollback) already requested since `since_ms`
 
 
-_VERSIONS_SQL = """
+# Rows that ask for or answer a request (the dashboard's and this monitor's `<action>_requested`, the
+# registry's `request_refused`) are not lifecycle states: a version's state is its latest other row.
+_REQUEST_ROW = "(endsWith(state, '_requested') OR state = 'request_refused')"
+BASE_VERSION = "base"
+"""The registry's implicit version (the base model, no adapter): the active arm while no adapter is active."""
+
+_VERSIONS_SQL = f"""
     SELECT model, version_id,
-           argMaxIf(state, (ts, event_id), NOT endsWith(state, '_requested')) AS current_state,
+           argMaxIf(state, (ts, event_id), NOT {_REQUEST_ROW}) AS current_state,
            toUnixTimestamp64Milli(maxIf(ts, state = 'canary')) AS since_ms,
            argMaxIf(tenant, (ts, event_id), state = 'canary') AS canary_tenant,
            argMaxIf(base_model, (ts, event_id), state = 'canary') AS canary_base_model,
            argMaxIf(adapter_path, (ts, event_id), state = 'canary') AS canary_adapter_path,
            argMaxIf(artifact_sha256, (ts, event_id), state = 'canary') AS canary_sha256,
            argMaxIf(canary_share, (ts, event_id), state = 'canary') AS share,
-           toUnixTimestamp64Milli(maxIf(ts, NOT endsWith(state, '_requested'))) AS changed_ms,
+           toUnixTimestamp64Milli(maxIf(ts, NOT {_REQUEST_ROW})) AS changed_ms,
            groupArrayIf(state, endsWith(state, '_requested')) AS request_states,
            groupArrayIf(toUnixTimestamp64Milli(ts), endsWith(state, '_requested')) AS request_ms
     FROM model_events FINAL
-    WHERE ts <= fromUnixTimestamp64Milli({now:Int64}, 'UTC')
+    WHERE ts <= fromUnixTimestamp64Milli({{now:Int64}}, 'UTC')
     GROUP BY model, version_id"""
 
 
@@ -286,7 +292,7 @@ async def canary_versions(store: Store, *, now_ms: int) -> list[CanaryVersion]:
         requested = sorted({s.removesuffix("_requested") for s, ts in zip(r["request_states"], r["request_ms"], strict=True)
                             if ts >= since})
         out.append(CanaryVersion(model=r["model"], version_id=r["version_id"], tenant=r["canary_tenant"],
-                                 since_ms=since, active_version=active.get(r["model"], (0, ""))[1],
+                                 since_ms=since, active_version=active.get(r["model"], (0, BASE_VERSION))[1],
                                  base_model=r["canary_base_model"], adapter_path=r["canary_adapter_path"],
                                  artifact_sha256=r["canary_sha256"], canary_share=float(r["share"]),
                                  requested=tuple(requested)))
@@ -452,7 +458,8 @@ async def run_canary(store: Store, policy: CanaryPolicy, *, now_ms: int,
             previous_state="canary", actor=ACTOR, artifact_sha256=version.artifact_sha256,
             canary_share=version.canary_share,
             reason=f"canary monitor: {decision.action}: " + "; ".join(decision.reasons)[:900],
-            lineage=json.dumps({**evidence, "monitor_event_id": result.event_id}, default=str))
+            # retrain/requests.py reads a request's evidence from its lineage's `evidence` key
+            lineage=json.dumps({"evidence": {**evidence, "monitor_event_id": result.event_id}}, default=str))
         report.requests.append(request)
         state[request_key(version.model, version.version_id, decision.action)] = AlertState(
             firing=True, fired_at_ms=now_ms, opened_at_ms=now_ms)

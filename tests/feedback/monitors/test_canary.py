@@ -129,7 +129,7 @@ async def test_a_clearly_better_canary_is_promoted_once_with_its_evidence(store:
     assert (req.state, req.actor, req.version_id, req.previous_state) == ("promote_requested", "canary-monitor",
                                                                           "v1", "canary")
     assert req.artifact_sha256 == "abc" and req.adapter_path == "/a/v1"
-    lineage = json.loads(req.lineage)
+    lineage = json.loads(req.lineage)["evidence"]
     assert lineage["monitor_event_id"] == result.event_id and lineage["decision"] == "promote"
     assert [r["state"] for r in await requests(store)] == ["promote_requested"]
 
@@ -166,7 +166,7 @@ async def test_clearly_worse_ratings_request_a_rollback(store: Store) -> None:
     [req] = report.model_requests
     assert req.state == "rollback_requested" and req.actor == "canary-monitor"
     assert "mean_rating" in req.reason
-    [rating] = [c for c in json.loads(req.lineage)["checks"] if c["name"] == "mean_rating"]
+    [rating] = [c for c in json.loads(req.lineage)["evidence"]["checks"] if c["name"] == "mean_rating"]
     assert rating["verdict"] == "worse" and rating["canary"] == pytest.approx(3.0)
     assert rating["active"] == pytest.approx(4.0)
     assert [r["state"] for r in await requests(store)] == ["rollback_requested"]
@@ -228,8 +228,12 @@ async def test_a_disabled_canary_monitor_reads_nothing(store: Store) -> None:
 async def test_a_rollback_request_blocks_a_later_promotion_and_a_decided_canary_is_left_alone(store: Store) -> None:
     await seed(store, canary={"n": 300, "up_rate": 0.85}, active={"n": 300, "up_rate": 0.70})
     await write_events(store, [ModelEvent(ts_ms=NOW - HOUR, model="chat", version_id="v1", state="rollback_requested",
-                                          previous_state="canary", actor="key-ops")])
+                                          previous_state="canary", actor="key-ops"),
+                               # the registry's answer to a request it could not apply is no lifecycle state
+                               ModelEvent(ts_ms=NOW - HOUR + 1, model="chat", version_id="v1",
+                                          state="request_refused", previous_state="canary", actor="registry")])
     report = await cycle(store)
+    assert [r.model_version for r in report.results] == ["v1"]  # still a canary
     assert report.model_requests == []
     assert json.loads(report.results[0].details)["request_skipped"] == "rollback already requested for this canary"
 
@@ -372,3 +376,40 @@ async def test_the_admin_api_shows_both_arms_side_by_side_with_the_latest_decisi
     assert "too few requests" in v1["decision"]["reasons"][0]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "modle"
     assert refused.status_code == 403
+
+
+# -- with the real registry ---------------------------------------------------------------------------------------------
+
+
+async def test_the_registry_acts_on_the_monitors_request_and_the_canary_is_then_left_alone(store: Store,
+                                                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from retrain.registry import StoreRegistry
+    from retrain.requests import RequestWorker
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    clock = [START - 60_000]
+    registry = StoreRegistry(store, tmp_path / "artifacts", clock=lambda: clock[0])
+    await registry.register_candidate(model="chat", base_model="tiny", adapter_dir=adapter, lineage={},
+                                      actor="test", version_id="v1")
+    clock[0] = START
+    await registry.start_canary("chat", "v1", share=0.2, actor="test")
+    rng = random.Random(3)
+    # no adapter was active before: the active arm is the registry's implicit `base` version
+    await write_events(store, [*arm(rng, n=300, version="v1", arm="canary", ratings=(4, 5, 5)),
+                               *arm(rng, n=300, version="base", arm="active", ratings=(3, 4, 5))])
+
+    report = await cycle(store)
+    [req] = report.model_requests
+    assert req.state == "promote_requested" and json.loads(report.results[0].details)["active_version"] == "base"
+
+    clock[0] = NOW + 1000
+    [outcome] = await RequestWorker(registry).run_once()
+    assert (outcome.applied, outcome.state, outcome.request_id) == (True, "active", req.event_id)
+    v1 = await registry.get("chat", "v1")
+    assert v1.state == "active" and v1.actor == "canary-monitor"
+    assert "mean_rating" in json.dumps(v1.lineage)  # the monitor's evidence travels into the version's lineage
+
+    after = await cycle(store, now_ms=NOW + 2000)
+    assert after.results == [] and after.model_requests == []
