@@ -22,7 +22,7 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     event: Literal["fired", "resolved"]
     monitor: str
     metric: str
-    action: Literal["alert", "retrain"]
+    action: Literal["alert", "retrain", "promote", "rollback"]  # promote/rollback: the canary monitor's requests
     tenant: str
     model: str
     model_version: str

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from feedback.monitors.alerts import Alert
 from feedback.monitors.base import GroupKey
 from feedback.monitors.policy import CanaryPolicy
 from feedback.monitors.stats import (
@@ -385,6 +386,7 @@ async def arm_stats(store: Store, canary: CanaryVersion, *, now_ms: int) -> tupl
 class CanaryReport:
     results: list[MonitorResult] = field(default_factory=list)
     requests: list[ModelEvent] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)  # one per request made, for the webhook
     decisions: dict[tuple[str, str], CanaryDecision] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -461,6 +463,11 @@ async def run_canary(store: Store, policy: CanaryPolicy, *, now_ms: int,
             # retrain/requests.py reads a request's evidence from its lineage's `evidence` key
             lineage=json.dumps({"evidence": {**evidence, "monitor_event_id": result.event_id}}, default=str))
         report.requests.append(request)
+        report.alerts.append(Alert(
+            event="fired", monitor=MONITOR, metric=METRIC, action=decision.action, tenant=version.tenant,
+            model=version.model, model_version=version.version_id, canary_arm="canary", value=result.value,
+            sample_size=result.sample_size, window_start_ms=version.since_ms, window_end_ms=now_ms, ts_ms=now_ms,
+            reason=request.reason, monitor_event_id=result.event_id))
         state[request_key(version.model, version.version_id, decision.action)] = AlertState(
             firing=True, fired_at_ms=now_ms, opened_at_ms=now_ms)
         log.info("canary monitor requests %s of %s@%s: %s", decision.action, version.model, version.version_id,

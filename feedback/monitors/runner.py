@@ -351,6 +351,7 @@ async def run_cycle(store: Store, policy: PolicyFile, *, now_ms: int, publish: P
             canary = await run_canary(store, policy.canary, now_ms=now_ms, state=cycle.state)
             report.results += canary.results
             report.model_requests += canary.requests
+            report.alerts += canary.alerts
             report.errors.update(canary.errors)
         except Exception as e:  # the canary monitor failing must not silence the others
             log.exception("canary monitor failed")

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 
 from feedback.monitors.canary import ArmStats, arm_stats, canary_versions, decide_canary
 from feedback.monitors.policy import CanaryPolicy, PolicyFile, parse_policy
-from feedback.monitors.runner import run_cycle, store_publisher
+from feedback.monitors.runner import Scheduler, run_cycle, store_publisher
+from feedback.monitors.settings import MonitorSettings, WebhookSettings
 from feedback.store import ChdbStore, Store, migrate, write_events
 from gateway.auth import KeyStore
 from schemas.errors import ConfigError
-from schemas.events import Event, FeedbackEvent, InferenceEvent, ModelEvent
+from schemas.events import Event, FeedbackEvent, InferenceEvent, ModelEvent, MonitorResult
 from tests.browser.dashboard_support import admin_gateway
 from tests.support.clickhouse_http import shared_chdb_session
 
@@ -143,18 +147,46 @@ async def test_a_clearly_better_canary_is_promoted_once_with_its_evidence(store:
     assert len(await requests(store)) == 1
 
 
-async def test_a_request_still_on_its_way_through_kafka_is_not_made_twice(store: Store) -> None:
+async def test_the_scheduler_requests_once_while_the_request_is_still_on_its_way_and_posts_one_alert(
+        store: Store, tmp_path: Path) -> None:
     await seed(store, canary={"n": 300, "up_rate": 0.85}, active={"n": 300, "up_rate": 0.70})
+    (tmp_path / "monitors.yaml").write_text(POLICY)
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     published: list[Event] = []
 
-    async def in_flight(events: Sequence[Event]) -> None:  # accepted by the sink, not in the store yet
+    async def in_flight(events: Sequence[Event]) -> None:  # accepted by the sink; the store never sees them here
         published.extend(events)
 
-    p = policy()
-    first = await run_cycle(store, p, now_ms=NOW, publish=in_flight, monitors={})
-    second = await run_cycle(store, p, now_ms=NOW + 60_000, publish=in_flight, monitors={}, state=first.state)
+    settings = MonitorSettings(policy_path=tmp_path / "monitors.yaml", interval_s=0.1,
+                               webhook=WebhookSettings(url=f"http://127.0.0.1:{port}/hook"))
+    clock = iter(range(NOW, NOW + 10**9, 1000))
+    scheduler = Scheduler(store, settings, in_flight, clock=lambda: next(clock), monitors={})
+    await scheduler.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while scheduler.cycles < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await scheduler.aclose()
+        await runner.cleanup()
+    assert scheduler.cycles >= 3 and scheduler.last_error is None
     assert [e.state for e in published if isinstance(e, ModelEvent)] == ["promote_requested"]
-    assert second.model_requests == []
+    assert len([e for e in published if isinstance(e, MonitorResult)]) == scheduler.cycles  # one decision a cycle
+    assert [(a["event"], a["monitor"], a["action"], a["model_version"]) for a in received] == [
+        ("fired", "canary", "promote", "v1")]
+    assert "thumbs_up_rate" in received[0]["reason"]
 
 
 async def test_clearly_worse_ratings_request_a_rollback(store: Store) -> None:
@@ -382,7 +414,7 @@ async def test_the_admin_api_shows_both_arms_side_by_side_with_the_latest_decisi
 
 
 async def test_the_registry_acts_on_the_monitors_request_and_the_canary_is_then_left_alone(store: Store,
-                                                                                          tmp_path) -> None:  # type: ignore[no-untyped-def]
+                                                                                          tmp_path: Path) -> None:
     from retrain.registry import StoreRegistry
     from retrain.requests import RequestWorker
 
