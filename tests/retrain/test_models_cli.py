@@ -198,3 +198,38 @@ async def test_export_merges_the_verified_adapter_into_the_base_weights(live: Li
     assert rc == 2 and "hashes to" in err and not (tmp_path / "bad").exists()
     rc, _, err = await live.cli("export", MODEL, "base", "--out", str(tmp_path / "none"))
     assert rc == 2 and "has no adapter" in err
+
+
+async def test_registry_routes_need_the_admin_scope_validate_requests_and_dashboard_requests_are_applied(live: Live):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {live.key}"}) as c:
+        for path in (f"/admin/v1/models/{MODEL}/versions", f"/admin/v1/models/{MODEL}/versions/v2",
+                     f"/admin/v1/lineage/{live.chain.served.event_id}"):
+            assert (await c.get(path)).status_code == 200
+            r = await c.get(path, headers={"Authorization": f"Bearer {live.infer_key}"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
+            assert (await c.get(path, headers={"Authorization": ""})).status_code == 401
+        r = await c.post(f"/admin/v1/models/{MODEL}/requests", json={"version": "v3", "action": "explode"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "action"
+        r = await c.post(f"/admin/v1/models/{MODEL}/requests", json={"version": "v3", "action": "canary", "share": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "share"
+        r = await c.post(f"/admin/v1/models/{MODEL}/requests", json={"version": "v3", "action": "canary", "x": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+        r = await c.post(f"/admin/v1/models/{MODEL}/requests", json={"version": "v9", "action": "promote"})
+        assert r.status_code == 404 and "has no version 'v9'" in r.json()["error"]["message"]
+        r = await c.post(f"/admin/v1/models/{MODEL}/requests", headers={"Authorization": f"Bearer {live.infer_key}"},
+                         json={"version": "v3", "action": "promote"})
+        assert r.status_code == 403
+        # the dashboard's button (feedback/dashboard/api.py): approve = send to canary at the default share
+        r = await c.post(f"/admin/v1/models/{MODEL}/versions/v3/approve", json={"reason": "looks good"})
+        assert r.status_code == 202
+        request_id = r.json()["event_id"]
+        for _ in range(100):
+            body = (await c.get(f"/admin/v1/models/{MODEL}/versions/v3")).json()
+            if body["state"] == "canary":
+                break
+            await asyncio.sleep(0.1)
+        assert body["state"] == "canary" and body["canary_share"] == 0.1
+        assert body["history"][-1]["request_id"] == request_id and body["history"][-1]["actor"] == live.key_id
+        assert body["history"][-1]["reason"] == "looks good"
