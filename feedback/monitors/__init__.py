@@ -20,8 +20,8 @@ _EXPORTS = {
     "MonitorPolicy": "policy", "PolicyFile": "policy", "PolicyReloader": "policy", "load_policy": "policy",
     "parse_policy": "policy", "CycleReport": "runner", "Publish": "runner", "Scheduler": "runner",
     "default_monitors": "runner", "run_cycle": "runner", "sink_publisher": "runner", "store_publisher": "runner",
-    "MonitorSettings": "settings", "CanaryPolicy": "policy", "ArmStats": "canary", "CanaryDecision": "canary",
-    "decide_canary": "canary", "run_canary": "canary",
+    "MonitorSettings": "settings", "CanaryPolicy": "policy", "ArmStats": "canary_decision",
+    "CanaryDecision": "canary_decision", "decide_canary": "canary_decision", "run_canary": "canary",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from feedback.monitors.canary import ArmStats, arm_stats, canary_versions, decide_canary
+from feedback.monitors.canary import arm_stats, canary_versions
+from feedback.monitors.canary_decision import ArmStats, decide_canary
 from feedback.monitors.policy import CanaryPolicy, PolicyFile, parse_policy
 from feedback.monitors.runner import Scheduler, run_cycle, store_publisher
 from feedback.monitors.settings import MonitorSettings, WebhookSettings
