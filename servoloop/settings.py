@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from feedback.monitors.settings import MonitorSettings
 from feedback.settings import EventSettings
 from gateway.settings import GatewaySettings, ModelSettings
+from retrain.settings import RetrainSettings
 from schemas.errors import ConfigError
 
 CONFIG_ENV = "SERVOLOOP_CONFIG"
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     events: EventSettings = Field(default_factory=EventSettings)
     monitors: MonitorSettings = Field(default_factory=MonitorSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
 
     _yaml_path: Path | None = None
 
