@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feedback.monitors.canary import arm_stats, canary_versions
 from feedback.monitors.canary_decision import ArmStats, decide_canary
@@ -364,6 +366,20 @@ def test_ratings_and_preferences_count_as_signals() -> None:
     assert decide_canary(lost, a, P).action == "rollback"
     same = {"requests": 500, "rating_n": 400, "rating_var": 0.0, "rating_mean": 5.0}
     assert decide_canary(ArmStats(**same), ArmStats(**same), P).action == "promote"  # identical ratings: exact
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(min_value=1, max_value=3000), data=st.data())
+def test_identical_arms_never_roll_back_and_a_better_canary_never_does_worse(n: int, data: st.DataObject) -> None:
+    up = data.draw(st.integers(min_value=0, max_value=n))
+    err = data.draw(st.integers(min_value=0, max_value=n))
+    same = ArmStats(requests=n, errors=err, thumbs_n=n, thumbs_up=up)
+    assert decide_canary(same, same, P).action != "rollback"
+    # more thumbs up and fewer errors for the canary: a decision can only move toward promote
+    worse = ArmStats(requests=n, errors=err, thumbs_n=n, thumbs_up=data.draw(st.integers(min_value=0, max_value=up)))
+    better = ArmStats(requests=n, errors=data.draw(st.integers(min_value=0, max_value=err)), thumbs_n=n, thumbs_up=up)
+    rank = {"rollback": 0, "wait": 1, "promote": 2}
+    assert rank[decide_canary(better, same, P).action] >= rank[decide_canary(worse, same, P).action]
 
 
 def test_a_policy_without_a_canary_section_gets_the_defaults_and_bad_values_are_named() -> None:
