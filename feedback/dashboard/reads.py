@@ -254,7 +254,8 @@ async def model_timeline(store: Store, *, model: str | None = None, limit: int =
     """Every model with its versions (newest first), each with its lifecycle events and the trigger behind it.
 
     A version's `state` is its latest lifecycle state; `requested` lists operator requests
-    (`<action>_requested` events) not followed by a real state change.
+    (`<action>_requested` events) not followed by a real state change nor refused by the registry
+    (`request_refused`, retrain/requests.py).
     """
     events = await _rows(store, f"""
         SELECT event_id, toUnixTimestamp64Milli(ts) AS ts_ms, tenant, model, version_id, base_model, adapter_path,
@@ -271,6 +272,11 @@ async def model_timeline(store: Store, *, model: str | None = None, limit: int =
                             "previous_state": e["previous_state"], "reason": e["reason"], "actor": e["actor"]})
         if e["state"].endswith("_requested"):
             v["requested"].append(e["state"].removesuffix("_requested"))
+            continue
+        if e["state"] == "request_refused":  # the registry's answer to a request it could not apply: no state
+            refused = str(lineage.get("requested", "")).removesuffix("_requested")
+            if refused in v["requested"]:
+                v["requested"].remove(refused)
             continue
         v["state"], v["requested"] = e["state"], []
         v["lineage"] = lineage or v["lineage"]
@@ -296,7 +302,8 @@ async def version_state(store: Store, model: str, version_id: str) -> dict[str, 
     rows = await _rows(store, """
         SELECT state, base_model, adapter_path, tenant FROM model_events FINAL
         WHERE model = {model:String} AND version_id = {version_id:String}
-        ORDER BY NOT endsWith(state, '_requested') DESC, ts DESC, event_id DESC LIMIT 1""",
+        ORDER BY NOT (endsWith(state, '_requested') OR state = 'request_refused') DESC, ts DESC, event_id DESC
+        LIMIT 1""",
                        {"model": model, "version_id": version_id})
     return rows[0] if rows else None
 

@@ -233,3 +233,17 @@ async def test_registry_routes_need_the_admin_scope_validate_requests_and_dashbo
         assert body["state"] == "canary" and body["canary_share"] == 0.1
         assert body["history"][-1]["request_id"] == request_id and body["history"][-1]["actor"] == live.key_id
         assert body["history"][-1]["reason"] == "looks good"
+        # a refused request shows as answered, not as the version's state, on the dashboard
+        r = await c.post(f"/admin/v1/models/{MODEL}/versions/v1/promote")
+        assert r.status_code == 202
+        request_id = r.json()["event_id"]
+        for _ in range(100):
+            body = (await c.get(f"/admin/v1/models/{MODEL}/versions/v1")).json()
+            if body["history"][-1]["request_id"] == request_id:
+                break
+            await asyncio.sleep(0.1)
+        assert body["history"][-1]["state"] == "request_refused" and body["state"] == "retired"
+        assert "cannot promote a version in state 'retired'" in body["history"][-1]["reason"]
+        timeline = (await c.get("/admin/v1/models", params={"model": MODEL})).json()["models"][0]["versions"]
+        v1 = next(v for v in timeline if v["version_id"] == "v1")
+        assert v1["state"] == "retired" and v1["requested"] == []
