@@ -369,6 +369,8 @@ def _copy_artifact(source: Path, url: str) -> str:
             got = tree_sha256(staging)
             if got != sha:
                 raise ArtifactMismatch(f"copy of {str(source)!r} hashes to {got[:12]}…, expected {sha[:12]}…")
+            if dest.exists():  # left by a registration that crashed before its row was written: the id is free
+                shutil.rmtree(dest)
             staging.rename(dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

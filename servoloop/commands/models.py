@@ -170,8 +170,19 @@ class StoreBackend:
                               share=share, base_model=current.base_model, adapter_path=current.adapter_path,
                               previous_state=current.state)
         await write_events(store, [event])
-        registry = StoreRegistry(store, self.settings.data_dir / "artifacts")
-        await RequestWorker(registry).apply(event)
+        sink = None
+        if self.settings.events.broker.mode == "external":  # gateways learn of the step from the `models` topic
+            from feedback.sink import build_event_sink
+
+            sink = build_event_sink(self.settings.events, spool_dir=self.settings.data_dir / "models-cli-spool")
+            await sink.start()
+        try:
+            registry = StoreRegistry(store, self.settings.data_dir / "artifacts",
+                                     publish=sink.publish if sink is not None else None)
+            await RequestWorker(registry).apply(event)
+        finally:
+            if sink is not None:
+                await sink.aclose()
         return {"event_id": event.event_id}
 
     async def aclose(self) -> None:

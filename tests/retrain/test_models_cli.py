@@ -247,3 +247,32 @@ async def test_registry_routes_need_the_admin_scope_validate_requests_and_dashbo
         timeline = (await c.get("/admin/v1/models", params={"model": MODEL})).json()["models"][0]["versions"]
         v1 = next(v for v in timeline if v["version_id"] == "v1")
         assert v1["state"] == "retired" and v1["requested"] == []
+
+
+async def test_direct_mode_reads_and_writes_a_clickhouse_server(store: Store, tmp_path: Path, tiny_lora: Path):
+    from tests.support.clickhouse_http import shared_endpoint
+
+    registry = StoreRegistry(store, tmp_path / "artifacts")
+    await seed_chain(store, registry, tiny_lora)
+    env = {**os.environ, "SERVOLOOP_EVENTS__STORE__KIND": "clickhouse", "SERVOLOOP_DATA_DIR": str(tmp_path / "d"),
+           "SERVOLOOP_EVENTS__STORE__URL": shared_endpoint().url, "SERVOLOOP_EVENTS__STORE__DATABASE": store.database}
+    env.pop("SERVOLOOP_CONFIG", None)
+
+    async def cli(*args: str, environ: dict[str, str] = env) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from servoloop.cli import main; main()", "models", *args, env=environ,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        return proc.returncode or 0, out.decode(), " ".join(err.decode().split())
+
+    rc, out, err = await cli("list", MODEL, "--direct", "--json")
+    assert rc == 0, err
+    assert json.loads(out)[0]["active"] == "v2"
+    rc, _, err = await cli("promote", MODEL, "v3", "--direct", "--reason", "direct")
+    assert rc == 0 and "promote chat@v3: active" in err, err
+    assert (await registry.active(MODEL)).version_id == "v3"  # type: ignore[union-attr]
+    rc, _, err = await cli("promote", MODEL, "v1", "--direct")
+    assert rc == 2 and "cannot promote a version in state 'retired'" in err
+    embedded = {k: v for k, v in env.items() if not k.startswith("SERVOLOOP_EVENTS__")}
+    rc, _, err = await cli("list", "--direct", environ=embedded)
+    assert rc == 2 and "--direct needs events.store.kind: clickhouse" in err
