@@ -360,9 +360,12 @@ class ModelWatcher:
     async def _load(self, base: ModelRoute, arm: Arm) -> str:
         """Fetch and verify the artifact, load it into the engine under the version id, warm it."""
         assert arm.adapter is not None
+        t0 = time.monotonic()
         path = await asyncio.to_thread(fetch_verified, arm.adapter_path, arm.artifact_sha256, self._cache_dir)
+        t1 = time.monotonic()
         engine = base.engine
         await engine.load_adapter(arm.adapter, str(path))
+        t2 = time.monotonic()
         warm = InferenceRequest(model=base.name, operation="text_completion", prompt="Hello",
                                 params=SamplingParams(max_tokens=1, temperature=0.0),
                                 request_id=f"warm-{uuid.uuid4().hex}")
@@ -372,6 +375,8 @@ class ModelWatcher:
             with contextlib.suppress(Exception):
                 await engine.unload_adapter(arm.adapter)
             raise
+        log.info("hot swap: %s/%s ready: fetched and verified in %.0f ms, loaded in %.0f ms, warmed in %.0f ms",
+                 base.name, arm.version, (t1 - t0) * 1000, (t2 - t1) * 1000, (time.monotonic() - t2) * 1000)
         return str(path)
 
     # -- draining -----------------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ from feedback.store import Store, get_inference
 from gateway.auth import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.server import Gateway, GatewayServer
-from retrain.registry import StoreRegistry
+from retrain.registry import StoreRegistry, model_rows
 from retrain.requests import RequestWorker
+from schemas.events import ModelEvent
+from schemas.topics import topic_name
 from servoloop.settings import Settings
 
 log = logging.getLogger("servoloop")
@@ -83,6 +85,7 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
                 await model_requests.start()
         gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics,
                      events=pipeline.sink if pipeline is not None else None)
+        _follow_models(gw, settings, pipeline)
         if pipeline is not None:
             gw.status_providers["events"] = pipeline.health
             if pipeline.store is not None:  # feedback on inferences another replica (or an earlier run) served
@@ -110,6 +113,25 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
             await pipeline.aclose()
 
     await run_until_signalled(start, stop)
+
+
+def _follow_models(gw: Gateway, settings: Settings, pipeline: EventPipeline | None) -> None:
+    """Hot swap: the gateway follows the `models` topic of its broker, or polls the store when there is none."""
+    hs = settings.gateway.hotswap
+    if not hs.enabled or pipeline is None:
+        if hs.enabled:
+            log.warning("hot swap is off: this gateway has no broker and no store to learn model versions from")
+        return
+    cache_dir = hs.cache_dir or settings.data_dir / "adapters"
+    if settings.events.broker.mode != "none":
+        gw.follow_models(cache_dir=cache_dir, bootstrap_servers=pipeline.bootstrap_servers,
+                         topic=topic_name(ModelEvent.topic, settings.events.broker.topic_prefix))
+    elif pipeline.store is not None:
+        gw.follow_models(cache_dir=cache_dir, poll=partial(_model_events, pipeline.store))
+
+
+async def _model_events(store: Store) -> list[ModelEvent]:
+    return [ModelEvent(**{**row, "canary_share": float(row["canary_share"] or 0.0)}) for row in await model_rows(store)]
 
 
 async def _owns(store: Store, tenant: str, inference_id: str) -> bool:

@@ -130,6 +130,7 @@ class TransformersEngine:
         self._gate = AdapterGate()
         self._adapters: dict[str, str] = {}
         self._model_lock = threading.Lock()  # guards PEFT wrapping and adapter loading against generation
+        self._adapter_layers_on = True  # PEFT's state after wrapping or loading: adapter layers enabled
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
@@ -228,7 +229,8 @@ class TransformersEngine:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
         try:
-            with self._adapter_context(adapter), torch.inference_mode():
+            self._select_adapter(adapter)
+            with torch.inference_mode():
                 input_ids = torch.tensor([ids])
                 self._model.generate(
                     input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
@@ -245,15 +247,27 @@ class TransformersEngine:
         finish = "stop" if text.stopped or hit_eos or cancel.is_set() else "length"
         return finish, n_out
 
-    def _adapter_context(self, adapter: str | None) -> Any:
-        nullcontext = contextlib.nullcontext
+    def _select_adapter(self, adapter: str | None) -> None:
+        """Put the model in `adapter`'s state (None: adapter layers off), if it is not already.
+
+        Model-wide and idempotent: the gate lets only requests of one adapter run at a time, so they all want
+        the same state. (A per-request `disable_adapter()` context would be wrong here: the first of two
+        concurrent base requests to finish would switch the adapter back on under the other.)
+        """
         model = self._model
         if not hasattr(model, "peft_config"):
-            return nullcontext()
-        if adapter is None:
-            return model.disable_adapter()
-        model.set_adapter(adapter)
-        return nullcontext()
+            return
+        with self._model_lock:
+            if adapter is None:
+                if self._adapter_layers_on:
+                    model.base_model.disable_adapter_layers()
+                    self._adapter_layers_on = False
+                return
+            if not self._adapter_layers_on:
+                model.base_model.enable_adapter_layers()
+                self._adapter_layers_on = True
+            if model.active_adapter != adapter:
+                model.set_adapter(adapter)
 
     async def load_adapter(self, name: str, path: str) -> None:
         if self._adapters.get(name) == path:
@@ -270,8 +284,10 @@ class TransformersEngine:
                 self._model.delete_adapter(name)
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(path, adapter_name=name)
+                self._model.base_model.enable_adapter_layers()  # a known state; the next request sets its own
             else:
                 self._model = PeftModel.from_pretrained(self._model, path, adapter_name=name).eval()
+            self._adapter_layers_on = True
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self._adapters:
@@ -285,3 +301,4 @@ class TransformersEngine:
             self._model.delete_adapter(name)
             if not self._model.peft_config:  # none left: PEFT would still name the deleted one active; unwrap
                 self._model = self._model.unload().eval()
+                self._adapter_layers_on = True

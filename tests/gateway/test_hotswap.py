@@ -215,3 +215,27 @@ async def test_a_stream_in_flight_finishes_on_the_version_it_started_with(
             break
         await asyncio.sleep(0.05)
     assert set(transformers_adapters(gw)) == {"v2"}
+
+
+async def test_concurrent_base_requests_beside_a_loaded_adapter_all_get_the_base_answer(
+        swap_gateway: tuple[RunningGateway, str], broker: EmbeddedBroker, lora_adapters: dict[str, Adapter]) -> None:
+    gw, prefix = swap_gateway
+    key = gw.key()
+    _, base_text = await ask(gw, key, max_tokens=40)
+    await publish(broker.bootstrap_servers, prefix, [
+        model_event("tiny", "v1", "canary", lora_adapters["v1"], share=0.5)])
+    for _ in range(200):
+        if gw.gw.readiness()["hotswap"]["models"]["tiny"].get("canary") == "v1":
+            break
+        await asyncio.sleep(0.05)
+    users = [u for u in (f"user-{i}" for i in range(100)) if choose_arm("tiny", sticky_key(user=u), 0.5) != CANARY]
+    canary_users = [u for u in (f"user-{i}" for i in range(100)) if u not in users]
+    # Short and long base requests overlap, a short one first: it finishes while the long ones still generate
+    # (with PEFT's per-request `disable_adapter()`, its exit switched the adapter back on under them).
+    short = [ask(gw, key, user=u, max_tokens=3) for u in users[:2]]
+    long = [ask(gw, key, user=u, max_tokens=40) for u in users[2:4]]
+    answers = await asyncio.gather(*short, *long)
+    assert all(v == "base" for v, _ in answers[:2])
+    assert answers[2:] == [("base", base_text)] * 2
+    canary = await asyncio.gather(*(ask(gw, key, user=u, max_tokens=40) for u in canary_users[:2]))
+    assert all(v == "v1" and t != base_text for v, t in canary)
