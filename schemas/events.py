@@ -248,6 +248,33 @@ class RetrainTrigger(Event, kw_only=True, frozen=True, tag="retrain"):
     params: str = "{}"
 
 
+class GradeEvent(Event, kw_only=True, frozen=True, tag="grade"):
+    """An automatic grade of one inference (`target_id`) by a grader (feedback/graders): a score and a label.
+
+    Like feedback, grades are append-only and join their inference by id; `model`/`model_version` are
+    copied from the graded inference so per-version grade rates need no join. `score` is in [0, 1] for
+    the bundled graders (toxicity probability, share of unsupported claims, rubric score); `label` is
+    the grader's verdict (`toxic`/`benign`, `grounded`/`hallucinated`, `pass`/`fail`, `win`/`loss`/`tie`).
+    Pairwise graders set `other_id` (the inference compared against) and `other_version`.
+    `explanation` is a short human-readable reason or a JSON object of sub-scores.
+    """
+
+    topic: ClassVar[str] = topics.GRADES
+    table: ClassVar[str] = "grades"
+
+    grader: str = ""
+    grader_version: str = ""
+    target_id: str = ""
+    model: str = ""
+    model_version: str = ""
+    score: float = 0.0
+    label: str = ""
+    explanation: str = ""
+    other_id: str = ""
+    other_version: str = ""
+    inference_ts_ms: EpochMs = 0  # when the graded inference happened: grade ts - this = grading lag
+
+
 _DEAD_LETTER_NS = uuid.UUID("6f1d3c52-9a57-4d0e-8f57-1b8a4de2a0c1")
 
 
@@ -284,10 +311,12 @@ class DeadLetter(Event, kw_only=True, frozen=True, tag="dead_letter"):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     InferenceEvent, GuardrailEvent, FeedbackEvent, ModelEvent, MonitorResult, RetrainTrigger, DeadLetter,
+    GradeEvent,
 )
 EVENT_BY_TAG: dict[str, type[Event]] = {t.__struct_config__.tag: t for t in EVENT_TYPES}  # type: ignore[misc]
 
-AnyEvent = InferenceEvent | GuardrailEvent | FeedbackEvent | ModelEvent | MonitorResult | RetrainTrigger | DeadLetter
+AnyEvent = (InferenceEvent | GuardrailEvent | FeedbackEvent | ModelEvent | MonitorResult | RetrainTrigger | DeadLetter
+            | GradeEvent)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyEvent)

@@ -19,8 +19,9 @@ MODELS = "models"
 MONITORS = "monitors"
 RETRAIN = "retrain"
 DEAD_LETTER = "dead-letter"
+GRADES = "grades"
 
-ALL_SUFFIXES: tuple[str, ...] = (INFERENCES, GUARDRAILS, FEEDBACK, MODELS, MONITORS, RETRAIN, DEAD_LETTER)
+ALL_SUFFIXES: tuple[str, ...] = (INFERENCES, GUARDRAILS, FEEDBACK, MODELS, MONITORS, RETRAIN, DEAD_LETTER, GRADES)
 
 # Kafka's legal topic alphabet and length limit (kafka.common.internals.Topic).
 _LEGAL = re.compile(r"^[A-Za-z0-9._-]*$")
