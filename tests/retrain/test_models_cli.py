@@ -276,3 +276,82 @@ async def test_direct_mode_reads_and_writes_a_clickhouse_server(store: Store, tm
     embedded = {k: v for k, v in env.items() if not k.startswith("SERVOLOOP_EVENTS__")}
     rc, _, err = await cli("list", "--direct", environ=embedded)
     assert rc == 2 and "--direct needs events.store.kind: clickhouse" in err
+
+
+async def test_servoloop_up_applies_cli_requests_through_its_broker_ingester_and_registry(
+        store: Store, tmp_path: Path, tiny_lora: Path):
+    """The real wiring: `servoloop up` (embedded broker, ingester, request worker) owns the registry; the CLI's
+    request travels sink -> Kafka -> ingester -> store, the worker applies it, and the answer reaches the CLI."""
+    import signal
+    import socket
+    import subprocess
+
+    import httpx
+
+    from tests.support.clickhouse_http import shared_endpoint
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    registry = StoreRegistry(store, tmp_path / "artifacts")
+    await seed_chain(store, registry, tiny_lora)
+    upstream = await RunningUpstream().start()
+    http_port = free_port()
+    config = tmp_path / "servoloop.yaml"
+    config.write_text(f"""
+data_dir: {tmp_path / "data"}
+gateway:
+  host: 127.0.0.1
+  http_port: {http_port}
+  grpc_port: {free_port()}
+  auth: {{reload_interval_s: 0.2}}
+  models:
+    - {{name: {MODEL}, engine: remote, url: "{upstream.url}"}}
+events:
+  store: {{kind: clickhouse, url: "{shared_endpoint().url}", database: {store.database}}}
+  ingest: {{batch_max_wait_s: 0.1}}
+monitors: {{enabled: false}}
+""")
+    env = {**os.environ, "SERVOLOOP_CONFIG": str(config)}
+    servoloop = str(Path(sys.executable).parent / "servoloop")
+    key = subprocess.run([servoloop, "keys", "create", "--tenant", "ops", "--scope", "admin"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    log = open(tmp_path / "up.log", "ab")
+    proc = subprocess.Popen([servoloop, "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(900):
+                assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+                try:
+                    if (await http.get(f"{url}/readyz", timeout=1)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        cli_env = {**env, "SERVOLOOP_URL": url, "SERVOLOOP_ADMIN_KEY": key}
+
+        async def cli(*args: str) -> tuple[int, str, str]:
+            p = await asyncio.create_subprocess_exec(servoloop, "models", *args, env=cli_env,
+                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(p.communicate(), 120)
+            return p.returncode or 0, out.decode(), " ".join(err.decode().split())
+
+        rc, _, err = await cli("promote", MODEL, "v3", "--reason", "via up")
+        assert rc == 0 and "promote chat@v3: active" in err, (err, (tmp_path / "up.log").read_text()[-3000:])
+        rc, _, err = await cli("rollback", MODEL, "v2")
+        assert rc == 2 and "cannot rollback a version in state 'retired'" in err, err
+        assert {v.version_id: v.state for v in await registry.versions(MODEL)} == {
+            "base": "retired", "v1": "retired", "v2": "retired", "v3": "active"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        await upstream.stop()
+    assert proc.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
