@@ -285,6 +285,8 @@ def _print_version(v: dict[str, Any], *, lineage: bool) -> None:
         print(f"  parent version: {lin['parent_version']}")
     if lin.get("recipe"):
         print(f"  recipe: {json.dumps(lin['recipe'], default=str)}")
+    if lin.get("hyperparameters"):
+        print(f"  hyperparameters: {json.dumps(lin['hyperparameters'], default=str)}")
     if lin.get("eval"):
         print(f"  eval:   {json.dumps(lin['eval'], default=str)}")
     t = v.get("trigger")
