@@ -160,16 +160,18 @@ class StoreBackend:
         return await inference_lineage(await self._open(), inference_id)
 
     async def request(self, model: str, version: str, action: str, reason: str, share: float) -> dict[str, Any]:
-        from feedback.store import write_events
+        import getpass
+
         from retrain.registry import StoreRegistry, get_version
         from retrain.requests import RequestWorker, request_event
 
         store = await self._open()
         current = await get_version(store, model, version)
-        event = request_event(model=model, version_id=version, action=action, actor="cli", reason=reason,
-                              share=share, base_model=current.base_model, adapter_path=current.adapter_path,
-                              previous_state=current.state)
-        await write_events(store, [event])
+        # Applied here and now, so the request is not stored: a `servoloop up` sharing this server must not
+        # apply it a second time. The answer row still names the request's id, as every answer does.
+        event = request_event(model=model, version_id=version, action=action, actor=f"cli:{getpass.getuser()}",
+                              reason=reason, share=share, base_model=current.base_model,
+                              adapter_path=current.adapter_path, previous_state=current.state)
         sink = None
         if self.settings.events.broker.mode == "external":  # gateways learn of the step from the `models` topic
             from feedback.sink import build_event_sink

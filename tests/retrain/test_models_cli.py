@@ -22,7 +22,7 @@ from gateway.engines.remote import RemoteEngine
 from gateway.server import Gateway, GatewayServer
 from gateway.settings import GatewaySettings, ModelSettings, RateLimitSettings
 from retrain.registry import StoreRegistry
-from retrain.requests import RequestWorker
+from retrain.requests import RequestWorker, unanswered_requests
 from schemas.artifacts import tree_sha256
 from schemas.events import Event
 from tests.retrain.test_lineage import Chain, seed_chain
@@ -270,7 +270,9 @@ async def test_direct_mode_reads_and_writes_a_clickhouse_server(store: Store, tm
     assert json.loads(out)[0]["active"] == "v2"
     rc, _, err = await cli("promote", MODEL, "v3", "--direct", "--reason", "direct")
     assert rc == 0 and "promote chat@v3: active" in err, err
-    assert (await registry.active(MODEL)).version_id == "v3"  # type: ignore[union-attr]
+    v3 = await registry.active(MODEL)
+    assert v3 is not None and v3.version_id == "v3" and v3.lineage["promotion"]["by"].startswith("cli:")
+    assert await unanswered_requests(store) == []  # applied in place: nothing left for a `servoloop up` to redo
     rc, _, err = await cli("promote", MODEL, "v1", "--direct")
     assert rc == 2 and "cannot promote a version in state 'retired'" in err
     embedded = {k: v for k, v in env.items() if not k.startswith("SERVOLOOP_EVENTS__")}
