@@ -370,7 +370,8 @@ class ModelWatcher:
                                 params=SamplingParams(max_tokens=1, temperature=0.0),
                                 request_id=f"warm-{uuid.uuid4().hex}")
         try:
-            await engine.generate(warm, adapter=arm.adapter)
+            if not getattr(engine, "warms_adapters_on_load", False):
+                await engine.generate(warm, adapter=arm.adapter)
         except BaseException:
             with contextlib.suppress(Exception):
                 await engine.unload_adapter(arm.adapter)

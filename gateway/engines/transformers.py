@@ -117,6 +117,9 @@ class IncrementalText:
 
 class TransformersEngine:
     kind = "transformers"
+    # load_adapter runs one forward pass through the new adapter while it holds the model alone, so a hot swap
+    # needs no separate warm-up generation (which would wait for a turn of the adapter gate under load).
+    warms_adapters_on_load = True
 
     def __init__(self, settings: ModelSettings):
         if not settings.path:
@@ -273,8 +276,16 @@ class TransformersEngine:
         if self._adapters.get(name) == path:
             return
         async with self._gate.use(f"\0load:{name}"):  # no generation runs while the model changes
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._load_adapter, name, path)
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._load_and_warm, name, path)
         self._adapters[name] = path
+
+    def _load_and_warm(self, name: str, path: str) -> None:
+        import torch
+
+        self._load_adapter(name, path)
+        self._select_adapter(name)
+        with torch.inference_mode():
+            self._model(input_ids=torch.tensor([[self._tokenizer.bos_token_id or 0]]))
 
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel

@@ -50,11 +50,26 @@ def model_event(model: str, version: str, state: str, adapter: Adapter | None = 
                       canary_share=share, actor="test")
 
 
+class ModelEventProducer:
+    """The sink's Kafka producer writing model events to `<prefix>models` (one connection, kept open)."""
+
+    def __init__(self, bootstrap: str, prefix: str):
+        self._downstream = ConfluentDownstream(bootstrap, linger_ms=0)
+        self._topic = topic_name(ModelEvent.topic, prefix)
+
+    async def send(self, events: Sequence[ModelEvent]) -> None:
+        """Returns when the broker acknowledged every event."""
+        await self._downstream.send([EventRecord(self._topic, e.partition_key(), e.event_id, encode_event(e))
+                                     for e in events])
+
+    async def aclose(self) -> None:
+        await self._downstream.aclose()
+
+
 async def publish(bootstrap: str, prefix: str, events: Sequence[ModelEvent]) -> None:
     """Produce `events` to `<prefix>models` with the sink's producer (acknowledged when this returns)."""
-    downstream = ConfluentDownstream(bootstrap, linger_ms=0)
+    producer = ModelEventProducer(bootstrap, prefix)
     try:
-        await downstream.send([EventRecord(topic_name(ModelEvent.topic, prefix), e.partition_key(), e.event_id,
-                                           encode_event(e)) for e in events])
+        await producer.send(events)
     finally:
-        await downstream.aclose()
+        await producer.aclose()

@@ -30,7 +30,7 @@ from gateway.auth import KeyStore
 from schemas.pb import inference_pb2 as pb
 from schemas.pb import inference_pb2_grpc as pb_grpc
 from schemas.topics import all_topics
-from tests.gateway.hotswap_support import Adapter, model_event, publish
+from tests.gateway.hotswap_support import Adapter, ModelEventProducer, model_event
 
 BIN = Path(sys.executable).parent
 MSG = [{"role": "user", "content": "Write a haiku about the sea."}]
@@ -99,7 +99,7 @@ gateway:
   rate_limits: {{requests_per_minute: 0, tokens_per_minute: 0, max_concurrent_streams: 0}}
   hotswap: {{drain_timeout_s: 10}}
   models:
-    - {{name: tiny, engine: {engine}, path: "{tiny_model_dir}", max_concurrency: 2, max_loras: 2, max_lora_rank: 8}}
+    - {{name: tiny, engine: {engine}, path: "{tiny_model_dir}", max_concurrency: 4, max_loras: 2, max_lora_rank: 8}}
 events:
   broker: {{mode: external, bootstrap_servers: "{broker.bootstrap_servers}", topic_prefix: "{prefix}"}}
 """)
@@ -206,6 +206,8 @@ async def test_promote_and_rollback_reach_both_gateways_under_load_without_a_fai
     procs, prefix, key = two_gateways
     out: list[Observed] = []
     stop = asyncio.Event()
+    registry = ModelEventProducer(broker.bootstrap_servers, prefix)  # writes what the registry writes
+    await registry.send([model_event("tiny", "v1", "candidate", lora_adapters["v1"])])  # registered, not served
     loops = [asyncio.create_task(loop(i, gw, key, stream, stop, out))
              for i, gw in enumerate(procs) for loop in (_http_loop, _grpc_loop) for stream in (False, True)]
     try:
@@ -213,14 +215,14 @@ async def test_promote_and_rollback_reach_both_gateways_under_load_without_a_fai
         await asyncio.sleep(1.0)  # steady load on the base model
 
         promoted = time.monotonic()  # the registry's rows for `promote v1`: the base retires, v1 is active
-        await publish(broker.bootstrap_servers, prefix, [
+        await registry.send([
             model_event("tiny", "base", "retired", previous="active"),
             model_event("tiny", "v1", "active", lora_adapters["v1"], previous="canary")])
         await _until_both(out, "v1", promoted)
         await asyncio.sleep(1.5)
 
         rolled_back = time.monotonic()  # `rollback v1`: v1 rolled back, the base re-activated
-        await publish(broker.bootstrap_servers, prefix, [
+        await registry.send([
             model_event("tiny", "v1", "rolled_back", lora_adapters["v1"], previous="active"),
             model_event("tiny", "base", "active", previous="retired")])
         await _until_both(out, "base", rolled_back)
@@ -228,7 +230,10 @@ async def test_promote_and_rollback_reach_both_gateways_under_load_without_a_fai
     finally:
         stop.set()
         await asyncio.gather(*loops)
+        await registry.aclose()
 
+    for p in procs:  # the gateways' own account: fetch, verify, load, warm, switch
+        print("\n".join(line for line in p.log.read_text().splitlines() if "hot swap" in line))
     failed = [o for o in out if o.error or not o.versions]
     assert not failed, failed[:5]
     mixed = [o for o in out if len(o.versions) != 1]
