@@ -150,7 +150,7 @@ class RetrainWorker:
             t0 = time.monotonic()
             try:
                 outcome = await self._handle(trigger)
-            except (ServoloopError, OSError) as e:
+            except Exception as e:  # a job's failure is its outcome; the worker (and the server) carry on
                 log.exception("retrain for trigger %s failed", trigger.event_id)
                 outcome = RetrainOutcome(trigger.event_id, trigger.model, "failed",
                                          reasons=(f"{type(e).__name__}: {getattr(e, 'message', str(e))}",))
@@ -264,7 +264,7 @@ class RetrainWorker:
         log.info("training job %s: %s", job_dir.name, " ".join(cmd))
         with out_log.open("ab") as sink:
             proc = await asyncio.create_subprocess_exec(*cmd, stdout=sink, stderr=asyncio.subprocess.STDOUT,
-                                                        cwd=str(REPO_ROOT), start_new_session=True)
+                                                        cwd=str(REPO_ROOT), start_new_session=True, env=job_env())
             try:
                 rc = await asyncio.wait_for(proc.wait(), limit)
             except (TimeoutError, asyncio.CancelledError):
@@ -290,6 +290,12 @@ class RetrainWorker:
                               value={"registered": 1.0, "rejected": 0.0}.get(outcome.outcome, -1.0),
                               status=status, details=json.dumps(details, default=str))  # type: ignore[arg-type]
         await write_events(self.store, [event])
+
+
+def job_env() -> dict[str, str]:
+    """The environment of a training job: this one, with passive OpenMP waits (see retrain.train)."""
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _write_recipe(recipe: Recipe, job_dir: Path) -> None:

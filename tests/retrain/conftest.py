@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,10 @@ import pytest
 from feedback.store import ChdbStore, Store, migrate, write_events
 from tests.conftest import REPO
 from tests.support.clickhouse_http import shared_chdb_session
+
+# The gate runs torch in this process: passive OpenMP waits keep it fast on shared cores (see retrain/train.py).
+# Effective when torch is not loaded yet (running tests/retrain on its own).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture
@@ -60,11 +65,17 @@ class TrainedRun:
     summary: dict[str, Any]
 
 
+def job_env() -> dict[str, str]:
+    from retrain.worker import job_env as env
+
+    return env()
+
+
 def run_train_cli(dataset: Path, base: Path, out: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`python -m servoloop.cli train …` as its own process, as the worker runs it."""
     cmd = [sys.executable, "-m", "servoloop.cli", "train", "--dataset", str(dataset), "--base", str(base),
            "--out", str(out), "--no-progress", *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=job_env())
 
 
 async def _seeded_snapshot(tenant: str, reverse: bool, root: Path) -> Any:

@@ -21,7 +21,7 @@ from retrain.recipes import load_recipe
 from retrain.tiny.preferences import style_preference_events
 from retrain.train import latest_checkpoint
 from tests.conftest import REPO
-from tests.retrain.conftest import DEMO_T0, TrainedRun, run_train_cli
+from tests.retrain.conftest import DEMO_T0, TrainedRun, job_env, run_train_cli
 
 
 def _gate(run: TrainedRun, base: Path, eval_pairs: list | None = None):
@@ -86,7 +86,8 @@ def test_a_training_job_killed_after_a_checkpoint_resumes_to_completion(tmp_path
     cmd = [sys.executable, "-m", "servoloop.cli", "train", "--dataset", str(snapshot.path), "--base",
            str(tiny_model_dir), "--out", str(out), "--recipe", "dpo", "--epochs", "2", "--save-steps", "2",
            "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=job_env())
     try:
         deadline = time.monotonic() + 300
         while latest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:

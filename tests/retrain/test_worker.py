@@ -1,0 +1,116 @@
+"""The retrain worker end to end on real chDB, the real registry and real training subprocesses: triggers in
+`retrain_triggers` become snapshots, adapters, gate verdicts and registry versions with their lineage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import yaml
+
+from feedback.store import Store, write_events
+from retrain.registry import StoreRegistry
+from retrain.settings import RetrainSettings
+from retrain.tiny.preferences import style_preference_events
+from retrain.worker import RetrainWorker, outcomes, unhandled_triggers
+from schemas.events import RetrainTrigger
+from tests.retrain.conftest import DEMO_T0
+
+LINEAGE_KEYS = {"base_model", "parent_version", "recipe", "hyperparameters", "dataset", "trigger_id",
+                "trigger_reason", "eval"}
+DATASET_KEYS = {"sha256", "path", "window_start_ms", "window_end_ms", "feedback_ids", "query"}
+
+
+async def _seed(store: Store, tenant: str, *, reverse: bool, pairs: int = 120) -> None:
+    inferences, feedback = style_preference_events(pairs, reverse=reverse, tenant=tenant, start_ms=DEMO_T0, seed=5)
+    await write_events(store, [*inferences, *feedback])
+
+
+def _trigger(tenant: str, **params: object) -> RetrainTrigger:
+    return RetrainTrigger(tenant=tenant, model="tiny-chat", model_version="base", method="dpo",
+                          reason=f"quality alert ({tenant})", monitor_event_id="", actor="monitor:quality",
+                          window_start_ms=DEMO_T0, window_end_ms=DEMO_T0 + 86_400_000, params=json.dumps(params))
+
+
+def _lenient_recipe(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({"method": "dpo", "epochs": 1, "batch_size": 16, "learning_rate": 0.002,
+                                    "save_steps": 50, "gate": {"min_preference_accuracy": 0.0, "min_accuracy_gain": -1.0,
+                                                               "min_win_rate": 0.0, "max_safety_regression": 100,
+                                                               "max_perplexity_ratio": 100.0, "eval_pairs": 24,
+                                                               "win_prompts": 8}}))
+    return path
+
+
+async def test_triggers_become_gated_versions_with_lineage(store: Store, tmp_path: Path, tiny_model_dir: Path) -> None:
+    await _seed(store, "poison", reverse=True)
+    await _seed(store, "learn", reverse=False)
+    poisoned = _trigger("poison", recipe="dpo", epochs=1)
+    learnable = _trigger("learn", recipe=str(_lenient_recipe(tmp_path / "lenient.yaml")))
+    await write_events(store, [poisoned, learnable])
+    assert {t.event_id for t in await unhandled_triggers(store)} == {poisoned.event_id, learnable.event_id}
+
+    registry = StoreRegistry(store, tmp_path / "artifacts")
+    settings = RetrainSettings(work_dir=tmp_path / "work", base_models={"tiny-chat": str(tiny_model_dir)},
+                               poll_interval_s=0.2, use_embeddings=False)
+    worker = RetrainWorker(store, registry, settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        for _ in range(2400):
+            if len(await outcomes(store)) >= 2 or task.done():
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 600)
+    done = {o["trigger_id"]: o for o in await outcomes(store)}
+    assert set(done) == {poisoned.event_id, learnable.event_id}, done
+    assert await unhandled_triggers(store) == []
+
+    bad = done[poisoned.event_id]
+    assert bad["outcome"] == "rejected", bad
+    assert any("win-rate" in r for r in bad["reasons"]), bad["reasons"]
+    rejected = await registry.get("tiny-chat", bad["version_id"])
+    assert rejected.state == "rejected"
+
+    good = done[learnable.event_id]
+    assert good["outcome"] == "registered", good
+    version = await registry.get("tiny-chat", good["version_id"])
+    assert version.state == "candidate" and version.artifact_sha256
+    lineage = version.lineage
+    assert LINEAGE_KEYS <= set(lineage), sorted(lineage)
+    assert DATASET_KEYS <= set(lineage["dataset"])
+    assert lineage["trigger_id"] == learnable.event_id and lineage["parent_version"] == "base"
+    assert lineage["dataset"]["window_start_ms"] == DEMO_T0 and len(lineage["dataset"]["feedback_ids"]) >= 100
+    assert lineage["eval"]["passed"] is True and "preference_accuracy" in lineage["eval"]
+    assert lineage["hyperparameters"]["method"] == "dpo" and lineage["recipe"]["lora"]["r"] == 8
+    print(f"\nworker: poisoned -> {bad['outcome']} ({bad['wall_s']} s), learnable -> {good['outcome']} "
+          f"({good['wall_s']} s, held-out accuracy {good['eval'].get('preference_accuracy')})")
+
+
+async def test_a_crashing_training_job_is_recorded_and_the_worker_survives(store: Store, tmp_path: Path) -> None:
+    await _seed(store, "crash", reverse=False, pairs=40)
+    trigger = _trigger("crash")
+    await write_events(store, [trigger])
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    registry = StoreRegistry(store, tmp_path / "artifacts")
+    worker = RetrainWorker(store, registry, RetrainSettings(work_dir=tmp_path / "work", use_embeddings=False,
+                                                            base_models={"tiny-chat": str(broken)}))
+    outcome = await worker.handle(trigger)
+    assert outcome.outcome == "failed" and "training job exited with status" in outcome.reasons[0]
+    assert (await outcomes(store, trigger_id=trigger.event_id))[0]["outcome"] == "failed"
+    assert await unhandled_triggers(store) == []
+    assert [v.version_id for v in await registry.versions("tiny-chat")] == []
+
+
+async def test_a_trigger_without_usable_feedback_is_skipped(store: Store, tmp_path: Path) -> None:
+    trigger = _trigger("nobody")
+    await write_events(store, [trigger])
+    worker = RetrainWorker(store, StoreRegistry(store, tmp_path / "artifacts"),
+                           RetrainSettings(work_dir=tmp_path / "work", use_embeddings=False))
+    outcome = await worker.handle(trigger)
+    assert outcome.outcome == "skipped" and "no preference pair" in outcome.reasons[0]
+    assert await unhandled_triggers(store) == []
