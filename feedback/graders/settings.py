@@ -1,0 +1,49 @@
+"""Settings of the online graders (`grading:` in the settings tree): which graders, how much traffic, how fast.
+
+    grading:
+      interval_s: 30
+      graders:
+        toxicity: {sample_rate: 0.1, max_per_hour: 20000}
+        judge: {sample_rate: 0.05, models: [chat]}
+
+Sampling is by a hash of the inference id (the same inferences are picked by every worker and every
+rerun); `max_per_cycle` and `max_per_hour` are the cost budget; `concurrency` bounds graders running at
+once (each grader's CPU work runs in a worker thread).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class GraderSettings(BaseModel):
+    """One grader: on or off, its sampling rate and budget, and which traffic it sees."""
+
+    enabled: bool = True
+    sample_rate: float = Field(0.1, ge=0, le=1, description="share of inferences graded (by a hash of the id)")
+    max_per_cycle: int = Field(512, ge=1, description="most inferences (or pairs) graded per cycle")
+    max_per_hour: int = Field(20_000, ge=0, description="budget: most grades per rolling hour (0 = unlimited)")
+    tenants: list[str] = Field(default_factory=list, description="only these tenants (empty: all)")
+    models: list[str] = Field(default_factory=list, description="only these models (empty: all)")
+    params: dict[str, Any] = Field(default_factory=dict, description="grader-specific (e.g. groundedness similarity)")
+
+
+def _default_graders() -> dict[str, GraderSettings]:
+    return {
+        "toxicity": GraderSettings(sample_rate=0.1),
+        "groundedness": GraderSettings(sample_rate=0.1),
+        "judge": GraderSettings(sample_rate=0.05),
+        "judge_pairwise": GraderSettings(sample_rate=0.05, max_per_cycle=128),
+    }
+
+
+class GradingSettings(BaseModel):
+    enabled: bool = Field(True, description="run the grading worker (inside `servoloop up` once wired, or `servoloop grade run`)")
+    interval_s: float = Field(30.0, gt=0, description="time between grading cycles")
+    lookback_s: float = Field(3600.0, gt=0, description="how far back ungraded inferences are looked for")
+    settle_s: float = Field(2.0, ge=0, description="inferences younger than this wait for the next cycle")
+    batch_size: int = Field(64, ge=1, description="inferences per grader call")
+    concurrency: int = Field(2, ge=1, description="grader batches running at once")
+    graders: dict[str, GraderSettings] = Field(default_factory=_default_graders)
