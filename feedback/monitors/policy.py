@@ -132,6 +132,11 @@ class MonitorPolicy(_Strict):
                 raise ValueError(f"unknown quality metric {self.metric!r}; one of {sorted(METRICS)}")
             if self.worse is None:
                 object.__setattr__(self, "worse", METRICS[self.metric].worse)
+        if self.kind == "grade":
+            # Imported here: grades imports evaluate, which imports this module.
+            from feedback.monitors.grades import grade_metric
+
+            grade_metric(self.metric, self.params)  # raises ValueError naming the metric
         if self.worse is None:
             object.__setattr__(self, "worse", "increase")
         if self.clear is None:

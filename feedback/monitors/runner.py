@@ -159,19 +159,23 @@ class _DriftAdapter:
 
 
 def default_monitors(report_dir: Path | None = None, *, embedder: Any = None) -> dict[str, Monitor]:
-    """Monitors of kinds other than `quality`: `drift` when feedback.monitors.drift is installed.
+    """Monitors of kinds other than `quality`: `grade` (grades as metrics, feedback/monitors/grades.py), and
+    `drift` when feedback.monitors.drift is installed.
 
     `report_dir` receives the drift HTML reports; `embedder` is a loaded PromptEmbedder to reuse.
     """
+    from feedback.monitors.grades import GradeMonitor
+
+    found: dict[str, Monitor] = {"grade": GradeMonitor()}
     try:
         module = importlib.import_module("feedback.monitors.drift")
     except ModuleNotFoundError as e:
         if e.name == "feedback.monitors.drift":
-            return {}
+            return found
         raise
     if hasattr(module, "DriftDetector") and hasattr(module, "DriftSettings"):
-        return {"drift": _DriftAdapter(module, report_dir, embedder)}
-    return {}
+        found["drift"] = _DriftAdapter(module, report_dir, embedder)
+    return found
 
 
 @dataclass
