@@ -139,6 +139,7 @@ class TransformersEngine:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
 
     def _load(self) -> None:
+        import peft  # noqa: F401  (imported now, at start-up: the first hot swap would otherwise pay ~0.2 s for it)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
