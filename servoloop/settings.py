@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from feedback.graders.settings import GradingSettings
 from feedback.monitors.settings import MonitorSettings
 from feedback.settings import EventSettings
 from gateway.settings import GatewaySettings, ModelSettings
@@ -61,6 +62,7 @@ class Settings(BaseSettings):
     events: EventSettings = Field(default_factory=EventSettings)
     monitors: MonitorSettings = Field(default_factory=MonitorSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    grading: GradingSettings = Field(default_factory=GradingSettings)
 
     _yaml_path: Path | None = None
 
