@@ -92,3 +92,46 @@ def list_outcomes(config: ConfigOpt = None,
 
     for row in asyncio.run(go()):
         print(json.dumps(row, default=str))
+
+
+@app.command("worker")
+def worker(config: ConfigOpt = None) -> None:
+    """Handle retrain triggers as they arrive, one job at a time, until SIGTERM (the training worker process).
+
+    Needs a ClickHouse server (events.store.kind: clickhouse) unless no `servoloop up` owns the chDB store.
+    With an external broker, registry steps also go to the `models` topic (gateways follow it).
+    """
+    from servoloop.settings import load_settings
+
+    settings = load_settings(config).with_default_model()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_work(settings))
+
+
+async def _work(settings: Any) -> None:
+    import signal
+
+    from feedback.store import migrate, open_store
+    from retrain.registry import StoreRegistry
+    from retrain.worker import RetrainWorker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    store = await open_store(settings.events.store, data_dir=settings.data_dir)
+    sink = None
+    try:
+        await migrate(store)
+        if settings.events.broker.mode == "external":
+            from feedback.sink import build_event_sink
+
+            sink = build_event_sink(settings.events, spool_dir=settings.data_dir / "retrain-worker-spool")
+            await sink.start()
+        registry = StoreRegistry(store, settings.data_dir / "artifacts",
+                                 publish=sink.publish if sink is not None else None)
+        await RetrainWorker(store, registry, settings).run(stop)
+    finally:
+        if sink is not None:
+            await sink.aclose()
+        await store.aclose()
