@@ -1,0 +1,110 @@
+"""The gateway's fold of model events against the real registry's rows, and hot swap by polling the store.
+
+`StoreRegistry` writes the lifecycle rows (candidate, canary, promotion with the base retired, rollback with the
+previous version re-activated); the gateway reads them back from the store through `servoloop up`'s poll source
+(the fallback when there is no broker) and serves what they say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from feedback.store import ChdbStore, Store, migrate
+from gateway.auth import KeyStore
+from gateway.canary import Arm, ModelRouting, routing_from_events
+from gateway.engines import Engine
+from gateway.server import Gateway, GatewayServer
+from gateway.settings import HotSwapSettings, ModelSettings
+from retrain.registry import StoreRegistry
+from schemas.events import Event, ModelEvent
+from servoloop.up import _model_events
+from tests.gateway.conftest import RunningGateway, settings_for
+from tests.gateway.hotswap_support import Adapter
+from tests.support.clickhouse_http import shared_chdb_session
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Store]:
+    s = ChdbStore(shared_chdb_session(), f"t_{uuid.uuid4().hex[:12]}")
+    await migrate(s)
+    yield s
+    await s.query(f"DROP DATABASE IF EXISTS {s.database}")
+
+
+async def test_the_fold_of_the_registrys_rows_follows_every_lifecycle_step(
+        store: Store, lora_adapters: dict[str, Adapter], tmp_path: Path) -> None:
+    published: list[Event] = []
+    registry = StoreRegistry(store, tmp_path / "artifacts", publish=published.append)
+    v1 = await registry.register_candidate(model="tiny", base_model="tiny-chat", adapter_dir=lora_adapters["v1"].path,
+                                           lineage={}, actor="test", version_id="v1")
+    arm = Arm("v1", v1.adapter_path, v1.artifact_sha256)
+
+    async def routing() -> dict[str, ModelRouting]:
+        from_store = routing_from_events(await _model_events(store))
+        from_topic = routing_from_events(e for e in published if isinstance(e, ModelEvent))
+        assert from_store == from_topic  # the store and the topic carry the same rows
+        return from_store
+
+    assert await routing() == {}  # a candidate serves nothing: the configured base does
+    await registry.start_canary("tiny", "v1", share=0.2, actor="test")
+    assert await routing() == {"tiny": ModelRouting(None, arm, 0.2)}
+    await registry.promote("tiny", "v1", actor="test")
+    assert await routing() == {"tiny": ModelRouting(arm)}
+    await registry.rollback("tiny", "v1", actor="test")
+    assert await routing() == {"tiny": ModelRouting(Arm("base"))}  # the base re-activated: no adapter
+
+
+@pytest.fixture
+async def polling_gateway(keystore: KeyStore, tiny_model_dir: Path, transformers_engine: Engine, store: Store,
+                          tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    settings = settings_for([ModelSettings(name="tiny", path=str(tiny_model_dir))],
+                            hotswap=HotSwapSettings(poll_interval_s=0.1, drain_timeout_s=5.0))
+    gw = Gateway(settings, keystore, engines={"tiny": transformers_engine})
+
+    async def rows() -> list[ModelEvent]:
+        return await _model_events(store)
+
+    gw.follow_models(cache_dir=tmp_path / "adapters", poll=rows)
+    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
+    await server.start()
+    yield RunningGateway(server, keystore)
+    await server.stop()
+    for name in list(getattr(transformers_engine, "_adapters", {})):
+        await transformers_engine.unload_adapter(name)
+
+
+async def _version(gw: RunningGateway, key: str) -> str:
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(f"{gw.http}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                            json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.headers["x-servoloop-model-version"]
+
+
+async def _until(gw: RunningGateway, key: str, version: str) -> None:
+    for _ in range(200):
+        if await _version(gw, key) == version:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never served {version}: {gw.gw.readiness()['hotswap']}")
+
+
+async def test_without_a_broker_the_gateway_polls_the_store_and_follows_promote_and_rollback(
+        polling_gateway: RunningGateway, store: Store, lora_adapters: dict[str, Adapter], tmp_path: Path) -> None:
+    key = polling_gateway.key()
+    registry = StoreRegistry(store, tmp_path / "artifacts")
+    assert await _version(polling_gateway, key) == "base"
+    await registry.register_candidate(model="tiny", base_model="tiny-chat", adapter_dir=lora_adapters["v1"].path,
+                                      lineage={}, actor="test", version_id="v1")
+    await registry.promote("tiny", "v1", actor="test")
+    await _until(polling_gateway, key, "v1")
+    await registry.rollback("tiny", "v1", actor="test")
+    await _until(polling_gateway, key, "base")
+    status = polling_gateway.gw.readiness()["hotswap"]
+    assert status["source"] == "store" and status["state"] == "running" and status["failures"] == 0
