@@ -31,6 +31,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from feedback.graders.base import Embedder, Grader, GraderUnavailable
+from feedback.graders.export import GradeExporter
 from feedback.graders.judge import PAIRWISE_GRADER_NAME, PairwiseGrader
 from feedback.graders.settings import GraderSettings, GradingSettings
 from feedback.store.base import ParamValue, Store
@@ -149,8 +150,9 @@ class GradingWorker:
     def __init__(self, store: Store, publish: Publish, settings: GradingSettings, *,
                  graders: Mapping[str, Grader] | None = None, pair_grader: PairwiseGrader | None = None,
                  embedder: Embedder | None = None, clock: Callable[[], int] = now_ms,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, exporters: Sequence[GradeExporter] = ()):
         self.store, self.publish, self.settings = store, publish, settings
+        self.exporters = list(exporters)
         self.clock = clock
         self._graders = dict(graders) if graders is not None else None
         self._embedder = embedder
@@ -267,7 +269,7 @@ class GradingWorker:
         size = self.settings.batch_size
         results = await asyncio.gather(*(self._grade_batch(grader, todo[i:i + size])
                                          for i in range(0, len(todo), size)))
-        await self._emit(name, [g for r in results for g in r], [i.event_id for i in todo], report)
+        await self._emit(name, [g for r in results for g in r], todo, report)
         budget.spend(time.monotonic(), len(todo))
 
     async def _run_pairs(self, window: tuple[int, int], report: GradingReport) -> None:
@@ -281,15 +283,23 @@ class GradingWorker:
         pairs = await self.ungraded_pairs(since_ms=window[0], until_ms=window[1], limit=limit)
         async with self._slots:
             grades = await self.pair_grader.grade_pairs(pairs)
-        await self._emit(PAIRWISE_GRADER_NAME, grades, [a.event_id for a, _ in pairs], report)
+        await self._emit(PAIRWISE_GRADER_NAME, grades, [a for a, _ in pairs], report)
         budget.spend(time.monotonic(), len(pairs))
 
-    async def _emit(self, name: str, grades: list[GradeEvent], seen: Sequence[str], report: GradingReport) -> None:
+    async def _emit(self, name: str, grades: list[GradeEvent], seen: Sequence[InferenceEvent],
+                    report: GradingReport) -> None:
         stamp = self.clock()  # the worker's clock dates its grades (graders stamp wall time)
         grades = [msgspec.structs.replace(g, ts_ms=stamp) for g in grades]
         if grades:
             await self.publish(grades)
-        self._recent.setdefault(name, _Recent()).add(seen)
+        self._recent.setdefault(name, _Recent()).add([i.event_id for i in seen])
+        if grades and self.exporters:
+            by_id = {i.event_id: i for i in seen}
+            for exporter in self.exporters:
+                try:
+                    await exporter.export(grades, by_id)
+                except Exception:  # an exporter (Langfuse down, ...) never fails the cycle
+                    log.exception("grade exporter %s failed", type(exporter).__name__)
         for g in grades:
             if g.inference_ts_ms:
                 self.lag.labels(name).observe(max(0, g.ts_ms - g.inference_ts_ms) / 1000)
