@@ -239,3 +239,54 @@ async def test_concurrent_base_requests_beside_a_loaded_adapter_all_get_the_base
     assert answers[2:] == [("base", base_text)] * 2
     canary = await asyncio.gather(*(ask(gw, key, user=u, max_tokens=40) for u in canary_users[:2]))
     assert all(v == "v1" and t != base_text for v, t in canary)
+
+
+async def test_grpc_session_metadata_picks_the_arm_like_the_http_header(
+        swap_gateway: tuple[RunningGateway, str], broker: EmbeddedBroker, lora_adapters: dict[str, Adapter]) -> None:
+    import grpc
+
+    from schemas.pb import inference_pb2 as pb
+    from schemas.pb import inference_pb2_grpc as pb_grpc
+
+    gw, prefix = swap_gateway
+    key = gw.key()
+    await publish(broker.bootstrap_servers, prefix, [model_event("tiny", "v2", "canary", lora_adapters["v2"],
+                                                                 share=0.3)])
+    for _ in range(200):
+        if gw.gw.readiness()["hotswap"]["models"]["tiny"].get("canary") == "v2":
+            break
+        await asyncio.sleep(0.05)
+    sessions = [f"sess-{i}" for i in range(12)]
+    req = pb.GenerateRequest(model="tiny", prompt="Hello", params=pb.SamplingParams(max_tokens=1, temperature=0))
+    async with grpc.aio.insecure_channel(gw.grpc) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        for s in sessions:
+            md = (("authorization", f"Bearer {key}"), ("x-servoloop-session", s))
+            unary = await stub.Generate(req, metadata=md)
+            streamed = {c.model_version async for c in stub.GenerateStream(req, metadata=md)}
+            http_version, _ = await ask(gw, key, session=s, max_tokens=1)
+            want = "v2" if choose_arm("tiny", sticky_key(session=s), 0.3) == CANARY else "base"
+            assert (unary.model_version, streamed, http_version) == (want, {want}, want), s
+
+
+async def test_an_old_adapter_is_unloaded_only_after_its_requests_drained(
+        swap_gateway: tuple[RunningGateway, str], broker: EmbeddedBroker, lora_adapters: dict[str, Adapter]) -> None:
+    gw, prefix = swap_gateway
+    key = gw.key()
+    await publish(broker.bootstrap_servers, prefix, [model_event("tiny", "v1", "active", lora_adapters["v1"])])
+    await until_version(gw, key, "v1")
+    router = gw.gw.router
+    held = router.arms("tiny").active  # an admitted v1 request that has not finished yet
+    router.hold(held)
+    try:
+        await publish(broker.bootstrap_servers, prefix, [model_event("tiny", "v2", "active", lora_adapters["v2"])])
+        await until_version(gw, key, "v2")
+        await asyncio.sleep(0.5)
+        assert set(transformers_adapters(gw)) == {"v1", "v2"}  # still loaded: a request uses it
+    finally:
+        router.release(held)
+    for _ in range(100):
+        if "v1" not in transformers_adapters(gw):
+            break
+        await asyncio.sleep(0.05)
+    assert set(transformers_adapters(gw)) == {"v2"}
