@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -169,7 +170,8 @@ class ModelWatcher:
         self._pending_since: float | None = None
         self._lock = asyncio.Lock()  # reconciling and unloading never interleave
         self._loaded: dict[tuple[str, str], _Loaded] = {}  # (model, version) -> adapter loaded in its engine
-        self._failed: dict[tuple[str, str, str], str] = {}  # (model, version, sha) -> why it is not served
+        # (model, version, sha) -> when to try it again (never, for bytes that do not match their hash)
+        self._failed: dict[tuple[str, str, str], float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._drains: set[asyncio.Task[None]] = set()
         self._kafka: KafkaModelEvents | None = None
@@ -211,6 +213,8 @@ class ModelWatcher:
     async def start(self) -> None:
         """Start following the events; wait (up to `startup_wait_s`) until the current versions are served."""
         loop = asyncio.get_running_loop()
+        for model in self._router.names():
+            self._publish_versions(model, None, self._router.arms(model))
         self._tasks.append(asyncio.create_task(self._run(), name="model-watcher"))
         if self._bootstrap and self._topic:
             def deliver(events: list[ModelEvent], caught_up: bool) -> None:
@@ -220,12 +224,14 @@ class ModelWatcher:
             self._kafka.start()
         if self._poll is not None:
             self._tasks.append(asyncio.create_task(self._poll_store(), name="model-events-poll"))
-        if self._settings.startup_wait_s > 0:
-            try:
-                await asyncio.wait_for(self._synced.wait(), self._settings.startup_wait_s)
-            except TimeoutError:
+        try:
+            await asyncio.wait_for(self._synced.wait(), self._settings.startup_wait_s)
+        except TimeoutError:
+            if self._settings.startup_wait_s:
                 log.warning("hot swap: the current model versions were not replayed within %.0f s; serving what is "
                             "loaded, versions swap in as they arrive", self._settings.startup_wait_s)
+            self._caught_up = True  # apply what arrived so far, and everything after it, as it comes
+            self._changed.set()
 
     async def aclose(self) -> None:
         if self._kafka is not None:
@@ -272,7 +278,12 @@ class ModelWatcher:
 
     async def _run(self) -> None:
         while True:
-            await self._changed.wait()
+            try:
+                await asyncio.wait_for(self._changed.wait(), self._settings.retry_interval_s)
+            except TimeoutError:  # nothing new: retry versions that failed for a reason that may pass
+                now = time.monotonic()
+                if not any(at <= now for at in self._failed.values()):
+                    continue
             self._changed.clear()
             if not self._caught_up:  # mid-replay: switch once, to where the history ends
                 continue
@@ -314,9 +325,9 @@ class ModelWatcher:
                 self._on_swap(model)
             self._release_unused(model)
 
-    def _publish_versions(self, model: str, old: Arms, new: Arms) -> None:
+    def _publish_versions(self, model: str, old: Arms | None, new: Arms) -> None:
         gauge = self._metrics.model_version
-        for arm, route in ((ACTIVE, old.active), (CANARY, old.canary)):
+        for arm, route in ((ACTIVE, old.active), (CANARY, old.canary)) if old is not None else ():
             if route is not None:
                 with contextlib.suppress(KeyError):
                     gauge.remove(model, arm, route.version)
@@ -341,7 +352,7 @@ class ModelWatcher:
         if loaded is not None and loaded.sha256 == arm.artifact_sha256:
             return made
         failed_key = (model, arm.version, arm.artifact_sha256)
-        if failed_key in self._failed:
+        if self._failed.get(failed_key, 0.0) > time.monotonic():
             return None
         try:
             async with asyncio.timeout(self._settings.load_timeout_s):
@@ -349,11 +360,13 @@ class ModelWatcher:
         except Exception as e:
             outcome = "artifact_mismatch" if isinstance(e, ArtifactMismatch) else "failed"
             why = f"{type(e).__name__}: {e}"
-            self._failed[failed_key] = why
+            mismatch = isinstance(e, ArtifactMismatch)
+            self._failed[failed_key] = math.inf if mismatch else time.monotonic() + self._settings.retry_interval_s
             self.failures += 1
             self._metrics.model_swaps.labels(model, outcome).inc()
             self._note_error(f"model {model} version {arm.version} is not served ({outcome}): {why}")
             return None
+        self._failed.pop(failed_key, None)
         self._loaded[key] = _Loaded(path, arm.artifact_sha256)
         return made
 

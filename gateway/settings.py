@@ -155,6 +155,8 @@ class HotSwapSettings(BaseModel):
     drain_timeout_s: float = Field(60.0, ge=0, description="how long an old adapter waits for its requests to "
                                                            "finish before it is unloaded anyway")
     load_timeout_s: float = Field(120.0, gt=0, description="fetch, verify, load and warm of one adapter")
+    retry_interval_s: float = Field(30.0, gt=0, description="when a version failed to load (not a hash mismatch: "
+                                                            "those are never loaded), how long until it is tried again")
     startup_wait_s: float = Field(15.0, ge=0, description="how long start-up waits to replay the current versions "
                                                           "before serving (then they swap in as they arrive)")
 

@@ -34,7 +34,7 @@ async def swap_gateway(keystore: KeyStore, tiny_model_dir: Path, transformers_en
                        tmp_path: Path) -> AsyncIterator[tuple[RunningGateway, str]]:
     prefix = f"h{uuid.uuid4().hex[:10]}."
     settings = settings_for([ModelSettings(name="tiny", path=str(tiny_model_dir))],
-                            hotswap=HotSwapSettings(drain_timeout_s=5.0), cache=CacheSettings(enabled=True))
+                            hotswap=HotSwapSettings(drain_timeout_s=5.0, retry_interval_s=0.5), cache=CacheSettings(enabled=True))
     from gateway.server import Gateway, GatewayServer
 
     events: list = []
@@ -140,6 +140,8 @@ async def test_a_tampered_artifact_is_refused_and_the_serving_version_stays(
     assert status["models"]["tiny"] == {"active": "v1"}
     for _ in range(5):
         assert (await ask(gw, key, max_tokens=2))[0] == "v1"
+    await asyncio.sleep(1.0)  # past the retry interval: a mismatch is never tried again
+    assert gw.gw.readiness()["hotswap"]["failures"] == 1
     assert "v2" not in transformers_adapters(gw)
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(f"{gw.http}/metrics")).text
@@ -290,3 +292,20 @@ async def test_an_old_adapter_is_unloaded_only_after_its_requests_drained(
             break
         await asyncio.sleep(0.05)
     assert set(transformers_adapters(gw)) == {"v2"}
+
+
+async def test_a_version_whose_artifact_is_not_there_yet_is_retried_until_it_loads(
+        swap_gateway: tuple[RunningGateway, str], broker: EmbeddedBroker, lora_adapters: dict[str, Adapter],
+        tmp_path: Path) -> None:
+    gw, prefix = swap_gateway
+    key = gw.key()
+    late = tmp_path / "uploaded-later"
+    await publish(broker.bootstrap_servers, prefix, [
+        model_event("tiny", "v1", "active", Adapter(late, lora_adapters["v1"].sha256))])
+    for _ in range(100):
+        if gw.gw.readiness()["hotswap"]["failures"]:
+            break
+        await asyncio.sleep(0.05)
+    assert (await ask(gw, key, max_tokens=1))[0] == "base"  # not there: the base keeps serving
+    shutil.copytree(lora_adapters["v1"].path, late)
+    await until_version(gw, key, "v1", timeout_s=5.0)
