@@ -309,3 +309,33 @@ async def test_a_version_whose_artifact_is_not_there_yet_is_retried_until_it_loa
     assert (await ask(gw, key, max_tokens=1))[0] == "base"  # not there: the base keeps serving
     shutil.copytree(lora_adapters["v1"].path, late)
     await until_version(gw, key, "v1", timeout_s=5.0)
+
+
+async def test_a_gateway_started_later_replays_the_topic_and_serves_the_current_version_from_its_first_request(
+        keystore: KeyStore, tiny_model_dir: Path, transformers_engine: Engine, broker: EmbeddedBroker,
+        lora_adapters: dict[str, Adapter], tmp_path: Path) -> None:
+    from gateway.server import Gateway, GatewayServer
+
+    prefix = f"r{uuid.uuid4().hex[:10]}."
+    await publish(broker.bootstrap_servers, prefix, [
+        model_event("tiny", "v1", "candidate", lora_adapters["v1"]),
+        model_event("tiny", "v1", "active", lora_adapters["v1"]),
+        model_event("tiny", "v2", "candidate", lora_adapters["v2"]),
+        model_event("tiny", "v2", "canary", lora_adapters["v2"], share=0.25),
+        model_event("tiny", "v2", "rolled_back", lora_adapters["v2"])])
+    gw = Gateway(settings_for([ModelSettings(name="tiny", path=str(tiny_model_dir))]), keystore,
+                 engines={"tiny": transformers_engine})
+    gw.follow_models(cache_dir=tmp_path / "adapters", bootstrap_servers=broker.bootstrap_servers,
+                     topic=topic_name("models", prefix))
+    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
+    await server.start()
+    try:
+        running = RunningGateway(server, keystore)
+        assert (await ask(running, running.key(), max_tokens=1))[0] == "v1"
+        status = gw.readiness()["hotswap"]
+        assert status["synced"] and status["events"] == 5 and status["models"]["tiny"] == {"active": "v1"}
+        assert set(transformers_adapters(running)) == {"v1"}  # the rolled-back canary was never loaded
+    finally:
+        await server.stop()
+        for name in list(getattr(transformers_engine, "_adapters", {})):
+            await transformers_engine.unload_adapter(name)
