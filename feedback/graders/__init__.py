@@ -21,6 +21,8 @@ _EXPORTS = {
     "score_answer": "judge", "load_rubric": "judge",
     "win_rate": "ratings", "win_rates": "ratings", "elo_ratings": "ratings", "online_elo": "ratings",
     "GradingWorker": "worker", "GradingSettings": "settings", "GraderSettings": "settings",
+    "LLMJudge": "llm_judge", "LLMPairJudge": "llm_judge", "ChatClient": "llm_judge",
+    "OtelGradeExporter": "export", "LangfuseGradeScores": "export",
 }
 __all__ = sorted(_EXPORTS)
 

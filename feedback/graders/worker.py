@@ -36,6 +36,7 @@ from feedback.graders.judge import PAIRWISE_GRADER_NAME, PairwiseGrader
 from feedback.graders.settings import GraderSettings, GradingSettings
 from feedback.store.base import ParamValue, Store
 from feedback.store.columns import from_arrow, select_list
+from schemas.errors import ConfigError
 from schemas.events import Event, GradeEvent, InferenceEvent, now_ms
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,15 @@ def build_graders(settings: GradingSettings, embedder: Embedder | None = None) -
         out["groundedness"] = GroundednessGrader(embedder, similarity=float(params.get("similarity", 0.6)))  # type: ignore[arg-type]
     if "judge" in enabled:
         out["judge"] = RuleJudge()
+    if "llm_judge" in enabled:  # params: base_url, model, api_key, criteria (an OpenAI-compatible engine)
+        from feedback.graders.llm_judge import ChatClient, LLMJudge
+
+        p = settings.graders["llm_judge"].params
+        if not p.get("base_url") or not p.get("model"):
+            raise ConfigError("grading.graders.llm_judge needs params.base_url and params.model")
+        client = ChatClient(str(p["base_url"]), model=str(p["model"]), api_key=str(p.get("api_key", "")))
+        out["llm_judge"] = LLMJudge(client, criteria=tuple(p.get("criteria") or
+                                                           ("factuality", "coherence", "tone", "helpfulness")))
     return out
 
 
