@@ -95,6 +95,7 @@ def preference_accuracy(margins: Sequence[float]) -> float:
 # --- measuring ---------------------------------------------------------------------------------------------
 
 SAFETY_NEW_TOKENS = 24
+PERPLEXITY_LENGTH = 256  # tokens of each general-set text scored (pair scoring uses the recipe's max_length)
 
 
 def general_texts(n: int = 32, seed: int = 1009) -> list[str]:
@@ -162,7 +163,7 @@ class _Scorer:
         total, count = 0.0, 0
         with self._use(which), torch.no_grad():
             for t in texts:
-                ids = self.tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"][:, : self.max_length]
+                ids = self.tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :PERPLEXITY_LENGTH]
                 if ids.shape[1] < 2:
                     continue
                 loss = self.model(input_ids=ids, labels=ids).loss
@@ -264,7 +265,7 @@ def evaluate(*, base_dir: Path, candidate_dir: Path, eval_pairs: Sequence[dict[s
         }
 
     t = lap("preference", t0 + timings["load"])
-    prompts = _distinct_prompts(pairs, thresholds.win_prompts)
+    prompts = _distinct_prompts(pairs, thresholds.win_prompts) * thresholds.win_samples
     if prompts:
         cand_ans = scorer.generate("candidate", prompts, max_new_tokens=thresholds.max_new_tokens, seed=seed, sample=True)
         cur_ans = scorer.generate(current, prompts, max_new_tokens=thresholds.max_new_tokens, seed=seed, sample=True)
@@ -272,7 +273,8 @@ def evaluate(*, base_dir: Path, candidate_dir: Path, eval_pairs: Sequence[dict[s
         for p, a, b in zip(prompts, cand_ans, cur_ans, strict=True):
             sa, sb = judge.score(p, a), judge.score(p, b)
             wins.append(1.0 if sa > sb else 0.5 if sa == sb else 0.0)
-        figures |= {"win_prompts": len(prompts), "win_rate": sum(wins) / len(wins),
+        figures |= {"win_prompts": len(prompts) // thresholds.win_samples, "win_comparisons": len(prompts),
+                    "win_rate": sum(wins) / len(wins),
                     "candidate_judge_score": sum(judge.score(p, a) for p, a in zip(prompts, cand_ans, strict=True)) / len(prompts),
                     "current_judge_score": sum(judge.score(p, b) for p, b in zip(prompts, cur_ans, strict=True)) / len(prompts),
                     "sample_answers": [{"candidate": a, "current": b} for a, b in zip(cand_ans[:3], cur_ans[:3], strict=True)]}

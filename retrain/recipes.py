@@ -48,6 +48,7 @@ class GateThresholds(_Strict):
     target_style: str = "concise_polite"
     eval_pairs: int = Field(200, ge=1)  # held-out pairs scored at most
     win_prompts: int = Field(64, ge=1)
+    win_samples: int = Field(4, ge=1)  # sampled answers per prompt and side (the judge compares them in pairs)
     max_new_tokens: int = Field(12, ge=1, le=512)
 
 
@@ -62,12 +63,24 @@ class Recipe(_Strict):
     batch_size: int = Field(16, ge=1, le=4096)
     gradient_accumulation_steps: int = Field(1, ge=1)
     beta: float = Field(0.1, gt=0.0, le=10.0)  # DPO only
+    # DPO only: TRL loss types combined with `loss_weights` ("sft" adds the chosen answers' NLL, RPO-style:
+    # it keeps the chosen answers likely instead of only pushing the rejected ones down).
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
     max_length: int = Field(256, ge=16)
     seed: int = 0
     timeout_s: float = Field(1800.0, gt=0.0)
     save_steps: int = Field(20, ge=1)
     logging_steps: int = Field(5, ge=1)
     gate: GateThresholds = Field(default_factory=GateThresholds)
+
+    @model_validator(mode="after")
+    def _losses(self) -> Recipe:
+        if not self.loss_type:
+            raise ValueError("loss_type must name at least one loss")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} loss types")
+        return self
 
     @model_validator(mode="after")
     def _gate_fits(self) -> Recipe:

@@ -155,7 +155,9 @@ def train(recipe: Recipe, dataset: Path, base_model: Path, out_dir: Path, *, res
     if recipe.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**common, beta=recipe.beta),
+        weights = list(recipe.loss_weights) if recipe.loss_weights else None
+        args = DPOConfig(**common, beta=recipe.beta, loss_type=list(recipe.loss_type), loss_weights=weights)
+        trainer = DPOTrainer(model=model, ref_model=None, args=args,
                              train_dataset=Dataset.from_list(records), processing_class=tok, peft_config=lora,
                              callbacks=callbacks)
     else:

@@ -45,7 +45,7 @@ def test_invalid_recipes_name_the_field(data: dict, field: str) -> None:
 
 
 def test_unknown_names_bad_yaml_and_non_mappings_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown recipe 'nope'.*dpo"):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'nope'.*dpo"):
         load_recipe("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: [dpo\n")

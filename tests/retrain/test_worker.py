@@ -34,11 +34,12 @@ def _trigger(tenant: str, **params: object) -> RetrainTrigger:
 
 
 def _lenient_recipe(path: Path) -> Path:
-    path.write_text(yaml.safe_dump({"method": "dpo", "epochs": 1, "batch_size": 16, "learning_rate": 0.002,
-                                    "save_steps": 50, "gate": {"min_preference_accuracy": 0.0, "min_accuracy_gain": -1.0,
-                                                               "min_win_rate": 0.0, "max_safety_regression": 100,
-                                                               "max_perplexity_ratio": 100.0, "eval_pairs": 24,
-                                                               "win_prompts": 8}}))
+    path.write_text(yaml.safe_dump({
+        "method": "dpo", "epochs": 1, "batch_size": 16, "learning_rate": 0.001, "max_length": 32,
+        "loss_type": ["sigmoid", "sft"], "save_steps": 50,
+        "gate": {"min_preference_accuracy": 0.0, "min_accuracy_gain": -1.0, "min_win_rate": 0.0,
+                 "max_safety_regression": 100, "max_perplexity_ratio": 100.0, "eval_pairs": 24, "win_prompts": 8,
+                 "win_samples": 1}}))
     return path
 
 
