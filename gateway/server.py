@@ -22,10 +22,11 @@ from gateway.engines import Engine, vllm_available
 from gateway.events import EventEmitter, EventPublisher
 from gateway.feedback import FeedbackService, InferenceOwners
 from gateway.guarding import RequestGuard
-from gateway.hotswap import ModelEventSource, ModelWatcher
+from gateway.hotswap import ModelWatcher
 from gateway.langfuse import LangfuseScores, TraceIndex
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
+from gateway.model_events import ModelEventSource
 from gateway.router import ModelRoute, Router
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings, ModelSettings
