@@ -3,8 +3,8 @@
 `ModelWatcher` keeps every `ModelEvent` it has seen, folds them into each model's routing
 (`gateway.canary.routing_from_events`) and reconciles the router with it: a version it does not serve yet is
 fetched and verified (`schemas.artifacts.fetch_verified`, in a worker thread), loaded into the model's engine
-under its version id, warmed with one short generation, and only then switched in with one reference
-assignment (`Router.swap`). Requests admitted before the switch keep their route; an adapter no arm uses any
+under its version id, warmed (one short generation, unless the engine warms adapters as it loads them), and
+only then switched in with one reference assignment (`Router.swap`). Requests admitted before the switch keep their route; an adapter no arm uses any
 more is unloaded once its requests drained (or after `drain_timeout_s`). A version that cannot be loaded (its
 bytes do not match the announced hash, the engine refuses it) is logged and counted and never served: the
 previous routing keeps serving.
@@ -23,7 +23,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class ModelWatcher:
 
     def __init__(self, router: Router, metrics: GatewayMetrics, settings: HotSwapSettings, *, cache_dir: Path,
                  bootstrap_servers: str | None = None, topic: str | None = None,
-                 poll: ModelEventSource | None = None, on_swap: Callable[[str], None] | None = None):
+                 poll: ModelEventSource | None = None):
         if not (bootstrap_servers and topic) and poll is None:
             raise ValueError("ModelWatcher needs a broker (bootstrap_servers and topic) or a poll source")
         self._router = router
@@ -59,7 +59,6 @@ class ModelWatcher:
         self._cache_dir = cache_dir
         self._bootstrap, self._topic = bootstrap_servers, topic
         self._poll = poll
-        self._on_swap = on_swap
         self._rows: dict[str, ModelEvent] = {}
         self._changed = asyncio.Event()
         self._synced = asyncio.Event()  # the history was replayed and applied once
@@ -218,8 +217,6 @@ class ModelWatcher:
             self._publish_versions(model, cur, Arms(active, canary, share))
             log.info("hot swap: model %s now serves %s%s (%.0f ms after the event)", model, active.version,
                      f", canary {canary.version} at {share:.0%}" if canary else "", elapsed * 1000)
-            if self._on_swap is not None:
-                self._on_swap(model)
             self._release_unused(model)
 
     def _publish_versions(self, model: str, old: Arms | None, new: Arms) -> None:
