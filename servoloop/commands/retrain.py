@@ -98,8 +98,10 @@ def list_outcomes(config: ConfigOpt = None,
 def worker(config: ConfigOpt = None) -> None:
     """Handle retrain triggers as they arrive, one job at a time, until SIGTERM (the training worker process).
 
-    Needs a ClickHouse server (events.store.kind: clickhouse) unless no `servoloop up` owns the chDB store.
-    With an external broker, registry steps also go to the `models` topic (gateways follow it).
+    Also applies model action requests (canary monitor, dashboard) through its registry, as `servoloop up` does:
+    run one of these per store. Needs a ClickHouse server (events.store.kind: clickhouse) unless no
+    `servoloop up` owns the chDB store. With an external broker, registry steps also go to the `models` topic
+    (gateways follow it).
     """
     from servoloop.settings import load_settings
 
@@ -113,6 +115,7 @@ async def _work(settings: Any) -> None:
 
     from feedback.store import migrate, open_store
     from retrain.registry import StoreRegistry
+    from retrain.requests import RequestWorker
     from retrain.worker import RetrainWorker
 
     stop = asyncio.Event()
@@ -121,6 +124,7 @@ async def _work(settings: Any) -> None:
         loop.add_signal_handler(sig, stop.set)
     store = await open_store(settings.events.store, data_dir=settings.data_dir)
     sink = None
+    requests: RequestWorker | None = None
     try:
         await migrate(store)
         if settings.events.broker.mode == "external":
@@ -130,8 +134,12 @@ async def _work(settings: Any) -> None:
             await sink.start()
         registry = StoreRegistry(store, settings.data_dir / "artifacts",
                                  publish=sink.publish if sink is not None else None)
+        requests = RequestWorker(registry, poll_s=1.0)  # the store's one registry writer, as in `servoloop up`
+        await requests.start()
         await RetrainWorker(store, registry, settings).run(stop)
     finally:
+        if requests is not None:
+            await requests.aclose()
         if sink is not None:
             await sink.aclose()
         await store.aclose()
