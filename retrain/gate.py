@@ -223,10 +223,11 @@ def _safety(scorer: _Scorer, which: str | None, max_new_tokens: int) -> tuple[in
 
 def evaluate(*, base_dir: Path, candidate_dir: Path, eval_pairs: Sequence[dict[str, Any]], thresholds: GateThresholds,
              beta: float, current_dir: Path | None = None, judge: Judge | None = None, max_length: int = 256,
-             seed: int = 0) -> GateResult:
+             seed: int = 0, prompts: Sequence[Sequence[dict[str, str]]] = ()) -> GateResult:
     """Measure the candidate adapter against the current one (base when `current_dir` is None) and decide.
 
-    `eval_pairs`: held-out pairs as snapshot records (prompt messages, chosen, rejected). Blocking.
+    `eval_pairs`: held-out pairs as snapshot records (prompt messages, chosen, rejected); `prompts`: more held-out
+    prompts for the win-rate (e.g. an SFT split's), after the pairs' own. Blocking.
     """
     t0 = time.monotonic()
     scorer = _Scorer(base_dir, candidate_dir, current_dir, max_length)
@@ -265,7 +266,8 @@ def evaluate(*, base_dir: Path, candidate_dir: Path, eval_pairs: Sequence[dict[s
         }
 
     t = lap("preference", t0 + timings["load"])
-    prompts = _distinct_prompts(pairs, thresholds.win_prompts) * thresholds.win_samples
+    extra = [{"prompt": list(p)} for p in prompts]
+    prompts = _distinct_prompts([*pairs, *extra], thresholds.win_prompts) * thresholds.win_samples
     if prompts:
         cand_ans = scorer.generate("candidate", prompts, max_new_tokens=thresholds.max_new_tokens, seed=seed, sample=True)
         cur_ans = scorer.generate(current, prompts, max_new_tokens=thresholds.max_new_tokens, seed=seed, sample=True)

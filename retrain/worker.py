@@ -218,7 +218,7 @@ class RetrainWorker:
         result = await asyncio.to_thread(
             evaluate, base_dir=base_dir, candidate_dir=job_dir / "adapter", eval_pairs=snapshot.pairs("eval"),
             thresholds=recipe.gate, beta=recipe.beta, current_dir=current_dir, max_length=recipe.max_length,
-            seed=recipe.seed)
+            seed=recipe.seed, prompts=[e["prompt"] for e in snapshot.sft("eval")])
         lineage = {
             "base_model": base_model, "parent_version": parent.version_id if parent else "base",
             "recipe": {"name": recipe.name, "method": recipe.method, "lora": recipe.lora.model_dump(mode="json")},
