@@ -200,3 +200,18 @@ def test_prometheus_and_otel_collector_configs_point_at_real_services(services: 
     assert set(pipeline["exporters"]) <= set(otel["exporters"])
     assert set(pipeline["processors"]) <= set(otel["processors"])
     assert otel["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+
+
+def test_every_compose_variable_has_a_default_or_an_entry_in_env_example() -> None:
+    text = COMPOSE.read_text()
+    used = re.findall(r"\$\{(\w+)(:?-[^}]*)?\}", re.sub(r"(?m)^\s*#.*$", "", text))
+    example = {line.split("=", 1)[0] for line in (COMPOSE_DIR / ".env.example").read_text().splitlines()
+               if "=" in line and not line.startswith("#")}
+    missing = sorted({name for name, default in used if not default and name not in example})
+    assert used and missing == [], missing
+
+
+def test_the_monitor_loop_runs_at_the_configured_interval(services: dict[str, dict]) -> None:
+    loop = services["monitor"]["command"][2]
+    interval = int(re.search(r"sleep \$\{MONITOR_INTERVAL_S:-(\d+)\}", loop).group(1))
+    assert load_settings(COMPOSE_DIR / "servoloop.yaml").monitors.interval_s == interval
