@@ -339,3 +339,68 @@ async def test_a_gateway_started_later_replays_the_topic_and_serves_the_current_
         await server.stop()
         for name in list(getattr(transformers_engine, "_adapters", {})):
             await transformers_engine.unload_adapter(name)
+
+
+async def test_vllm_serves_the_new_version_while_a_stream_finishes_on_the_old_adapters_weights(
+        keystore: KeyStore, tiny_model_dir: Path, vllm_engine: Engine, broker: EmbeddedBroker,
+        lora_adapters: dict[str, Adapter], tmp_path: Path) -> None:
+    """vLLM runs both adapters at once: the swap happens mid-stream, and the stream's text is still exactly v1's."""
+    from gateway.server import Gateway, GatewayServer
+
+    prefix = f"v{uuid.uuid4().hex[:10]}."
+    gw = Gateway(settings_for([ModelSettings(name="tiny", path=str(tiny_model_dir))],
+                              hotswap=HotSwapSettings(drain_timeout_s=30.0)), keystore, engines={"tiny": vllm_engine})
+    gw.follow_models(cache_dir=tmp_path / "adapters", bootstrap_servers=broker.bootstrap_servers,
+                     topic=topic_name("models", prefix))
+    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
+    await server.start()
+    running = RunningGateway(server, keystore)
+    key = running.key()
+    adapters = vllm_engine._adapters  # type: ignore[attr-defined]
+    try:
+        await publish(broker.bootstrap_servers, prefix, [model_event("tiny", "v1", "active", lora_adapters["v1"])])
+        await until_version(running, key, "v1")
+        body = {"model": "tiny", "messages": MSG, "max_tokens": 160, "min_tokens": 160, "temperature": 0}
+        async with httpx.AsyncClient(timeout=60) as http:
+            unary = await http.post(f"{running.http}/v1/chat/completions", json=body,
+                                    headers={"Authorization": f"Bearer {key}"})
+        assert unary.headers["x-servoloop-model-version"] == "v1"
+        reference = unary.json()["choices"][0]["message"]["content"]  # v1's greedy answer
+        body["stream"] = True
+        parts: list[str] = []
+        fingerprints: set[str] = set()
+        async with httpx.AsyncClient(timeout=60) as http, http.stream(
+                "POST", f"{running.http}/v1/chat/completions", json=body,
+                headers={"Authorization": f"Bearer {key}"}) as r:
+            import json
+
+            lines = r.aiter_lines()
+
+            async def read(until_first: bool) -> None:
+                async for line in lines:
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        fingerprints.add(chunk["system_fingerprint"])
+                        parts.append(chunk["choices"][0]["delta"].get("content") or "")
+                        if until_first:
+                            return
+
+            await read(until_first=True)
+            await publish(broker.bootstrap_servers, prefix, [
+                model_event("tiny", "v2", "active", lora_adapters["v2"]),
+                model_event("tiny", "v1", "retired", lora_adapters["v1"])])
+            rest = asyncio.create_task(read(until_first=False))
+            await until_version(running, key, "v2")
+            assert not rest.done(), "the stream ended before the swap: make it longer"
+            assert set(adapters) == {"v1", "v2"}  # v1 stays loaded while the stream uses it
+            await rest
+        assert fingerprints == {"v1"} and "".join(parts) == reference
+        for _ in range(100):
+            if "v1" not in adapters:
+                break
+            await asyncio.sleep(0.05)
+        assert set(adapters) == {"v2"}
+    finally:
+        await server.stop()
+        for name in list(adapters):
+            await vllm_engine.unload_adapter(name)
