@@ -13,13 +13,14 @@ TORCH_SPEC := $(if $(HAS_GPU),,torch==2.13.0)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install model up test lint proto clean help
+.PHONY: install model up test lint proto docs clean help
 
 help:
 	@echo "make up      install, build the tiny model if missing, run servoloop up"
 	@echo "make test    install, then run the whole test suite"
 	@echo "make proto   regenerate gRPC code from schemas/proto"
 	@echo "make lint    ruff"
+	@echo "make docs    regenerate docs/configuration.md and docs/api.md"
 
 install: $(STAMP)
 
@@ -50,6 +51,11 @@ lint: install
 
 proto: install
 	$(BIN)/python -m schemas.proto_gen
+
+# The generated references; tests/deploy/test_docs.py fails when the committed ones are stale.
+docs: install
+	$(BIN)/python docs/gen_config.py > docs/configuration.md
+	$(BIN)/python docs/gen_api.py > docs/api.md
 
 clean:
 	rm -rf $(VENV) .servoloop .pytest_cache
