@@ -6,6 +6,7 @@ Each test has its own gateway (its own router and watcher, the session's engine)
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 import uuid
@@ -372,8 +373,6 @@ async def test_vllm_serves_the_new_version_while_a_stream_finishes_on_the_old_ad
         async with httpx.AsyncClient(timeout=60) as http, http.stream(
                 "POST", f"{running.http}/v1/chat/completions", json=body,
                 headers={"Authorization": f"Bearer {key}"}) as r:
-            import json
-
             lines = r.aiter_lines()
 
             async def read(until_first: bool) -> None:
