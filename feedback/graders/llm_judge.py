@@ -63,10 +63,15 @@ class ChatClient:
 
     async def complete(self, prompt: str) -> str:
         """The assistant's reply to one user message. Raises httpx.HTTPError on transport or HTTP errors."""
+        return await self.chat([{"role": "user", "content": prompt}])
+
+    async def chat(self, messages: list[dict[str, str]], *, max_tokens: int | None = None,
+                   temperature: float = 0.0) -> str:
+        """The assistant's reply to a conversation. Raises httpx.HTTPError on transport or HTTP errors."""
         async with self._slots:
             r = await self._client.post(self._url, json={
-                "model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0, "max_tokens": self.max_tokens})
+                "model": self.model, "messages": messages, "temperature": temperature,
+                "max_tokens": max_tokens or self.max_tokens})
         r.raise_for_status()
         return str(r.json()["choices"][0]["message"]["content"] or "")
 

@@ -1,14 +1,15 @@
 """Settings of the online graders (`grading:` in the settings tree): which graders, how much traffic, how fast.
 
     grading:
-      interval_s: 30
+      interval_s: 10
       graders:
         toxicity: {sample_rate: 0.1, max_per_hour: 20000}
         judge: {sample_rate: 0.05, models: [chat]}
 
 Sampling is by a hash of the inference id (the same inferences are picked by every worker and every
 rerun); `max_per_cycle` and `max_per_hour` are the cost budget; `concurrency` bounds graders running at
-once (each grader's CPU work runs in a worker thread).
+once (each grader's CPU work runs in a worker thread). The defaults keep up with 200 req/s on one
+core (benchmarks/README.md): 10 % toxicity sampling is 72,000 grades an hour.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ class GraderSettings(BaseModel):
 
     enabled: bool = True
     sample_rate: float = Field(0.1, ge=0, le=1, description="share of inferences graded (by a hash of the id)")
-    max_per_cycle: int = Field(512, ge=1, description="most inferences (or pairs) graded per cycle")
-    max_per_hour: int = Field(20_000, ge=0, description="budget: most grades per rolling hour (0 = unlimited)")
+    max_per_cycle: int = Field(2048, ge=1, description="most inferences (or pairs) graded per cycle")
+    max_per_hour: int = Field(100_000, ge=0, description="budget: most grades per rolling hour (0 = unlimited)")
     tenants: list[str] = Field(default_factory=list, description="only these tenants (empty: all)")
     models: list[str] = Field(default_factory=list, description="only these models (empty: all)")
     params: dict[str, Any] = Field(default_factory=dict, description="grader-specific (e.g. groundedness similarity)")
@@ -35,13 +36,13 @@ def _default_graders() -> dict[str, GraderSettings]:
         "toxicity": GraderSettings(sample_rate=0.1),
         "groundedness": GraderSettings(sample_rate=0.1),
         "judge": GraderSettings(sample_rate=0.05),
-        "judge_pairwise": GraderSettings(sample_rate=0.05, max_per_cycle=128),
+        "judge_pairwise": GraderSettings(sample_rate=0.05, max_per_cycle=256),
     }
 
 
 class GradingSettings(BaseModel):
     enabled: bool = Field(True, description="run the grading worker (inside `servoloop up` once wired, or `servoloop grade run`)")
-    interval_s: float = Field(30.0, gt=0, description="time between grading cycles")
+    interval_s: float = Field(10.0, gt=0, description="time between grading cycles")
     lookback_s: float = Field(3600.0, gt=0, description="how far back ungraded inferences are looked for")
     settle_s: float = Field(2.0, ge=0, description="inferences younger than this wait for the next cycle")
     batch_size: int = Field(64, ge=1, description="inferences per grader call")
