@@ -111,11 +111,17 @@ async def lag(rate: int, duration_s: float) -> dict[str, Any]:
 
     await worker.start()
     await writer()
-    # Let the worker finish the cycle after the last write (at most one interval + its grading time).
-    end = time.monotonic() + settings.interval_s + 60
-    target = worker.cycles + 2
-    while worker.cycles < target and time.monotonic() < end:
-        await asyncio.sleep(0.5)
+    start_wait = time.monotonic()
+    # Let the worker catch up with the last writes (each grader on its own schedule).
+    end = time.monotonic() + settings.interval_s + 120
+    caught_up_s = None
+    while time.monotonic() < end:
+        left = [len(await worker.ungraded(n, since_ms=0, until_ms=now_ms() - 3_000, limit=1))
+                for n in ("toxicity", "groundedness", "judge")]
+        if not any(left):
+            caught_up_s = round(time.monotonic() - start_wait, 1)
+            break
+        await asyncio.sleep(1.0)
     await worker.aclose()
     rows = (await store.query("SELECT grader, toUnixTimestamp64Milli(ts) - toUnixTimestamp64Milli(inference_ts) AS lag "
                               "FROM grades FINAL")).to_pylist()
@@ -132,7 +138,7 @@ async def lag(rate: int, duration_s: float) -> dict[str, Any]:
             "grades": {n: len(v) for n, v in by.items()},
             "lag_s": {n: {"p50": round(pct(v, 50), 2), "p95": round(pct(v, 95), 2), "max": round(max(v), 2)}
                       for n, v in by.items()},
-            "left_ungraded_after_run": left,
+            "left_ungraded_after_run": left, "caught_up_after_last_write_s": caught_up_s,
             "cycles": worker.cycles,
             "last_cycle_s": worker.last_report.elapsed_s if worker.last_report else None}
 

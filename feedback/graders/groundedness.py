@@ -86,27 +86,38 @@ class GroundednessGrader:
 
     def check(self, answer: str, context: str) -> list[ClaimCheck]:
         """Every claim of `answer` against `context` (blocking: embeds both)."""
-        claims = claims_of(answer)[: self.max_claims]
-        ctx = split_sentences(context)[: self.max_context_sentences]
-        if not claims:
-            return []
-        if not ctx:
-            return [ClaimCheck(c, 0.0, tuple(sorted(_anchors(c))), False) for c in claims]
-        vectors = self.embedder.embed([*claims, *ctx])
-        sims = vectors[: len(claims)] @ vectors[len(claims):].T
-        best = sims.max(axis=1) if sims.size else np.zeros(len(claims))
-        context_words = set(_TOKEN.findall(context.lower()))
+        return self.check_many([(answer, context)])[0]
+
+    def check_many(self, items: Sequence[tuple[str, str]]) -> list[list[ClaimCheck]]:
+        """`check` for many (answer, context) pairs with one embedding call over their distinct sentences."""
+        split = [(claims_of(a)[: self.max_claims], split_sentences(c)[: self.max_context_sentences]) for a, c in items]
+        texts = sorted({t for claims, ctx in split if claims for t in (*claims, *ctx)})
+        vectors = self.embedder.embed(texts) if texts else np.zeros((0, 1), np.float32)
+        row = {t: i for i, t in enumerate(texts)}
         out = []
-        for claim, sim in zip(claims, best, strict=True):
-            missing = tuple(sorted(a for a in _anchors(claim) if a not in context_words))
-            out.append(ClaimCheck(claim, float(sim), missing, bool(sim >= self.similarity and not missing)))
+        for (claims, ctx), (_, context) in zip(split, items, strict=True):
+            if not claims:
+                out.append([])
+                continue
+            if not ctx:
+                out.append([ClaimCheck(c, 0.0, tuple(sorted(_anchors(c))), False) for c in claims])
+                continue
+            sims = vectors[[row[c] for c in claims]] @ vectors[[row[c] for c in ctx]].T
+            context_words = set(_TOKEN.findall(context.lower()))
+            checks = []
+            for claim, sim in zip(claims, sims.max(axis=1), strict=True):
+                missing = tuple(sorted(a for a in _anchors(claim) if a not in context_words))
+                checks.append(ClaimCheck(claim, float(sim), missing, bool(sim >= self.similarity and not missing)))
+            out.append(checks)
         return out
 
-    def _grade_one(self, inference: InferenceEvent) -> GradeEvent | None:
-        context = context_of(inference)
-        if not context or not answer_of(inference).strip():
-            return None
-        checks = self.check(answer_of(inference), context)
+    def _grade_all(self, batch: Sequence[InferenceEvent]) -> list[GradeEvent]:
+        todo = [(i, context_of(i)) for i in batch if answer_of(i).strip()]
+        todo = [(i, c) for i, c in todo if c]  # no context: no grade (self-consistency is future work)
+        results = self.check_many([(answer_of(i), c) for i, c in todo])
+        return [self._grade(i, checks) for (i, _), checks in zip(todo, results, strict=True)]
+
+    def _grade(self, inference: InferenceEvent, checks: list[ClaimCheck]) -> GradeEvent:
         if not checks:
             return grade_of(self, inference, score=0.0, label="no_claims", explanation='{"claims":0}')
         unsupported = [c for c in checks if not c.supported]
@@ -116,9 +127,6 @@ class GroundednessGrader:
                       for c in unsupported[:3]]})
         return grade_of(self, inference, score=len(unsupported) / len(checks),
                         label="hallucinated" if unsupported else "grounded", explanation=explanation)
-
-    def _grade_all(self, batch: Sequence[InferenceEvent]) -> list[GradeEvent]:
-        return [g for g in map(self._grade_one, batch) if g is not None]
 
     async def grade(self, batch: Sequence[InferenceEvent]) -> list[GradeEvent]:
         return await asyncio.to_thread(self._grade_all, list(batch))

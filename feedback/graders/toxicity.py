@@ -165,7 +165,10 @@ class ToxicityGrader:
         """p(toxic) for each text (blocking)."""
         if not texts:
             return np.zeros(0)
-        return self.head.probability(self.embedder.embed(list(texts)))
+        unique = sorted(set(texts))  # repeated answers (greetings, canned replies) are embedded once
+        p = self.head.probability(self.embedder.embed(unique))
+        row = {t: i for i, t in enumerate(unique)}
+        return p[[row[t] for t in texts]]
 
     async def grade(self, batch: Sequence[InferenceEvent]) -> list[GradeEvent]:
         todo = [i for i in batch if answer_of(i).strip()]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -177,11 +178,11 @@ class GradingWorker:
                              registry=registry, buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
         self.graded_total = Counter("servoloop_grades", "grades published", ["grader", "label"], registry=registry)
         self.last_report: GradingReport | None = None
-        self.last_error: str | None = None
+        self.errors: dict[str, str] = {}  # the last failure of each grader still failing (scheduled runs)
         self.cycles = 0
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
         self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def graders(self) -> dict[str, Grader]:
         """The graders in use (built, and their shared embedder loaded, on first use: seconds, in a thread)."""
@@ -319,57 +320,71 @@ class GradingWorker:
         if grades:
             report.lag_ms[name] = _lag_stats(grades)
 
-    async def run_once(self) -> GradingReport:
-        """One cycle now (cycles never overlap). A failing grader is reported and skipped; publish errors raise."""
-        async with self._lock:
-            started = time.perf_counter()
-            now = self.clock()
-            report = GradingReport(now_ms=now)
-            window = (now - int(self.settings.lookback_s * 1000), now - int(self.settings.settle_s * 1000))
-            graders = await self.graders()
-            jobs: dict[str, Awaitable[None]] = {
-                name: self._run_grader(name, g, window, report) for name, g in graders.items()
-                if self._config(name).enabled}
-            if self.pair_grader is not None:
-                jobs[PAIRWISE_GRADER_NAME] = self._run_pairs(window, report)
-            results = await asyncio.gather(*jobs.values(), return_exceptions=True)
-            for name, result in zip(jobs, results, strict=True):
-                if isinstance(result, Exception):
-                    log.error("grader %s failed: %s: %s", name, type(result).__name__, result)
-                    report.errors[name] = f"{type(result).__name__}: {result}"
-            report.elapsed_s = time.perf_counter() - started
-            self.last_report, self.cycles = report, self.cycles + 1
-            return report
+    async def _jobs(self) -> dict[str, Callable[[tuple[int, int], GradingReport], Awaitable[None]]]:
+        graders = await self.graders()
+        jobs: dict[str, Callable[[tuple[int, int], GradingReport], Awaitable[None]]] = {
+            name: functools.partial(self._run_grader, name, g) for name, g in graders.items()
+            if self._config(name).enabled}
+        if self.pair_grader is not None:
+            jobs[PAIRWISE_GRADER_NAME] = self._run_pairs
+        return jobs
+
+    async def run_once(self, only: str | None = None) -> GradingReport:
+        """One cycle of every grader (or of grader `only`) now, graders concurrently.
+
+        Cycles of one grader never overlap. A failing grader is reported in `errors` and skipped.
+        """
+        started = time.perf_counter()
+        now = self.clock()
+        report = GradingReport(now_ms=now)
+        window = (now - int(self.settings.lookback_s * 1000), now - int(self.settings.settle_s * 1000))
+        jobs = {n: j for n, j in (await self._jobs()).items() if only is None or n == only}
+
+        async def run(name: str, job: Callable[[tuple[int, int], GradingReport], Awaitable[None]]) -> None:
+            async with self._locks.setdefault(name, asyncio.Lock()):
+                await job(window, report)
+
+        results = await asyncio.gather(*(run(n, j) for n, j in jobs.items()), return_exceptions=True)
+        for name, result in zip(jobs, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("grader %s failed: %s: %s", name, type(result).__name__, result)
+                report.errors[name] = f"{type(result).__name__}: {result}"
+        report.elapsed_s = time.perf_counter() - started
+        self.last_report, self.cycles = report, self.cycles + 1
+        return report
 
     async def start(self) -> None:
-        """Run a cycle every `interval_s` in the background (the first at once)."""
+        """Run every grader on its own schedule (a cycle every `interval_s`, the first at once), so a slow
+        grader never delays a fast one's grades."""
         self._stop.clear()
-        self._task = asyncio.create_task(self._loop(), name="grading-worker")
+        names = list(await self._jobs())
+        self._tasks = [asyncio.create_task(self._loop(n), name=f"grading-{n}") for n in names]
 
-    async def _loop(self) -> None:
+    async def _loop(self, name: str) -> None:
         while not self._stop.is_set():
             try:
-                report = await self.run_once()
-                self.last_error = None
-                log.info("grading cycle: %s", report.summary())
+                report = await self.run_once(only=name)
+                if name in report.errors:
+                    self.errors[name] = report.errors[name]
+                else:
+                    self.errors.pop(name, None)
+                log.debug("grading cycle: %s", report.summary())
             except Exception as e:
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.exception("grading cycle failed; next try in %.0f s", self.settings.interval_s)
+                self.errors[name] = f"{type(e).__name__}: {e}"
+                log.exception("grading cycle of %s failed; next try in %.0f s", name, self.settings.interval_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.settings.interval_s)
 
     def health(self) -> dict[str, Any]:
-        return {"cycles": self.cycles, "last_error": self.last_error,
+        return {"cycles": self.cycles, "errors": dict(self.errors),
                 "last": self.last_report.summary() if self.last_report else None}
 
     async def aclose(self, *, timeout_s: float = 10.0) -> None:
-        """Stop after the running cycle (cancelled after `timeout_s`). Idempotent."""
+        """Stop after the running cycles (cancelled after `timeout_s`). Idempotent."""
         self._stop.set()
-        if self._task is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-            if not self._task.done():
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._tasks = []

@@ -199,3 +199,32 @@ async def test_a_regraded_inference_counts_once_in_the_grade_monitor(store: Stor
     cycle = await run_cycle(store, policy, now_ms=NOW, publish=store_publisher(store))
     [r] = [r for r in cycle.results if r.monitor == "toxicity_rise"]
     assert (r.sample_size, r.value) == (1, 0.0)  # the latest grade (benign) counts, once
+
+
+class BrokenGrader:
+    """A grader whose model fails on every batch (a corrupt head, an engine gone)."""
+
+    name, version = "broken", "1"
+
+    async def grade(self, batch: Sequence[InferenceEvent]) -> list[GradeEvent]:
+        raise RuntimeError("model file is corrupt")
+
+
+async def test_scheduled_graders_run_on_their_own_and_a_failing_one_never_stops_the_others(store: Store) -> None:
+    import asyncio
+
+    await write_events(store, traffic(12, toxic_share=0.0, version="v1", start_ms=NOW - HOUR, span_ms=HOUR, seed=5))
+    cfg = GradingSettings(lookback_s=26 * 3600, settle_s=0, interval_s=0.2, graders={
+        "judge": GraderSettings(sample_rate=1.0), "broken": GraderSettings(sample_rate=1.0)})
+    w = GradingWorker(store, store_publisher(store), cfg, graders={"judge": RuleJudge(), "broken": BrokenGrader()},
+                      clock=lambda: NOW)
+    await w.start()
+    try:
+        for _ in range(200):
+            if await count_rows(store, "grades") == 12 and "broken" in w.errors:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await w.aclose()
+    assert await count_rows(store, "grades") == 12
+    assert w.health()["errors"] == {"broken": "RuntimeError: model file is corrupt"}
