@@ -112,3 +112,25 @@ def test_a_training_job_killed_after_a_checkpoint_resumes_to_completion(tmp_path
     assert summary["global_step"] == 12
     logged = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert max(logged) == 12
+
+
+def test_sft_on_corrections_writes_a_loadable_peft_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
+    inferences, feedback = style_preference_events(120, tenant="sft", start_ms=DEMO_T0, seed=4)
+    rows = {i.event_id: InferenceRow(i.event_id, i.ts_ms, i.tenant, tuple((m.role, m.content) for m in i.messages),
+                                     i.response) for i in inferences}
+    # The user corrects the worse answer of each pair with the better one.
+    fb = [FeedbackRow(f"c{n}", f.ts_ms, f.tenant, f.other_id, "correction", correction=rows[f.preferred_id].response)
+          for n, f in enumerate(feedback)]
+    snapshot = write_snapshot(build_pairs(rows, fb), tmp_path / "datasets",
+                              filters=DatasetFilters(start_ms=DEMO_T0, end_ms=DEMO_T0 + 10**8))
+    assert snapshot.manifest["counts"]["sft_by_source"]["correction"] >= 30
+    done = run_train_cli(snapshot.path, tiny_model_dir, tmp_path / "job", "--recipe", "sft")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "job" / "adapter" / "training_summary.json").read_text())
+    assert summary["method"] == "sft" and summary["global_step"] >= 2 and summary["train_loss"] > 0
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "job" / "adapter"))
+    assert model.active_adapter == "default"
