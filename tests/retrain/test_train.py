@@ -134,3 +134,14 @@ def test_sft_on_corrections_writes_a_loadable_peft_adapter(tmp_path: Path, tiny_
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "job" / "adapter"))
     assert model.active_adapter == "default"
+
+
+def test_a_job_past_its_timeout_checkpoints_and_exits_3(tmp_path: Path, tiny_model_dir: Path) -> None:
+    snapshot = _small_snapshot(tmp_path / "datasets", 100)
+    out = tmp_path / "job"
+    done = run_train_cli(snapshot.path, tiny_model_dir, out, "--recipe", "dpo", "--timeout-s", "0.01")
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "timeout" in done.stderr
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and checkpoint.name == "checkpoint-1"  # saved on the way out
+    assert not (out / "adapter").exists()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -15,6 +18,7 @@ from retrain.settings import RetrainSettings
 from retrain.tiny.preferences import style_preference_events
 from retrain.worker import RetrainWorker, outcomes, unhandled_triggers
 from schemas.events import RetrainTrigger
+from tests.conftest import REPO
 from tests.retrain.conftest import DEMO_T0
 
 LINEAGE_KEYS = {"base_model", "parent_version", "recipe", "hyperparameters", "dataset", "trigger_id",
@@ -115,3 +119,16 @@ async def test_a_trigger_without_usable_feedback_is_skipped(store: Store, tmp_pa
     outcome = await worker.handle(trigger)
     assert outcome.outcome == "skipped" and "no preference pair" in outcome.reasons[0]
     assert await unhandled_triggers(store) == []
+
+
+def test_the_manual_cli_records_a_trigger_and_its_outcome(tmp_path: Path) -> None:
+    env = {**os.environ, "SERVOLOOP_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run([sys.executable, "-m", "servoloop.cli", "retrain", "run", "--model", "tiny-chat",
+                           "--window-hours", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["outcome"] == "skipped" and outcome["model"] == "tiny-chat" and outcome["trigger_id"]
+    listed = subprocess.run([sys.executable, "-m", "servoloop.cli", "retrain", "outcomes"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert json.loads(listed.stdout.strip().splitlines()[0])["trigger_id"] == outcome["trigger_id"]
