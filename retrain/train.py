@@ -184,7 +184,7 @@ def train(recipe: Recipe, dataset: Path, base_model: Path, out_dir: Path, *, res
         "base_model": str(base_model), "dataset": {"path": str(dataset), "sha256": snapshot.sha256},
         "records": len(records), "global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
         "train_loss": output.training_loss, "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
+        "final_loss": losses[-1] if losses else output.training_loss,
         "final_reward_accuracy": last.get("rewards/accuracies"), "final_reward_margin": last.get("rewards/margins"),
         "resumed_from": checkpoint.name if checkpoint else None, "device": "cpu" if cpu else "cuda",
         "started_ms": int(started * 1000), "wall_s": round(time.monotonic() - t0, 2),

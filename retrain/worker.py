@@ -212,6 +212,7 @@ class RetrainWorker:
         base_dir = self.base_dir(trigger.model, base_model).resolve()
         current_dir = await self._current_adapter(parent)
         summary = await self.train_subprocess(recipe, snapshot, base_dir, job_dir)
+        await asyncio.to_thread(clean_job, job_dir)  # the adapter is written: its checkpoints are no longer needed
 
         from retrain.gate import evaluate
 
