@@ -361,7 +361,7 @@ async def test_vllm_serves_the_new_version_while_a_stream_finishes_on_the_old_ad
     try:
         await publish(broker.bootstrap_servers, prefix, [model_event("tiny", "v1", "active", lora_adapters["v1"])])
         await until_version(running, key, "v1")
-        body = {"model": "tiny", "messages": MSG, "max_tokens": 160, "min_tokens": 160, "temperature": 0}
+        body = {"model": "tiny", "messages": MSG, "max_tokens": 64, "min_tokens": 64, "temperature": 0}
         async with httpx.AsyncClient(timeout=60) as http:
             unary = await http.post(f"{running.http}/v1/chat/completions", json=body,
                                     headers={"Authorization": f"Bearer {key}"})
