@@ -8,6 +8,7 @@ model: no store, no network, unless a grader says so (an LLM judge over a remote
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +19,7 @@ from schemas.events import GradeEvent, InferenceEvent
 
 # Roles whose messages are reference material rather than conversation (RAG documents, tool output).
 CONTEXT_ROLES = frozenset({"system", "context", "document", "tool"})
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 class GraderUnavailable(ServoloopError):
@@ -48,6 +50,11 @@ class Embedder(Protocol):
     dim: int
 
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text` (split after . ! ? and at line breaks), stripped, empty ones dropped."""
+    return [s.strip() for s in _SENTENCE.split(text) if s.strip()]
 
 
 def answer_of(inference: InferenceEvent) -> str:

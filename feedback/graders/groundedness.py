@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from feedback.graders.base import Embedder, answer_of, context_of, grade_of
+from feedback.graders.base import Embedder, answer_of, context_of, grade_of, split_sentences
 from schemas.events import GradeEvent, InferenceEvent
 
 GRADER_NAME = "groundedness"
 VERSION = "1"
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*|\d+(?:[.,]\d+)*")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _NAME = re.compile(r"\b[A-Z][a-zA-Z]+")
@@ -41,10 +40,6 @@ it its this that these those there here i you he she we they me him her us them 
 whom how why when where do does did done have has had can could will would shall should may might must not no yes
 sure hello hi well oh hope helps happy help thanks thank welcome great day anyway just very really also too any
 all some more most much many""".split())
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE.split(text) if s.strip()]
 
 
 def claims_of(answer: str, *, min_content_words: int = 2) -> list[str]:

@@ -4,9 +4,11 @@
     grader = ToxicityGrader(PromptEmbedder(), load_head())
 
 The head is 384 weights and a bias (a few KB, bundled). Training is full-batch L-BFGS from zero with
-balanced class weights and an L2 penalty on the set's `train` split, so it is deterministic for a
-given set (the set itself is built from a seed, feedback/graders/toxicity_set.py). Its precision and
-recall on the `heldout` split (whole unseen templates) are stored in the .npz beside the weights.
+balanced class weights and an L2 penalty on the set's `train` split, plus every sentence of its benign
+texts as a benign example of its own, so it is deterministic for a given set (the set itself is built
+from a seed, feedback/graders/toxicity_set.py). A text scores the maximum of its own probability and
+each of its sentences': an insult appended to a correct answer is not averaged away by the answer.
+Precision and recall on the `heldout` split (whole unseen templates) are stored in the .npz.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from feedback.graders.base import Embedder, GraderUnavailable, answer_of, grade_of
+from feedback.graders.base import Embedder, GraderUnavailable, answer_of, grade_of, split_sentences
 from feedback.graders.toxicity_set import DATA_DIR, SEED, TOXICITY_SET, build_examples, load_set
 from schemas.events import GradeEvent, InferenceEvent
 
@@ -138,15 +140,23 @@ def train_head(embedder: Embedder, *, seed: int = SEED, set_path: Path = TOXICIT
     texts = [str(r["text"]) for r in rows]
     labels = np.array([int(r["label"]) for r in rows])  # type: ignore[call-overload]
     held = np.array([r["split"] == "heldout" for r in rows])
-    x = embedder.embed(texts)
-    w, b = fit_logistic(x[~held], labels[~held], l2=l2)
+    sentences = {t: split_sentences(t) for t in texts}
+    extra = sorted({s for t, lab, h in zip(texts, labels, held, strict=True) if lab == 0 and not h
+                    for s in sentences[t]} - set(texts))
+    unique = sorted(set(texts) | {s for ss in sentences.values() for s in ss})
+    vectors = dict(zip(unique, embedder.embed(unique), strict=True))
+    x = np.stack([vectors[t] for t in texts])
+    x_train = np.vstack([x[~held], np.stack([vectors[s] for s in extra])]) if extra else x[~held]
+    y_train = np.concatenate([labels[~held], np.zeros(len(extra), dtype=labels.dtype)])
+    w, b = fit_logistic(x_train, y_train, l2=l2)
     head = ToxicityHead(weights=w, bias=b, threshold=threshold, embedding_model=embedder.name)
-    p = head.probability(x) >= threshold
+    prob = dict(zip(unique, head.probability(np.stack([vectors[t] for t in unique])), strict=True))
+    p = np.array([max([prob[t], *(prob[s] for s in sentences[t])]) for t in texts]) >= threshold
     heldout = precision_recall(p[held], labels[held])
     train = precision_recall(p[~held], labels[~held])
     words = precision_recall(wordlist_predict([t for t, h in zip(texts, held, strict=True) if h]), labels[held])
     metrics = {"heldout": heldout, "train": train, "wordlist_heldout": words, "seed": seed, "l2": l2,
-               "examples": len(rows)}
+               "examples": len(rows), "benign_sentences": len(extra), "scoring": "max(text, sentences)"}
     head = ToxicityHead(weights=w, bias=b, threshold=threshold, embedding_model=embedder.name, metrics=metrics)
     return TrainReport(head, heldout, train, words, len(rows))
 
@@ -162,13 +172,14 @@ class ToxicityGrader:
         self.version = self.head.version
 
     def score_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """p(toxic) for each text (blocking)."""
+        """p(toxic) for each text: the maximum over the text and its sentences (blocking)."""
         if not texts:
             return np.zeros(0)
-        unique = sorted(set(texts))  # repeated answers (greetings, canned replies) are embedded once
-        p = self.head.probability(self.embedder.embed(unique))
-        row = {t: i for i, t in enumerate(unique)}
-        return p[[row[t] for t in texts]]
+        sentences = {t: split_sentences(t)[:64] for t in set(texts)}
+        # Repeated answers and sentences (greetings, canned replies) are embedded once.
+        unique = sorted(set(texts) | {s for ss in sentences.values() for s in ss})
+        prob = dict(zip(unique, self.head.probability(self.embedder.embed(unique)), strict=True))
+        return np.array([max([prob[t], *(prob[s] for s in sentences[t])]) for t in texts])
 
     async def grade(self, batch: Sequence[InferenceEvent]) -> list[GradeEvent]:
         todo = [i for i in batch if answer_of(i).strip()]
