@@ -55,9 +55,9 @@ async def test_models_list_over_grpc(local_gateway: RunningGateway) -> None:
 
 async def test_cancelling_a_grpc_stream_stops_generation(local_gateway: RunningGateway) -> None:
     local_gateway.outcomes.clear()
-    # long prose, cancelled at its first chunk: far from its end
+    # 1000 tokens it must generate (min_tokens: no early end of sequence), cancelled at its first chunk
     req = pb.GenerateRequest(model="tiny", prompt="Once upon a time",
-                             params=pb.SamplingParams(max_tokens=1000, temperature=1))
+                             params=pb.SamplingParams(max_tokens=1000, min_tokens=1000, temperature=1, seed=7))
     async with grpc.aio.insecure_channel(local_gateway.grpc) as ch:
         call = pb_grpc.InferenceStub(ch).GenerateStream(req, metadata=_md(local_gateway.key()))
         async for _ in call:
