@@ -187,6 +187,13 @@ async def test_the_toxicity_monitor_fires_for_the_version_that_turned_toxic_and_
     assert details["baseline"] == pytest.approx(0.02) and details["baseline_sample_size"] == 600
     assert len(cycle.alerts) == (v1_status == "alert")
 
+    # The dashboard's quality series plots the grade metric like any monitor metric, interval included.
+    from feedback.dashboard.reads import Span, quality_series
+
+    series = await quality_series(store, Span(NOW - 2 * HOUR, NOW + HOUR, 60), metric="toxicity_rate")
+    [point] = next(s for s in series if s["model_version"] == "v1")["points"]
+    assert point["value"] == pytest.approx(v1_now) and point["ci_low"] < v1_now < point["ci_high"]
+
 
 async def test_a_regraded_inference_counts_once_in_the_grade_monitor(store: Store) -> None:
     inf = InferenceEvent(tenant="acme", model="chat", model_version="v1", ts_ms=NOW - 1000, response="x")
