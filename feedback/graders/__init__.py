@@ -22,6 +22,7 @@ _EXPORTS = {
     "win_rate": "ratings", "win_rates": "ratings", "elo_ratings": "ratings", "online_elo": "ratings",
     "GradingWorker": "worker", "GradingSettings": "settings", "GraderSettings": "settings",
     "LLMJudge": "llm_judge", "LLMPairJudge": "llm_judge", "ChatClient": "llm_judge",
+    "SelfConsistencyGrader": "consistency", "ShadowComparer": "shadow",
     "OtelGradeExporter": "export", "LangfuseGradeScores": "export",
 }
 __all__ = sorted(_EXPORTS)

@@ -10,8 +10,8 @@ counts as supported when
 The second check catches what embeddings miss: "The capital of France is Lyon" sits next to "... is
 Paris" in embedding space. `score` is the share of unsupported claims (the answer's hallucination
 rate); `label` is `hallucinated` when any claim is unsupported, else `grounded`; an answer without
-claims is `no_claims` with score 0. Requests without context get no grade: a self-consistency signal
-(sample the model several times, flag answers whose samples disagree) is future work, not faked here.
+claims is `no_claims` with score 0. Requests without context get no grade here: the self-consistency
+grader (feedback/graders/consistency.py) covers them.
 """
 
 from __future__ import annotations

@@ -87,6 +87,21 @@ def build_graders(settings: GradingSettings, embedder: Embedder | None = None) -
         client = ChatClient(str(p["base_url"]), model=str(p["model"]), api_key=str(p.get("api_key", "")))
         out["llm_judge"] = LLMJudge(client, criteria=tuple(p.get("criteria") or
                                                            ("factuality", "coherence", "tone", "helpfulness")))
+    if "self_consistency" in enabled:  # params: base_url, model, api_key, samples, temperature, agreement
+        from feedback.graders.consistency import SelfConsistencyGrader
+        from feedback.graders.llm_judge import ChatClient
+
+        p = settings.graders["self_consistency"].params
+        if not p.get("base_url") or not p.get("model"):
+            raise ConfigError("grading.graders.self_consistency needs params.base_url and params.model")
+        if embedder is None:
+            from feedback.monitors.embeddings import PromptEmbedder
+
+            embedder = PromptEmbedder()
+        client = ChatClient(str(p["base_url"]), model=str(p["model"]), api_key=str(p.get("api_key", "")))
+        out["self_consistency"] = SelfConsistencyGrader(
+            client, embedder, samples=int(p.get("samples", 3)), temperature=float(p.get("temperature", 0.8)),
+            agreement=float(p.get("agreement", 0.6)))
     return out
 
 

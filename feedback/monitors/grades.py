@@ -36,6 +36,7 @@ GRADE_METRICS: dict[str, tuple[str, str | None]] = {
     "toxicity_rate": ("toxicity", "toxic"),
     "hallucination_rate": ("groundedness", "hallucinated"),
     "unsupported_claim_share": ("groundedness", None),
+    "inconsistency_rate": ("self_consistency", "inconsistent"),
     "judge_fail_rate": ("judge", "fail"),
     "judge_score": ("judge", None),
     "pairwise_win_rate": ("judge_pairwise", None),  # mean of 1 / 0.5 / 0: ties count half

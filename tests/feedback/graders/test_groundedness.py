@@ -54,7 +54,7 @@ async def test_context_in_a_document_message_counts_and_requests_without_context
     no_context = InferenceEvent(response="The tower is 330 metres tall.", messages=(Message("user", QUESTION),))
     doc = rag("The tower is 330 metres tall.", role="document")
     grades = await grader.grade([no_context, doc])
-    assert [g.target_id for g in grades] == [doc.event_id]  # self-consistency without context: future work
+    assert [g.target_id for g in grades] == [doc.event_id]  # without context: the self-consistency grader's
     assert grades[0].label == "grounded"
 
 
