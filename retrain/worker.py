@@ -268,10 +268,14 @@ class RetrainWorker:
                                                         cwd=str(REPO_ROOT), start_new_session=True, env=job_env())
             try:
                 rc = await asyncio.wait_for(proc.wait(), limit)
-            except (TimeoutError, asyncio.CancelledError):
+            except TimeoutError:
                 _kill_group(proc.pid)
                 await proc.wait()
                 raise TrainingFailed(f"training job killed after {limit:g}s", details={"log": _tail(out_log)}) from None
+            except asyncio.CancelledError:  # the worker is shutting down: no outcome, the next run resumes the job
+                _kill_group(proc.pid)
+                await asyncio.shield(proc.wait())
+                raise
         if rc != 0:
             raise TrainingFailed(f"training job exited with status {rc}: {_tail(out_log, 600)}",
                                  details={"log": _tail(out_log)})

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from feedback.dashboard import admin_extension
 from feedback.dashboard.models_api import models_extension
+from feedback.graders.worker import GradingWorker
 from feedback.monitors.runner import Scheduler, sink_publisher
 from feedback.pipeline import EventPipeline
 from feedback.store import Store, get_inference
@@ -20,6 +21,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.server import Gateway, GatewayServer
 from retrain.registry import StoreRegistry, model_rows
 from retrain.requests import RequestWorker
+from retrain.worker import RetrainWorker
 from schemas.events import ModelEvent
 from schemas.topics import topic_name
 from servoloop.settings import Settings
@@ -67,10 +69,13 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
     server: GatewayServer | None = None
     scheduler: Scheduler | None = None
     model_requests: RequestWorker | None = None  # applies model action requests through the one registry of this process
+    grading: GradingWorker | None = None
+    retrain_stop = asyncio.Event()
+    retrain_task: asyncio.Task[None] | None = None
     report_dir = settings.monitors.report_dir or settings.data_dir / "monitor-reports"  # drift HTML reports
 
     async def start() -> None:
-        nonlocal server, scheduler, model_requests
+        nonlocal server, scheduler, model_requests, grading, retrain_task
         if pipeline is not None:
             await pipeline.start()
             if pipeline.store is not None and pipeline.sink is not None and settings.monitors.enabled:
@@ -83,6 +88,13 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
                 registry = StoreRegistry(pipeline.store, settings.data_dir / "artifacts", publish=pipeline.sink.publish)
                 model_requests = RequestWorker(registry, poll_s=1.0)
                 await model_requests.start()
+                if settings.retrain.enabled:  # triggers -> dataset -> training subprocess -> gate -> the same registry
+                    retrain_task = asyncio.create_task(
+                        RetrainWorker(pipeline.store, registry, settings).run(retrain_stop), name="retrain-worker")
+                if settings.grading.enabled:  # graders sample served traffic off the request path
+                    grading = GradingWorker(pipeline.store, pipeline.sink.publish, settings.grading,
+                                            registry=metrics.registry)
+                    await grading.start()
         gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics,
                      events=pipeline.sink if pipeline is not None else None)
         _follow_models(gw, settings, pipeline)
@@ -109,6 +121,14 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
             await scheduler.aclose()
         if model_requests is not None:
             await model_requests.aclose()
+        if grading is not None:
+            await grading.aclose()
+        if retrain_task is not None:
+            retrain_stop.set()  # between jobs it stops at once; a running job is killed (and resumes from its checkpoint)
+            try:
+                await asyncio.wait_for(retrain_task, 5.0)
+            except TimeoutError:
+                pass
         if pipeline is not None:
             await pipeline.aclose()
 

@@ -16,6 +16,7 @@ from feedback.store import Store, write_events
 from retrain.registry import StoreRegistry
 from retrain.settings import RetrainSettings
 from retrain.tiny.preferences import style_preference_events
+from retrain.train import latest_checkpoint
 from retrain.worker import RetrainWorker, outcomes, unhandled_triggers
 from schemas.events import RetrainTrigger
 from tests.conftest import REPO
@@ -132,3 +133,36 @@ def test_the_manual_cli_records_a_trigger_and_its_outcome(tmp_path: Path) -> Non
                             capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0, listed.stderr[-3000:]
     assert json.loads(listed.stdout.strip().splitlines()[0])["trigger_id"] == outcome["trigger_id"]
+
+
+async def test_a_worker_stopped_mid_job_records_no_outcome_and_the_next_one_resumes(
+    store: Store, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    await _seed(store, "resume", reverse=False)
+    recipe = yaml.safe_load(_lenient_recipe(tmp_path / "r.yaml").read_text()) | {"save_steps": 2, "epochs": 2}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    trigger = _trigger("resume", recipe=str(tmp_path / "r.yaml"))
+    await write_events(store, [trigger])
+    registry = StoreRegistry(store, tmp_path / "artifacts")
+    settings = RetrainSettings(work_dir=tmp_path / "work", base_models={"tiny-chat": str(tiny_model_dir)},
+                               poll_interval_s=0.2, use_embeddings=False)
+    job_dir = tmp_path / "work" / "jobs" / trigger.event_id
+    task = asyncio.create_task(RetrainWorker(store, registry, settings).run(asyncio.Event()))
+    try:
+        for _ in range(1200):  # until the job has written a checkpoint
+            if latest_checkpoint(job_dir) or task.done():
+                break
+            await asyncio.sleep(0.1)
+        assert latest_checkpoint(job_dir), "the training job wrote no checkpoint"
+        assert not (job_dir / "adapter").exists(), "the job finished before the shutdown"
+    finally:
+        task.cancel()  # a shutdown in the middle of the job
+        await asyncio.gather(task, return_exceptions=True)
+    assert await outcomes(store) == []  # not a failure: the trigger is still to do
+    assert [t.event_id for t in await unhandled_triggers(store)] == [trigger.event_id]
+
+    resumable = latest_checkpoint(job_dir)
+    outcome = await RetrainWorker(store, registry, settings).handle(trigger)
+    assert outcome.outcome == "registered", outcome
+    summary = json.loads((Path(outcome.job_dir) / "adapter" / "training_summary.json").read_text())
+    assert summary["resumed_from"] == resumable.name  # continued where the stopped job left off
