@@ -92,7 +92,7 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
                     retrain_task = asyncio.create_task(
                         RetrainWorker(pipeline.store, registry, settings).run(retrain_stop), name="retrain-worker")
                 if settings.grading.enabled:  # graders sample served traffic off the request path
-                    grading = GradingWorker(pipeline.store, pipeline.sink.publish, settings.grading,
+                    grading = GradingWorker(pipeline.store, sink_publisher(pipeline.sink), settings.grading,
                                             registry=metrics.registry)
                     await grading.start()
         gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics,

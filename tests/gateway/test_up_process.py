@@ -180,3 +180,28 @@ async def test_no_broker_mode_serves_and_stores_through_the_spool(up: tuple[UpPr
     assert process.proc is not None
     process.proc.send_signal(signal.SIGTERM)
     assert process.proc.wait(30) == 0
+
+
+async def test_up_grades_served_traffic_into_the_store(up: tuple[UpProcess, ClickHouseStore]) -> None:
+    process, store = up
+    off = {"enabled": False}
+    process.config.write_text(process.config.read_text() + "grading: " + json.dumps({
+        "interval_s": 0.3, "settle_s": 0, "graders": {
+            "judge": {"sample_rate": 1.0}, "toxicity": off, "groundedness": off, "judge_pairwise": off}}) + "\n")
+    await process.start()
+    await _requests(process.http, process.key(), 5)
+    graded = 0
+    for _ in range(240):  # the grading worker inside `up` samples, grades and publishes through the pipeline
+        try:
+            graded = await count_rows(store, "grades")
+        except Exception:  # not migrated yet
+            graded = 0
+        if graded >= 5:
+            break
+        await asyncio.sleep(0.25)
+    assert graded == 5
+    rows = await store.query("SELECT g.grader AS grader, i.event_id AS inference FROM grades AS g FINAL "
+                             "INNER JOIN inferences AS i FINAL ON g.target_id = i.event_id")
+    assert set(rows.column("grader").to_pylist()) == {"judge"} and rows.num_rows == 5
+    process.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert process.proc.wait(60) == 0  # type: ignore[union-attr]
