@@ -37,6 +37,7 @@ from feedback.graders.judge import PAIRWISE_GRADER_NAME, PairwiseGrader
 from feedback.graders.settings import GraderSettings, GradingSettings
 from feedback.store.base import ParamValue, Store
 from feedback.store.columns import from_arrow, select_list
+from feedback.tasks import stop_tasks
 from schemas.errors import ConfigError
 from schemas.events import Event, GradeEvent, InferenceEvent, now_ms
 
@@ -396,10 +397,4 @@ class GradingWorker:
 
     async def aclose(self, *, timeout_s: float = 10.0) -> None:
         """Stop after the running cycles (cancelled after `timeout_s`). Idempotent."""
-        self._stop.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            self._tasks = []
+        await stop_tasks(self._stop, self._tasks, timeout_s=timeout_s)

@@ -41,6 +41,7 @@ from feedback.monitors.settings import MonitorSettings
 from feedback.monitors.stats import AlertState, Level, corrected_alpha, step
 from feedback.store.base import Store
 from feedback.store.writer import write_events
+from feedback.tasks import stop_tasks
 from schemas.events import Event, ModelEvent, MonitorResult, RetrainTrigger, now_ms
 
 log = logging.getLogger(__name__)
@@ -438,13 +439,7 @@ class Scheduler:
 
     async def aclose(self, *, timeout_s: float = 10.0) -> None:
         """Stop: let a running cycle finish (up to `timeout_s`, then cancel it). Idempotent."""
-        self._stop.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            self._tasks = []
+        await stop_tasks(self._stop, self._tasks, timeout_s=timeout_s)
         if self.notifier is not None:
             await self.notifier.aclose()
             self.notifier = None
