@@ -8,6 +8,7 @@ its spool under data_dir, its ingester.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -93,8 +94,17 @@ events:
     store = await ClickHouseStore.connect(shared_endpoint().url, database)
     yield process, store
     if process.proc is not None and process.proc.poll() is None:
-        process.proc.kill()
-        process.proc.wait()
+        process.proc.terminate()  # a clean stop takes its embedded broker down too
+        try:
+            process.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            process.proc.kill()
+            process.proc.wait()
+    if (process.data_dir / "broker.json").exists():  # a killed run's orphan: leave no broker behind
+        pid = process.broker_pid()
+        with contextlib.suppress(OSError):
+            if b"tansu" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
     await store.query(f"DROP DATABASE IF EXISTS {database}")
     await store.aclose()
 
