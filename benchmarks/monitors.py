@@ -21,9 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import write_result
-from feedback.monitors.policy import load_policy
+from feedback.monitors.policy import PolicyFile, bundled_policy_text, load_policy
 from feedback.monitors.runner import default_monitors, run_cycle
 from feedback.store import ChdbStore, count_rows, migrate
 
@@ -79,7 +81,7 @@ async def main_async(a: argparse.Namespace) -> dict:
               "seed_s": round(time.perf_counter() - t0, 1)}
     print(f"seeded {seeded['inference_rows']} inferences, {seeded['feedback_rows']} feedback in {seeded['seed_s']} s",
           flush=True)
-    policy = load_policy(None)
+    policy = load_policy(None) if a.drift_rows is None else drift_policy(tmp, a.drift_rows, a.drift_prompts)
     monitors = default_monitors(tmp / "reports")
     published: list = []
 
@@ -102,7 +104,9 @@ async def main_async(a: argparse.Namespace) -> dict:
               f"{len(last.results)} results, errors {last.errors or 'none'}", flush=True)
     await store.aclose()
     return {
-        **seeded, "policy": "bundled (feedback/monitors/default_policy.yaml)",
+        **seeded, "policy": "bundled (feedback/monitors/default_policy.yaml)" + (
+            "" if a.drift_rows is None else f", drift max_rows={a.drift_rows} max_embeddings={a.drift_prompts}"),
+        "drift_max_rows_per_window": a.drift_rows or 5000, "drift_max_prompts_per_window": a.drift_prompts or 2000,
         "monitor_entries": len(policy.active), "results_per_cycle": len(last.results),
         "warmup_cycle_s": round(warm_s, 2), "cycle_s": [round(x, 2) for x in timings],
         "cycle_median_s": round(statistics.median(timings), 2) if timings else None,
@@ -111,14 +115,28 @@ async def main_async(a: argparse.Namespace) -> dict:
     }
 
 
+def drift_policy(tmp: Path, rows: int, prompts: int | None) -> PolicyFile:
+    """The bundled policy with the drift monitors' per-window sample sizes raised (default: 5,000 rows, 2,000 prompts)."""
+    doc = yaml.safe_load(bundled_policy_text())
+    for entry in doc["monitors"]:
+        if entry.get("kind") == "drift":
+            entry["params"] = {**entry.get("params", {}), "max_rows": rows, "max_embeddings": prompts or 2000}
+    path = tmp / "policy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_policy(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inferences", type=int, default=1_000_000)
     ap.add_argument("--feedback", type=int, default=100_000)
     ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--drift-rows", type=int, default=None, help="rows sampled per window by the drift monitors")
+    ap.add_argument("--drift-prompts", type=int, default=None, help="prompts embedded per window by the drift monitors")
+    ap.add_argument("--out", default="monitors", help="result name (benchmarks/results/<out>.json)")
     a = ap.parse_args()
     out = asyncio.run(main_async(a))
-    print(f"wrote {write_result('monitors', out)}")
+    print(f"wrote {write_result(a.out, out)}")
 
 
 if __name__ == "__main__":
