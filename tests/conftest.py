@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from feedback.store import ChdbStore, Store, migrate
 from gateway.auth import KeyStore
 from gateway.engines import Engine
 from gateway.settings import ModelSettings
@@ -61,3 +63,15 @@ async def vllm_engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Store]:
+    """A migrated, empty database of its own on this process's one chDB session (dropped afterwards)."""
+    from tests.support.clickhouse_http import shared_chdb_session
+
+    s = ChdbStore(shared_chdb_session(), f"t_{uuid.uuid4().hex[:12]}")
+    await migrate(s)
+    yield s
+    await s.query(f"DROP DATABASE IF EXISTS {s.database}")
+    await s.aclose()

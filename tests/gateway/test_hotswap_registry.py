@@ -8,14 +8,13 @@ previous version re-activated); the gateway reads them back from the store throu
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from feedback.store import ChdbStore, Store, migrate
+from feedback.store import Store
 from gateway.auth import KeyStore
 from gateway.canary import Arm, ModelRouting, routing_from_events
 from gateway.engines import Engine
@@ -26,15 +25,6 @@ from schemas.events import Event, ModelEvent
 from servoloop.up import _model_events
 from tests.gateway.conftest import RunningGateway, settings_for
 from tests.gateway.hotswap_support import Adapter
-from tests.support.clickhouse_http import shared_chdb_session
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    s = ChdbStore(shared_chdb_session(), f"t_{uuid.uuid4().hex[:12]}")
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {s.database}")
 
 
 async def test_the_fold_of_the_registrys_rows_follows_every_lifecycle_step(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import yaml
 
 from feedback.pipeline import EventPipeline
 from feedback.settings import EventSettings, IngestSettings
-from feedback.store import ChdbStore, Store, get_inferences, migrate, write_events
+from feedback.store import Store, get_inferences, write_events
 from gateway.auth import KeyStore
 from gateway.engines import Engine
 from gateway.server import Gateway, GatewayServer
@@ -34,18 +33,9 @@ from retrain.worker import RetrainWorker
 from schemas.events import RetrainTrigger
 from servoloop.up import _model_events
 from tests.gateway.conftest import RunningGateway, settings_for
-from tests.support.clickhouse_http import shared_chdb_session
 
 MODEL = "tiny-chat"
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the seeded feedback window
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    s = ChdbStore(shared_chdb_session(), f"t_{uuid.uuid4().hex[:12]}")
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {s.database}")
 
 
 @pytest.fixture

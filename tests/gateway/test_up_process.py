@@ -198,8 +198,9 @@ async def test_up_grades_served_traffic_into_the_store(up: tuple[UpProcess, Clic
     process.config.write_text(process.config.read_text() + "grading: " + json.dumps({
         "interval_s": 0.3, "settle_s": 0, "graders": {
             "judge": {"sample_rate": 1.0}, "toxicity": off, "groundedness": off, "judge_pairwise": off}}) + "\n")
+    key = process.key()  # before the start: the gateway reads it with the key store
     await process.start()
-    await _requests(process.http, process.key(), 5)
+    await _requests(process.http, key, 5)
     graded = 0
     for _ in range(240):  # the grading worker inside `up` samples, grades and publishes through the pipeline
         try:

@@ -8,29 +8,19 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from feedback.store import ChdbStore, Store, migrate, write_events
+from feedback.store import ChdbStore, migrate, write_events
 from tests.conftest import REPO
 from tests.support.clickhouse_http import shared_chdb_session
 
 # The gate runs torch in this process: passive OpenMP waits keep it fast on shared cores (see retrain/train.py).
 # Effective when torch is not loaded yet (running tests/retrain on its own).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    """A migrated, empty database of its own on the process's chDB session (dropped afterwards)."""
-    s = ChdbStore(shared_chdb_session(), f"t_{uuid.uuid4().hex[:12]}")
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {s.database}")
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from feedback.monitors.embeddings import PromptEmbedder
-from feedback.store import ChdbStore, Store, migrate
 
 
 class MemoEmbedder(PromptEmbedder):
@@ -33,14 +31,3 @@ def embedder() -> PromptEmbedder:
     e.load()
     return e
 
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    from tests.support.clickhouse_http import shared_chdb_session
-
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    s = ChdbStore(shared_chdb_session(), database)
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {database}")
-    await s.aclose()

@@ -6,8 +6,7 @@ import asyncio
 import json
 import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -21,12 +20,11 @@ from feedback.monitors.canary_decision import ArmStats, decide_canary
 from feedback.monitors.policy import CanaryPolicy, PolicyFile, parse_policy
 from feedback.monitors.runner import Scheduler, run_cycle, store_publisher
 from feedback.monitors.settings import MonitorSettings, WebhookSettings
-from feedback.store import ChdbStore, Store, migrate, write_events
+from feedback.store import Store, write_events
 from gateway.auth import KeyStore
 from schemas.errors import ConfigError
 from schemas.events import Event, FeedbackEvent, InferenceEvent, ModelEvent, MonitorResult
 from tests.browser.dashboard_support import admin_gateway
-from tests.support.clickhouse_http import shared_chdb_session
 
 HOUR = 3_600_000
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z: v0 becomes active
@@ -39,16 +37,6 @@ monitors: []
 canary: {min_samples: 200, min_feedback: 100, non_inferiority_margin: 0.05, rating_margin: 0.25,
          max_error_rate_increase: 0.02, max_block_rate_increase: 0.02, alpha: 0.05}
 """
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    s = ChdbStore(shared_chdb_session(), database)
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {database}")
-    await s.aclose()
 
 
 def lifecycle(*, canary: bool = True) -> list[Event]:

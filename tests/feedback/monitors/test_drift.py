@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -24,7 +23,7 @@ from feedback.monitors.drift import (
 )
 from feedback.monitors.embeddings import PromptEmbedder, backfill_embeddings
 from feedback.monitors.request_features import Group, feature_frames, sample_window
-from feedback.store import ChdbStore, Store, migrate, write_events
+from feedback.store import Store, write_events
 from schemas.events import InferenceEvent, Message, MonitorResult
 
 T0 = 1_780_000_000_000
@@ -89,17 +88,6 @@ def embedder() -> PromptEmbedder:
     e = MemoEmbedder()
     e.load()
     return e
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    from tests.support.clickhouse_http import shared_chdb_session
-
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    s = ChdbStore(shared_chdb_session(), database)
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {database}")
 
 
 def detector(embedder: PromptEmbedder, tmp_path: Path, **settings: object) -> DriftDetector:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,8 @@ from feedback.monitors.runner import Scheduler, run_cycle, sink_publisher, store
 from feedback.monitors.settings import MonitorSettings, WebhookSettings
 from feedback.pipeline import EventPipeline
 from feedback.settings import BrokerSettings, EventSettings, IngestSettings
-from feedback.store import ChdbStore, Store, count_rows, migrate, write_events
+from feedback.store import Store, count_rows, write_events
 from schemas.events import Event, FeedbackEvent, InferenceEvent, MonitorResult, RetrainTrigger
-from tests.support.clickhouse_http import shared_chdb_session
 
 HOUR = 3_600_000
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z; the baseline window
@@ -37,16 +35,6 @@ monitors:
     clear: 0.02
     action: {type: retrain, recipe: dpo, data_window: 7d}
 """
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    s = ChdbStore(shared_chdb_session(), database)
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {database}")
-    await s.aclose()
 
 
 def rated(rng: random.Random, *, n: int, up_rate: float, start_ms: int, span_ms: int, version: str,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +10,8 @@ import pytest
 from feedback.monitors.embeddings import PromptEmbedder
 from feedback.monitors.policy import parse_policy
 from feedback.monitors.runner import default_monitors, run_cycle, store_publisher
-from feedback.store import ChdbStore, Store, count_rows, migrate, write_events
+from feedback.store import Store, count_rows, write_events
 from tests.feedback.monitors.test_drift import COOKING, CURRENT, LEGAL, REFERENCE, N, events, prompts
-from tests.support.clickhouse_http import shared_chdb_session
 
 NOW = CURRENT[1]
 POLICY = """
@@ -33,16 +30,6 @@ def embedder() -> PromptEmbedder:
     e = PromptEmbedder()
     e.load()
     return e
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    s = ChdbStore(shared_chdb_session(), database)
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {database}")
-    await s.aclose()
 
 
 @pytest.mark.parametrize("shift", [True, False], ids=["cooking-to-legal", "cooking-both"])
