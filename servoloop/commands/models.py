@@ -336,8 +336,8 @@ def _act(action: str, model: str, version: str, reason: str, share: float, url: 
     answer = out["answer"]
     if answer["state"] == "request_refused":
         raise Conflict(answer["reason"])
-    v = out["version"]
-    console.print(f"[green]{action}[/green] {model}@{version}: {v['state']} (request {out['request_id']})")
+    # The answering row's state: the version view may have been read a moment before the answer was written.
+    console.print(f"[green]{action}[/green] {model}@{version}: {answer['state']} (request {out['request_id']})")
 
 
 ReasonOpt = Annotated[str, typer.Option("--reason", help="why (recorded with the step)")]
