@@ -1,18 +1,21 @@
-"""Real infrastructure for the event pipeline: one tansu broker and one moto S3 server per test session."""
+"""Real infrastructure for the feedback side: one tansu broker, one moto S3 server and one embedding model per test
+session."""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from feedback.broker import EmbeddedBroker, LocalS3
+from feedback.monitors.embeddings import PromptEmbedder
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +79,25 @@ def read_topics(bootstrap: str, topics: list[str], *, expect: int, timeout_s: fl
 @pytest.fixture
 def read() -> Callable[..., list[Consumed]]:
     return read_topics
+
+
+class MemoEmbedder(PromptEmbedder):
+    """The real model, remembering texts it has seen: tests reuse prompt and answer texts under new event ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memo: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        new = sorted({t for t in texts if t not in self.memo})
+        if new:
+            self.memo.update(zip(new, super().embed(new), strict=True))
+        return np.stack([self.memo[t] for t in texts]) if texts else super().embed(texts)
+
+
+@pytest.fixture(scope="session")
+def embedder() -> PromptEmbedder:
+    """One all-MiniLM-L6-v2 per test session (loading it costs seconds), shared by the grader and monitor tests."""
+    e = MemoEmbedder()
+    e.load()
+    return e

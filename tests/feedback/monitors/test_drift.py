@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -67,27 +66,6 @@ def events(texts: list[str], start_ms: int, *, model: str = "m", seed: int = 0) 
             tokens_out=rng.randint(20, 60), temperature=0.7, max_tokens=256,
             guardrail_types=("email",) if rng.random() < 0.05 else ()))
     return out
-
-
-class MemoEmbedder(PromptEmbedder):
-    """The real model, remembering texts it has seen: tests reuse prompt texts under new event ids."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.memo: dict[str, np.ndarray] = {}
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        new = sorted({t for t in texts if t not in self.memo})
-        self.memo.update(zip(new, super().embed(new), strict=True))
-        return np.stack([self.memo[t] for t in texts]) if texts else super().embed(texts)
-
-
-@pytest.fixture(scope="session")
-def embedder() -> PromptEmbedder:
-    """One all-MiniLM-L6-v2 per test session (loading it costs seconds)."""
-    e = MemoEmbedder()
-    e.load()
-    return e
 
 
 def detector(embedder: PromptEmbedder, tmp_path: Path, **settings: object) -> DriftDetector:

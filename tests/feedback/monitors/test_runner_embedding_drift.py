@@ -25,13 +25,6 @@ monitors:
 """
 
 
-@pytest.fixture(scope="module")
-def embedder() -> PromptEmbedder:
-    e = PromptEmbedder()
-    e.load()
-    return e
-
-
 @pytest.mark.parametrize("shift", [True, False], ids=["cooking-to-legal", "cooking-both"])
 async def test_prompt_shift_detected_by_embedding_drift_emits_one_retrain_trigger(
         store: Store, embedder: PromptEmbedder, tmp_path: Path, shift: bool) -> None:
