@@ -164,7 +164,9 @@ class RetrainWorker:
 
     def recipe_for(self, trigger: RetrainTrigger) -> Recipe:
         params = _params(trigger)
-        name = params.get("recipe") or self.settings.recipes.get(trigger.method) or trigger.method
+        named = params.get("recipe")  # a monitor names the method's recipe ("dpo"): the settings map it to a file
+        name = (self.settings.recipes.get(named, named) if named else None) \
+            or self.settings.recipes.get(trigger.method) or trigger.method
         overrides = {k: params[k] for k in ("epochs", "learning_rate", "batch_size", "save_steps", "timeout_s")
                      if k in params}
         return load_recipe(name, **overrides)

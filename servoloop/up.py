@@ -17,6 +17,7 @@ from feedback.monitors.runner import Scheduler, sink_publisher
 from feedback.pipeline import EventPipeline
 from feedback.store import Store, get_inference
 from gateway.auth import KeyStore
+from gateway.engines import Engine
 from gateway.metrics import GatewayMetrics
 from gateway.server import Gateway, GatewayServer
 from retrain.registry import StoreRegistry, model_rows
@@ -64,39 +65,75 @@ async def serve_all(settings: Settings, *, on_ready: Callable[[GatewayServer], N
 
 async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry], EventPipeline] | None,
                  on_ready: Callable[[GatewayServer], None] | None) -> None:
-    metrics = GatewayMetrics()  # one registry: the gateway's /metrics shows the sink, spool and ingester too
-    pipeline = make_pipeline(metrics.registry) if make_pipeline is not None else None
-    server: GatewayServer | None = None
-    scheduler: Scheduler | None = None
-    model_requests: RequestWorker | None = None  # applies model action requests through the one registry of this process
-    grading: GradingWorker | None = None
-    retrain_stop = asyncio.Event()
-    retrain_task: asyncio.Task[None] | None = None
-    report_dir = settings.monitors.report_dir or settings.data_dir / "monitor-reports"  # drift HTML reports
+    system = System(settings, make_pipeline, on_ready=on_ready)
+    await run_until_signalled(system.start, system.stop)
 
-    async def start() -> None:
-        nonlocal server, scheduler, model_requests, grading, retrain_task
+
+def all_in_one(settings: Settings, *, store: Store | None = None,
+               engines: dict[str, Engine] | None = None,
+               on_ready: Callable[[GatewayServer], None] | None = None) -> System:
+    """`servoloop up`'s components as a `System` to start and stop yourself (e.g. `servoloop demo`).
+
+    `store`: use this store instead of opening the configured one (a process holds one chDB path);
+    `engines`: engines already started, by model name.
+    """
+    return System(settings, lambda registry: EventPipeline(settings.events, data_dir=settings.data_dir,
+                                                           registry=registry, store=store),
+                  on_ready=on_ready, engines=engines)
+
+
+class System:
+    """Every component of one serving process: `await start()`, then its handles, then `await stop()`.
+
+    With a pipeline that owns a store, the process also runs the monitors, the registry (and its request
+    worker), the retrain worker and the graders, as `servoloop up` does.
+    """
+
+    def __init__(self, settings: Settings, make_pipeline: Callable[[CollectorRegistry], EventPipeline] | None, *,
+                 on_ready: Callable[[GatewayServer], None] | None = None,
+                 engines: dict[str, Engine] | None = None) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()  # one registry: the gateway's /metrics shows the sink, spool and ingester too
+        self.pipeline = make_pipeline(self.metrics.registry) if make_pipeline is not None else None
+        self.on_ready = on_ready
+        self.engines = engines
+        self.gateway: Gateway | None = None
+        self.server: GatewayServer | None = None
+        self.scheduler: Scheduler | None = None
+        self.registry: StoreRegistry | None = None
+        self.model_requests: RequestWorker | None = None  # applies model action requests through the one registry
+        self.grading: GradingWorker | None = None
+        self.retrain_worker: RetrainWorker | None = None
+        self._retrain_stop = asyncio.Event()
+        self._retrain_task: asyncio.Task[None] | None = None
+        self.report_dir = settings.monitors.report_dir or settings.data_dir / "monitor-reports"  # drift HTML reports
+
+    async def start(self) -> None:
+        settings, pipeline, metrics, report_dir = self.settings, self.pipeline, self.metrics, self.report_dir
         if pipeline is not None:
             await pipeline.start()
             if pipeline.store is not None and pipeline.sink is not None and settings.monitors.enabled:
                 # The store's owner runs the monitors; results and triggers travel through the sink like every event.
-                scheduler = Scheduler(pipeline.store, settings.monitors, sink_publisher(pipeline.sink),
-                                      report_dir=report_dir)
-                await scheduler.start()
+                self.scheduler = Scheduler(pipeline.store, settings.monitors, sink_publisher(pipeline.sink),
+                                           report_dir=report_dir)
+                await self.scheduler.start()
             if pipeline.store is not None and pipeline.sink is not None:
                 # The store's owner runs the registry: its rows go to the store, then to the `models` topic.
                 registry = StoreRegistry(pipeline.store, settings.data_dir / "artifacts", publish=pipeline.sink.publish)
-                model_requests = RequestWorker(registry, poll_s=1.0)
-                await model_requests.start()
+                self.registry = registry
+                self.model_requests = RequestWorker(registry, poll_s=1.0)
+                await self.model_requests.start()
                 if settings.retrain.enabled:  # triggers -> dataset -> training subprocess -> gate -> the same registry
-                    retrain_task = asyncio.create_task(
-                        RetrainWorker(pipeline.store, registry, settings).run(retrain_stop), name="retrain-worker")
+                    self.retrain_worker = RetrainWorker(pipeline.store, registry, settings)
+                    self._retrain_task = asyncio.create_task(self.retrain_worker.run(self._retrain_stop),
+                                                             name="retrain-worker")
                 if settings.grading.enabled:  # graders sample served traffic off the request path
-                    grading = GradingWorker(pipeline.store, sink_publisher(pipeline.sink), settings.grading,
-                                            registry=metrics.registry)
-                    await grading.start()
-        gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics,
+                    self.grading = GradingWorker(pipeline.store, sink_publisher(pipeline.sink), settings.grading,
+                                                 registry=metrics.registry)
+                    await self.grading.start()
+        gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics, engines=self.engines,
                      events=pipeline.sink if pipeline is not None else None)
+        self.gateway = gw
         _follow_models(gw, settings, pipeline)
         if pipeline is not None:
             gw.status_providers["events"] = pipeline.health
@@ -109,30 +146,28 @@ async def _serve(settings: Settings, make_pipeline: Callable[[CollectorRegistry]
                     prices={m: (p.input_per_1k, p.output_per_1k) for m, p in settings.monitors.prices.items()}))
                 gw.http_extensions.append(models_extension(  # the registry's admin routes (versions, lineage)
                     pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None))
-        server = GatewayServer(gw)
-        await server.start()
-        if on_ready:
-            on_ready(server)
+        self.server = GatewayServer(gw)
+        await self.server.start()
+        if self.on_ready:
+            self.on_ready(self.server)
 
-    async def stop() -> None:
-        if server is not None:
-            await server.stop()  # drains in-flight requests: their events are published before the sink closes
-        if scheduler is not None:
-            await scheduler.aclose()
-        if model_requests is not None:
-            await model_requests.aclose()
-        if grading is not None:
-            await grading.aclose()
-        if retrain_task is not None:
-            retrain_stop.set()  # between jobs it stops at once; a running job is killed (and resumes from its checkpoint)
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()  # drains in-flight requests: their events are published before the sink closes
+        if self.scheduler is not None:
+            await self.scheduler.aclose()
+        if self.model_requests is not None:
+            await self.model_requests.aclose()
+        if self.grading is not None:
+            await self.grading.aclose()
+        if self._retrain_task is not None:
+            self._retrain_stop.set()  # between jobs it stops at once; a running job is killed (and resumes from its checkpoint)
             try:
-                await asyncio.wait_for(retrain_task, 5.0)
+                await asyncio.wait_for(self._retrain_task, 5.0)
             except TimeoutError:
                 pass
-        if pipeline is not None:
-            await pipeline.aclose()
-
-    await run_until_signalled(start, stop)
+        if self.pipeline is not None:
+            await self.pipeline.aclose()
 
 
 def _follow_models(gw: Gateway, settings: Settings, pipeline: EventPipeline | None) -> None:
