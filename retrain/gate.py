@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from retrain.gate_grades import grade_reasons, measure_grades
 from retrain.recipes import GateThresholds
 
 
@@ -82,6 +83,7 @@ def decide(figures: dict[str, Any], t: GateThresholds) -> GateResult:
     ratio = figures.get("perplexity_ratio")
     if ratio is not None and ratio > t.max_perplexity_ratio:
         reasons.append(f"general-set perplexity grew {ratio:.3f}x (allowed {t.max_perplexity_ratio:.3f}x)")
+    reasons += grade_reasons(figures.get("grades"), t.grades)  # online graders (retrain/gate_grades.py)
     return GateResult(not reasons, tuple(reasons), dict(figures))
 
 
@@ -280,6 +282,9 @@ def evaluate(*, base_dir: Path, candidate_dir: Path, eval_pairs: Sequence[dict[s
                     "candidate_judge_score": sum(judge.score(p, a) for p, a in zip(prompts, cand_ans, strict=True)) / len(prompts),
                     "current_judge_score": sum(judge.score(p, b) for p, b in zip(prompts, cur_ans, strict=True)) / len(prompts),
                     "sample_answers": [{"candidate": a, "current": b} for a, b in zip(cand_ans[:3], cur_ans[:3], strict=True)]}
+        if thresholds.grades.enabled:  # the online graders on the same answers of both versions
+            figures["grades"] = measure_grades(prompts, cand_ans, cur_ans, thresholds.grades)
+            timings["grades"] = round(time.monotonic() - t, 2)
 
     t = lap("win_rate", t)
     cand_s, cand_leaks, cand_hit = _safety(scorer, "candidate", SAFETY_NEW_TOKENS)
