@@ -6,6 +6,10 @@ state is `active` is the active arm, the newest in `canary` is the canary arm wi
 latest row is `rolled_back`, `retired`, `rejected` or `candidate` serve nothing. No `active` row: the model
 serves its configured base (the caller's default).
 
+Versions are scoped (`ModelEvent.tenant`: '' global, else one tenant's). `routing_from_events` gives the
+global routing of each model; `tenant_routings_from_events` gives, per (model, tenant), the routing of the
+tenants that have a version of their own (active or canary). A tenant without one is served the global routing.
+
 The canary split is sticky: a request's sticky key (its session, else its end user, else its API key) hashes
 with the model name to a point in [0, 1); the request goes to the canary when that point is below the share.
 The same key always lands on the same arm, and over many keys the canary's fraction matches the share.
@@ -53,12 +57,24 @@ def _order(e: ModelEvent) -> tuple[int, str]:
 
 
 def routing_from_events(events: Iterable[ModelEvent]) -> dict[str, ModelRouting]:
-    """Each model's routing from its lifecycle rows, in any order (duplicates are harmless).
+    """Each model's global routing from its lifecycle rows, in any order (duplicates are harmless).
 
     The latest row of a version (by ts_ms, then event id) is its state. Among versions in `active`, the one
     that became active last wins (a promotion whose `retired` row for the old version is not written yet
     still switches at once); likewise for `canary`. A canary equal to the active version is dropped.
+    Tenant-scoped versions are not part of it (see `tenant_routings_from_events`).
     """
+    return {model: r for (model, tenant), r in scoped_routings(events).items() if not tenant}
+
+
+def tenant_routings_from_events(events: Iterable[ModelEvent]) -> dict[tuple[str, str], ModelRouting]:
+    """(model, tenant) -> the routing of each tenant with a version of its own; `active` None: the tenant's
+    own canary runs against the global active version."""
+    return {key: r for key, r in scoped_routings(events).items() if key[1]}
+
+
+def scoped_routings(events: Iterable[ModelEvent]) -> dict[tuple[str, str], ModelRouting]:
+    """(model, scope) -> routing, by the rules of `routing_from_events` applied within each scope."""
     latest: dict[tuple[str, str], ModelEvent] = {}
     for e in events:
         if not e.model or not e.version_id:
@@ -67,23 +83,24 @@ def routing_from_events(events: Iterable[ModelEvent]) -> dict[str, ModelRouting]
         seen = latest.get(key)
         if seen is None or _order(e) >= _order(seen):
             latest[key] = e
-    active: dict[str, ModelEvent] = {}
-    canary: dict[str, ModelEvent] = {}
+    active: dict[tuple[str, str], ModelEvent] = {}
+    canary: dict[tuple[str, str], ModelEvent] = {}
     for e in latest.values():
         pick = active if e.state == "active" else canary if e.state == "canary" else None
         if pick is None:
             continue
-        held = pick.get(e.model)
+        scope = (e.model, e.tenant)
+        held = pick.get(scope)
         if held is None or _order(e) > _order(held):
-            pick[e.model] = e
-    out: dict[str, ModelRouting] = {}
-    for model in {*active, *canary}:
-        a, c = active.get(model), canary.get(model)
+            pick[scope] = e
+    out: dict[tuple[str, str], ModelRouting] = {}
+    for key in {*active, *canary}:
+        a, c = active.get(key), canary.get(key)
         if c is not None and (c.canary_share <= 0 or (a is not None and a.version_id == c.version_id)):
             c = None
         if a is None and c is None:
             continue
-        out[model] = ModelRouting(
+        out[key] = ModelRouting(
             active=_arm(a) if a is not None else None,
             canary=_arm(c) if c is not None else None,
             canary_share=float(c.canary_share) if c is not None else 0.0,

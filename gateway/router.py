@@ -4,6 +4,10 @@ Each model's arms live in one table that the hot-swap watcher replaces with a si
 a request picks its route once, at admission (`select`), and keeps that route object (version and adapter)
 until it ends, whatever swaps happen meanwhile. `hold`/`release` count requests per engine adapter, so an
 old adapter is unloaded only after the requests that use it drained.
+
+Tenants with versions of their own have a second table, (model, tenant) -> `TenantArms`, swapped the same way:
+`select(model, key, tenant)` takes the tenant's canary or active route and falls back to the model's global
+active route for what the tenant lacks.
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ class Arms:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantArms:
+    """What one tenant of a model serves: its own active route (None: the global one) and an optional canary."""
+
+    active: ModelRoute | None = None
+    canary: ModelRoute | None = None
+    canary_share: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Served:
     """Which route actually answered (after fallbacks)."""
 
@@ -58,6 +71,7 @@ class Router:
     def __init__(self, routes: list[ModelRoute], *, on_fallback: Callable[[str, str], None] | None = None):
         self._base = {r.name: r for r in routes}  # as configured: the base model of each name
         self._table: dict[str, Arms] = {r.name: Arms(r) for r in routes}
+        self._tenant_table: dict[tuple[str, str], TenantArms] = {}
         self._on_fallback = on_fallback
         self._in_flight: Counter[tuple[int, str | None]] = Counter()
 
@@ -81,6 +95,23 @@ class Router:
         table[model] = arms
         self._table = table  # one reference assignment: a reader sees the old table or the new one
 
+    def tenant_arms(self, model: str, tenant: str) -> TenantArms | None:
+        """The tenant's own routing of `model`, or None when it is served the global one."""
+        return self._tenant_table.get((model, tenant))
+
+    def tenants(self, model: str) -> list[str]:
+        """The tenants with a routing of their own for `model`."""
+        return sorted(t for (m, t) in self._tenant_table if m == model)
+
+    def swap_tenant(self, model: str, tenant: str, arms: TenantArms | None) -> None:
+        """Route the tenant's new requests of `model` to `arms` (None: back to the global routing)."""
+        table = dict(self._tenant_table)
+        if arms is None or (arms.active is None and arms.canary is None):
+            table.pop((model, tenant), None)
+        else:
+            table[(model, tenant)] = arms
+        self._tenant_table = table  # one reference assignment, as in `swap`
+
     def _arms(self, model: str) -> Arms:
         arms = self._table.get(model)
         if arms is None:
@@ -94,9 +125,20 @@ class Router:
         """The active route for `model`; raises ModelNotFound naming the models that exist."""
         return self._arms(model).active
 
-    def select(self, model: str, sticky_key: str) -> ModelRoute:
-        """The route a request of `model` takes: the canary for the keys its share sticks to, else the active."""
+    def select(self, model: str, sticky_key: str, tenant: str = "") -> ModelRoute:
+        """The route a request of `model` takes: the canary for the keys its share sticks to, else the active.
+
+        A `tenant` with a routing of its own gets its canary or active route; what it lacks comes from the
+        model's global routing (a tenant's own canary replaces the global one for that tenant).
+        """
         arms = self._arms(model)
+        own = self._tenant_table.get((model, tenant)) if tenant else None
+        if own is not None:
+            if own.canary is not None and choose_arm(model, sticky_key, own.canary_share) == CANARY:
+                return own.canary
+            if own.active is not None:
+                return own.active
+            return arms.active
         if arms.canary is not None and choose_arm(model, sticky_key, arms.canary_share) == CANARY:
             return arms.canary
         return arms.active

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gateway.auth import Principal
+from gateway.budgets import BudgetKeeper, PriceTable
 from gateway.cache import CachedAnswer, ResponseCache, cache_key
 from gateway.canary import sticky_key
 from gateway.engines import collect
@@ -76,6 +77,7 @@ class Outcome:
     error_code: str
     ttft_s: float | None
     latency_s: float
+    cost_usd: float = 0.0  # usage x the price table (0 for a cache hit): recorded and added to budgets
 
 
 Observer = Callable[[Outcome], None]
@@ -96,6 +98,8 @@ class InferenceService:
         refusal_observers: list[RefusalObserver] | None = None,
         clock: Callable[[], float] = time.monotonic,
         trace_sample_ratio: float | None = None,
+        prices: PriceTable | None = None,
+        budgets: BudgetKeeper | None = None,
     ):
         self.router = router
         self._limiter = limiter
@@ -107,6 +111,8 @@ class InferenceService:
         self._refusal_observers = refusal_observers or []
         self._clock = clock
         self._trace_bound = None if trace_sample_ratio is None else sample_bound(trace_sample_ratio)
+        self.prices = prices or PriceTable()
+        self.budgets = budgets  # spend budgets: checked at admission, fed by an observer (gateway/budgets.py)
 
     def add_observer(self, observer: Observer, *, refused: RefusalObserver | None = None) -> None:
         """Call `observer` with every admitted request's outcome, and `refused` with every refusal after auth."""
@@ -119,9 +125,11 @@ class InferenceService:
         sampled = assign_trace(request, self._trace_bound)  # before the guard, whose redaction copies the request
         try:
             principal.require("infer")
+            if self.budgets is not None:
+                self.budgets.check(principal)
             # The route (version, adapter, arm) is chosen once: the request keeps it through any hot swap.
             route = self.router.select(request.model, sticky_key(session=request.session, user=request.user,
-                                                                 key_id=principal.key_id))
+                                                                 key_id=principal.key_id), principal.tenant)
             guard_state = None
             if self._guard is not None:
                 request, guard_state = self._guard.check_input(principal.tenant, request)
@@ -266,7 +274,8 @@ class InferenceService:
             m.tokens.labels(model, tenant, "out").inc(usage.completion_tokens)
             if adm.cache_key and adm.cached is None and self._cache is not None:
                 self._cache.put(adm.cache_key, CachedAnswer(text, finish_reason or "stop", usage, adm.model_version, now))
-        outcome = Outcome(adm, text, finish_reason, usage, status, code, ttft, now - start)
+        cost = 0.0 if adm.cached is not None else self.prices.cost(model, usage.prompt_tokens, usage.completion_tokens)
+        outcome = Outcome(adm, text, finish_reason, usage, status, code, ttft, now - start, cost)
         for observe in self._observers:
             try:
                 observe(outcome)

@@ -6,6 +6,10 @@ of traffic) and then `active` (all traffic; the previous active version becomes 
 back (`rolled_back`). Rolling back the active version re-activates the version that was active before it.
 Every step is one append-only `ModelEvent` row; the current state of a version is its latest row.
 
+A version has a scope, fixed at registration: global (tenant '') or one tenant's. Each scope of a model has
+its own active version and its own canary; a tenant without an active version of its own is served the
+global one.
+
     candidate ──▶ canary ──▶ active ──▶ retired
         │            │          │
         ▼            ▼          ▼
@@ -71,6 +75,7 @@ class ModelVersion:
     updated_ms: int = 0
     actor: str = ""
     reason: str = ""
+    tenant: str = ""  # the version's scope: '' = global (every tenant's fallback), else the one tenant it serves
 
 
 @runtime_checkable
@@ -79,8 +84,8 @@ class Registry(Protocol):
     the version's new view; illegal moves raise IllegalTransition, unknown versions NotFound."""
 
     async def register_candidate(self, *, model: str, base_model: str, adapter_dir: Path, lineage: dict[str, Any],
-                                 actor: str, version_id: str | None = None) -> ModelVersion:
-        """Copy the adapter into the artifact store (hashing it) and record a `candidate`."""
+                                 actor: str, version_id: str | None = None, tenant: str = "") -> ModelVersion:
+        """Copy the adapter into the artifact store (hashing it) and record a `candidate` of scope `tenant`."""
         ...
 
     async def reject(self, model: str, version_id: str, *, reasons: list[str], actor: str,
@@ -99,4 +104,4 @@ class Registry(Protocol):
 
     async def versions(self, model: str | None = None) -> list[ModelVersion]: ...
 
-    async def active(self, model: str) -> ModelVersion | None: ...
+    async def active(self, model: str, tenant: str = "") -> ModelVersion | None: ...

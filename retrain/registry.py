@@ -12,6 +12,10 @@ event sink: Kafka topic `models`, which every gateway watches). Rules it keeps:
 - rolling back a canary only ends the canary.
 - at most one canary per model: starting a second is an IllegalTransition naming the running one (end
   it with promote or rollback first): a silent replacement would lose the first canary's comparison.
+- scopes: a version is global (tenant '') or one tenant's, fixed at registration and carried by every row of
+  it (the `tenant` column). The rules above hold per (model, scope): one active and one canary per tenant; a
+  tenant's promotion retires only that tenant's previous version; rolling back a tenant's only version leaves
+  the tenant on the global version (the implicit `base` belongs to the global scope).
 - writes for one model are serialised in-process (an asyncio.Lock per model), so two concurrent promotes
   cannot both win: the second sees the first's row and is refused (or retires it, if it was legal).
 
@@ -86,7 +90,8 @@ def _view(row: dict[str, Any]) -> ModelVersion:
     return ModelVersion(model=row["model"], version_id=row["version_id"], state=row["state"],
                         base_model=row["base_model"], adapter_path=row["adapter_path"],
                         artifact_sha256=row["artifact_sha256"], canary_share=float(row["canary_share"] or 0.0),
-                        lineage=lineage, updated_ms=int(row["ts_ms"]), actor=row["actor"], reason=row["reason"])
+                        lineage=lineage, updated_ms=int(row["ts_ms"]), actor=row["actor"], reason=row["reason"],
+                        tenant=row.get("tenant") or "")
 
 
 async def model_rows(store: Store, model: str | None = None, version_id: str | None = None) -> list[dict[str, Any]]:
@@ -115,13 +120,18 @@ def current_views(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], Model
 def implicit_base(model: str, versions: Sequence[ModelVersion]) -> ModelVersion:
     """The base model as a version (active when no adapter is), for a model that has no `base` rows yet."""
     base_model = next((v.base_model for v in versions if v.base_model), model)
-    active = any(v.state == "active" for v in versions)
+    active = any(v.state == "active" and not v.tenant for v in versions)
     return ModelVersion(model=model, version_id=BASE_VERSION, state="retired" if active else "active",
                         base_model=base_model, reason="the base model (implicit)")
 
 
-async def list_versions(store: Store, model: str | None = None) -> list[ModelVersion]:
-    """Every version (per model: the implicit `base` first if it has no rows, then by registration), current state."""
+async def list_versions(store: Store, model: str | None = None, tenant: str | None = None, *,
+                        with_global: bool = False) -> list[ModelVersion]:
+    """Every version (per model: the implicit `base` first if it has no rows, then by registration), current state.
+
+    `tenant` None: every scope; else only that tenant's versions ('' = the global ones), plus the global ones
+    when `with_global` (what a tenant is served when it has no version of its own).
+    """
     views = current_views(await model_rows(store, model))
     by_model: dict[str, list[ModelVersion]] = {}
     for (m, _), v in views.items():
@@ -131,6 +141,8 @@ async def list_versions(store: Store, model: str | None = None) -> list[ModelVer
         vs = by_model[m]
         if not any(v.version_id == BASE_VERSION for v in vs):
             vs = [implicit_base(m, vs), *vs]
+        if tenant is not None:
+            vs = [v for v in vs if v.tenant == tenant or (with_global and not v.tenant)]
         out.extend(vs)
     return out
 
@@ -175,28 +187,34 @@ class StoreRegistry:
     async def get(self, model: str, version_id: str) -> ModelVersion:
         return await get_version(self.store, model, version_id)
 
-    async def versions(self, model: str | None = None) -> list[ModelVersion]:
-        return await list_versions(self.store, model)
+    async def versions(self, model: str | None = None, tenant: str | None = None) -> list[ModelVersion]:
+        return await list_versions(self.store, model, tenant)
 
-    async def active(self, model: str) -> ModelVersion | None:
-        """The active version (`base` when no adapter is active), or None for a model with no versions."""
-        views = [v for v in await list_versions(self.store, model) if v.model == model]
+    async def active(self, model: str, tenant: str = "") -> ModelVersion | None:
+        """The active version of scope `tenant` ('': global, `base` when no adapter is active), or None (a model
+        with no versions, or a tenant with no active version of its own)."""
+        views = [v for v in await list_versions(self.store, model, tenant) if v.model == model]
         return next((v for v in views if v.state == "active"), None)
 
-    async def canary(self, model: str) -> ModelVersion | None:
+    async def canary(self, model: str, tenant: str = "") -> ModelVersion | None:
         views = current_views(await model_rows(self.store, model))
-        return next((v for v in views.values() if v.state == "canary"), None)
+        return next((v for v in views.values() if v.state == "canary" and v.tenant == tenant), None)
 
     # -- writes --------------------------------------------------------------------------------------------------
 
     async def register_candidate(self, *, model: str, base_model: str, adapter_dir: Path, lineage: dict[str, Any],
-                                 actor: str, version_id: str | None = None) -> ModelVersion:
+                                 actor: str, version_id: str | None = None, tenant: str | None = None
+                                 ) -> ModelVersion:
         """Copy `adapter_dir` to `<artifacts_root>/<model>/<version_id>/`, hash it, record a `candidate`.
 
-        Raises InvalidRequest for a bad id or a missing adapter directory, VersionExists for a taken id,
-        ArtifactMismatch if the copy does not hash like the source.
+        `tenant`: the version's scope ('' global; None: this registry's default `tenant`). Raises InvalidRequest
+        for a bad id, tenant or a missing adapter directory, VersionExists for a taken id, ArtifactMismatch if
+        the copy does not hash like the source.
         """
         _check_name(model, "model")
+        scope = self.tenant if tenant is None else tenant
+        if scope:
+            _check_name(scope, "tenant")
         adapter_dir = Path(adapter_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise InvalidRequest(f"{str(adapter_dir)!r} is not a PEFT adapter directory (no adapter_config.json)",
@@ -211,8 +229,8 @@ class StoreRegistry:
             url = f"{self.artifacts_root}/{model}/{version_id}"
             sha = await asyncio.to_thread(_copy_artifact, adapter_dir, url)
             full = {"base_model": base_model, **lineage, "artifact_sha256": sha, "adapter_path": url,
-                    "registered_by": actor, "registered_ms": ts}
-            event = ModelEvent(ts_ms=ts, tenant=self.tenant, model=model, version_id=version_id,
+                    "registered_by": actor, "registered_ms": ts, "tenant": scope}
+            event = ModelEvent(ts_ms=ts, tenant=scope, model=model, version_id=version_id,
                                base_model=base_model, adapter_path=url, state="candidate", previous_state="",
                                reason="registered", actor=actor, lineage=json.dumps(full, default=str),
                                artifact_sha256=sha)
@@ -253,7 +271,7 @@ class StoreRegistry:
             rows = await model_rows(self.store, request.model)
             current = current_views(rows).get((request.model, request.version_id))
             event = ModelEvent(
-                ts_ms=self._next_ts(rows), tenant=request.tenant, model=request.model,
+                ts_ms=self._next_ts(rows), tenant=current.tenant if current else request.tenant, model=request.model,
                 version_id=request.version_id, base_model=request.base_model, adapter_path=request.adapter_path,
                 state=REQUEST_REFUSED, previous_state=current.state if current else "",
                 reason=f"{request.state} by {request.actor or 'unknown'} refused: {message}", actor=self.actor,
@@ -285,14 +303,17 @@ class StoreRegistry:
             to = next_state(current.state, action)
             ts = self._next_ts(rows)
             events: list[ModelEvent] = []
-            others = [v for (_, vid), v in views.items() if vid != version_id]
+            scope = current.tenant  # every rule below holds within the version's scope
+            others = [v for (_, vid), v in views.items() if vid != version_id and v.tenant == scope]
             if action == "canary" and (running := next((v for v in others if v.state == "canary"), None)):
+                where = f"model {model!r}" + (f" for tenant {scope!r}" if scope else "")
                 raise IllegalTransition(
-                    f"model {model!r} already has a canary ({running.version_id!r}); promote or roll it back first",
+                    f"{where} already has a canary ({running.version_id!r}); promote or roll it back first",
                     details={"state": current.state, "action": action, "canary": running.version_id})
+            global_scope = not scope
             if action == "promote":
                 previous = next((v for v in others if v.state == "active"), None)
-                if previous is None and BASE_VERSION not in (vid for (_, vid) in views):
+                if previous is None and global_scope and BASE_VERSION not in (vid for (_, vid) in views):
                     previous = implicit_base(model, list(views.values()))
                     previous = previous if previous.state == "active" else None
                 if previous is not None:
@@ -306,14 +327,16 @@ class StoreRegistry:
                                     request_id=request_id))
             if action == "rollback" and current.state == "active":
                 retired = [v for v in others if v.state == "retired"]
-                if BASE_VERSION not in (vid for (_, vid) in views):
+                if global_scope and BASE_VERSION not in (vid for (_, vid) in views):
                     retired.append(implicit_base(model, list(views.values())))
-                # the implicit base (retired while an adapter is active, never rolled back) is always there
-                target = max(retired, key=lambda v: v.updated_ms)
-                events.append(self._row(target, "active", ts + 1, actor=actor,
-                                        reason=f"re-activated: {version_id} rolled back", key="reactivation",
-                                        step={"by": actor, "ts_ms": ts + 1, "replaces": version_id,
-                                              "reason": reason}))
+                # globally the implicit base (retired while an adapter is active, never rolled back) is always
+                # there; a tenant with nothing retired falls back to the global version
+                if retired:
+                    target = max(retired, key=lambda v: v.updated_ms)
+                    events.append(self._row(target, "active", ts + 1, actor=actor,
+                                            reason=f"re-activated: {version_id} rolled back", key="reactivation",
+                                            step={"by": actor, "ts_ms": ts + 1, "replaces": version_id,
+                                                  "reason": reason}))
             await self._emit(events)
             log.info("%s %s@%s: %s -> %s by %s", action, model, version_id, current.state, to, actor)
             return _view(_row(events[mine]))
@@ -325,7 +348,7 @@ class StoreRegistry:
             lineage.setdefault("base_model", v.base_model)
         if request_id:
             lineage["request_id"] = request_id
-        return ModelEvent(ts_ms=ts, tenant=self.tenant, model=v.model, version_id=v.version_id,
+        return ModelEvent(ts_ms=ts, tenant=v.tenant, model=v.model, version_id=v.version_id,
                           base_model=v.base_model, adapter_path=v.adapter_path, state=state, previous_state=v.state,
                           reason=reason, actor=actor, lineage=json.dumps(lineage, default=str),
                           artifact_sha256=v.artifact_sha256, canary_share=share)
@@ -345,7 +368,7 @@ class StoreRegistry:
 
 
 def _row(event: ModelEvent) -> dict[str, Any]:
-    return {"model": event.model, "version_id": event.version_id, "state": event.state,
+    return {"tenant": event.tenant, "model": event.model, "version_id": event.version_id, "state": event.state,
             "base_model": event.base_model, "adapter_path": event.adapter_path,
             "artifact_sha256": event.artifact_sha256, "canary_share": event.canary_share,
             "lineage": event.lineage, "ts_ms": event.ts_ms, "actor": event.actor, "reason": event.reason}
