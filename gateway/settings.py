@@ -161,6 +161,16 @@ class HotSwapSettings(BaseModel):
                                                           "before serving (then they swap in as they arrive)")
 
 
+class BudgetSettings(BaseModel):
+    """Spend budgets (`servoloop budgets set`): held in memory, read from the store at start and then polled."""
+
+    enabled: bool = Field(True, description="enforce budgets where the gateway can read the store")
+    poll_interval_s: float = Field(5.0, gt=0, description="how often budgets and every gateway's spend are re-read "
+                                                          "(bounds the over-spend with several gateways)")
+    startup_wait_s: float = Field(10.0, ge=0, description="how long start-up waits for the first read (spend "
+                                                          "seeded from the store) before serving")
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -178,6 +188,7 @@ class GatewaySettings(BaseModel):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     hotswap: HotSwapSettings = Field(default_factory=HotSwapSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
 
     @model_validator(mode="after")
     def _fallbacks_name_known_models(self) -> GatewaySettings:

@@ -127,6 +127,7 @@ class InferenceEvent(Event, kw_only=True, frozen=True, tag="inference"):
     input_action: GuardAction = "allow"
     output_action: GuardAction = "allow"
     guardrail_types: tuple[str, ...] = ()
+    cost_usd: NonNegFloat = 0.0  # tokens x the price table (gateway/budgets.py); 0 for cache hits and unpriced models
 
 
 class GuardrailEvent(Event, kw_only=True, frozen=True, tag="guardrail"):
@@ -275,6 +276,50 @@ class GradeEvent(Event, kw_only=True, frozen=True, tag="grade"):
     inference_ts_ms: EpochMs = 0  # when the graded inference happened: grade ts - this = grading lag
 
 
+BudgetScope = Literal["tenant", "key"]
+BudgetPeriod = Literal["day", "month"]
+
+
+class BudgetEvent(Event, kw_only=True, frozen=True, tag="budget"):
+    """A spend budget set (or cleared: both limits 0) for one tenant or key over a UTC day or month.
+
+    Append-only like model events: the budget in force for (`scope`, `subject`, `period`) is the latest
+    row. `subject` is the tenant name or the key id; `tenant` is the tenant it belongs to (empty for a
+    key budget set without knowing the key's tenant). Limits are in the price table's unit (USD).
+    """
+
+    topic: ClassVar[str] = topics.BUDGETS
+    table: ClassVar[str] = "budgets"
+
+    scope: BudgetScope = "tenant"
+    subject: str = ""
+    period: BudgetPeriod = "day"
+    soft_usd: NonNegFloat = 0.0  # 0: no soft limit
+    hard_usd: NonNegFloat = 0.0  # 0: no hard limit
+    actor: str = ""
+    reason: str = ""
+
+
+class BudgetAlert(Event, kw_only=True, frozen=True, tag="budget_alert"):
+    """Spend crossed a budget's soft limit (`level` soft) or hard limit (`level` hard) in one period.
+
+    One per (scope, subject, period, period start, level): its `event_id` is derived from those, so a
+    second gateway (or a restarted one) raising the same alert is deduplicated like any event.
+    """
+
+    topic: ClassVar[str] = topics.BUDGET_ALERTS
+    table: ClassVar[str] = "budget_alerts"
+
+    scope: BudgetScope = "tenant"
+    subject: str = ""
+    period: BudgetPeriod = "day"
+    level: Literal["soft", "hard"] = "soft"
+    period_start_ms: EpochMs = 0
+    reset_ms: EpochMs = 0  # when the period ends and spend starts again from 0
+    spend_usd: NonNegFloat = 0.0
+    limit_usd: NonNegFloat = 0.0
+
+
 _DEAD_LETTER_NS = uuid.UUID("6f1d3c52-9a57-4d0e-8f57-1b8a4de2a0c1")
 
 
@@ -311,12 +356,12 @@ class DeadLetter(Event, kw_only=True, frozen=True, tag="dead_letter"):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     InferenceEvent, GuardrailEvent, FeedbackEvent, ModelEvent, MonitorResult, RetrainTrigger, DeadLetter,
-    GradeEvent,
+    GradeEvent, BudgetEvent, BudgetAlert,
 )
 EVENT_BY_TAG: dict[str, type[Event]] = {t.__struct_config__.tag: t for t in EVENT_TYPES}  # type: ignore[misc]
 
 AnyEvent = (InferenceEvent | GuardrailEvent | FeedbackEvent | ModelEvent | MonitorResult | RetrainTrigger | DeadLetter
-            | GradeEvent)
+            | GradeEvent | BudgetEvent | BudgetAlert)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyEvent)

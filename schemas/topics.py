@@ -20,8 +20,11 @@ MONITORS = "monitors"
 RETRAIN = "retrain"
 DEAD_LETTER = "dead-letter"
 GRADES = "grades"
+BUDGETS = "budgets"
+BUDGET_ALERTS = "budget-alerts"
 
-ALL_SUFFIXES: tuple[str, ...] = (INFERENCES, GUARDRAILS, FEEDBACK, MODELS, MONITORS, RETRAIN, DEAD_LETTER, GRADES)
+ALL_SUFFIXES: tuple[str, ...] = (INFERENCES, GUARDRAILS, FEEDBACK, MODELS, MONITORS, RETRAIN, DEAD_LETTER, GRADES,
+                                   BUDGETS, BUDGET_ALERTS)
 
 # Kafka's legal topic alphabet and length limit (kafka.common.internals.Topic).
 _LEGAL = re.compile(r"^[A-Za-z0-9._-]*$")
