@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -35,3 +40,39 @@ class GatewayMetrics:
                                             buckets=_LATENCY_BUCKETS, registry=r)
         self.model_version = Gauge("servoloop_model_version_info", "The version each arm of a model serves (1)",
                                    ["model", "arm", "version"], registry=r)
+
+    def watch_adapters(self, engines: Mapping[str, Any]) -> None:
+        """Export the adapter caches of `engines` (model name -> engine; those without one are skipped)."""
+        self.registry.register(AdapterCacheCollector(engines))
+
+
+class AdapterCacheCollector(Collector):
+    """Adapters loaded, cache hits and misses, loads, evictions and load time of each engine, read at scrape."""
+
+    def __init__(self, engines: Mapping[str, Any]) -> None:
+        self._engines = engines
+
+    def collect(self) -> Iterator[Metric]:
+        loaded = GaugeMetricFamily("servoloop_adapters_loaded", "LoRA adapters loaded in the engine now", labels=["model"])
+        registered = GaugeMetricFamily("servoloop_adapters_registered", "LoRA adapters the engine can serve",
+                                       labels=["model"])
+        lookups = CounterMetricFamily("servoloop_adapter_cache_lookups", "Requests naming an adapter, by whether it "
+                                      "was loaded (hit) or had to load first (miss)", labels=["model", "result"])
+        loads = CounterMetricFamily("servoloop_adapter_loads", "Adapter loads into the engine", labels=["model"])
+        evictions = CounterMetricFamily("servoloop_adapter_evictions", "Adapters evicted (least recently used)",
+                                        labels=["model"])
+        seconds = CounterMetricFamily("servoloop_adapter_load_seconds", "Time spent loading adapters",
+                                      labels=["model"])
+        for name, engine in self._engines.items():
+            cache = getattr(engine, "adapter_cache", None)
+            if cache is None:
+                continue
+            st = cache.stats()
+            loaded.add_metric([name], st.loaded)
+            registered.add_metric([name], st.registered)
+            lookups.add_metric([name, "hit"], st.hits)
+            lookups.add_metric([name, "miss"], st.misses)
+            loads.add_metric([name], st.loads)
+            evictions.add_metric([name], st.evictions)
+            seconds.add_metric([name], st.load_seconds)
+        yield from (loaded, registered, lookups, loads, evictions, seconds)
