@@ -116,6 +116,27 @@ def span_exporters(settings: TracingSettings) -> list[SpanExporter]:
     return out
 
 
+def tracer_provider(settings: TracingSettings) -> Any:
+    """An SDK TracerProvider exporting (BatchSpanProcessor threads) to the same OTLP destinations as the gateway's
+    spans, for components that make spans through a Tracer (the graders' `gen_ai.evaluation` spans).
+
+    Call `shutdown()` on it (blocking) to export what is queued. Raises ConfigError when there is no destination.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from schemas.errors import ConfigError
+
+    exporters = span_exporters(settings)
+    if not exporters:
+        raise ConfigError("OTLP export needs gateway.tracing.endpoint or gateway.tracing.langfuse.host")
+    provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
+    for e in exporters:
+        provider.add_span_processor(BatchSpanProcessor(
+            e, max_queue_size=settings.max_queue_size, schedule_delay_millis=settings.schedule_delay_ms,
+            max_export_batch_size=settings.max_export_batch_size, export_timeout_millis=settings.timeout_s * 1000))
+    return provider
+
+
 def _messages_json(req: InferenceRequest) -> str:
     msgs = req.messages if req.operation == "chat" else ()
     parts = [{"role": m.role, "parts": [{"type": "text", "content": m.content}]} for m in msgs] or \

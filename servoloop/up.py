@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from feedback.dashboard import admin_extension
 from feedback.dashboard.models_api import models_extension
+from feedback.graders.export import GradeExporter
 from feedback.graders.worker import GradingWorker
 from feedback.monitors.runner import Scheduler, sink_publisher
 from feedback.pipeline import EventPipeline
@@ -23,6 +24,7 @@ from gateway.server import Gateway, GatewayServer
 from retrain.registry import StoreRegistry, model_rows
 from retrain.requests import RequestWorker
 from retrain.worker import RetrainWorker
+from schemas.errors import ConfigError
 from schemas.events import ModelEvent
 from schemas.topics import topic_name
 from servoloop.settings import Settings
@@ -103,6 +105,10 @@ class System:
         self.registry: StoreRegistry | None = None
         self.model_requests: RequestWorker | None = None  # applies model action requests through the one registry
         self.grading: GradingWorker | None = None
+        self._grade_exporters: list[GradeExporter] = []  # grades to OTLP / Langfuse (grading.export)
+        self._close_exporters: Callable[[], Awaitable[None]] | None = None
+        if settings.grading.enabled and make_pipeline is not None:  # a bad export setting fails before anything starts
+            self._grade_exporters, self._close_exporters = grade_exporters(settings)
         self.retrain_worker: RetrainWorker | None = None
         self._retrain_stop = asyncio.Event()
         self._retrain_task: asyncio.Task[None] | None = None
@@ -129,7 +135,7 @@ class System:
                                                              name="retrain-worker")
                 if settings.grading.enabled:  # graders sample served traffic off the request path
                     self.grading = GradingWorker(pipeline.store, sink_publisher(pipeline.sink), settings.grading,
-                                                 registry=metrics.registry)
+                                                 registry=metrics.registry, exporters=self._grade_exporters)
                     await self.grading.start()
         gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics, engines=self.engines,
                      events=pipeline.sink if pipeline is not None else None)
@@ -160,6 +166,8 @@ class System:
             await self.model_requests.aclose()
         if self.grading is not None:
             await self.grading.aclose()
+        if self._close_exporters is not None:
+            await self._close_exporters()
         if self._retrain_task is not None:
             self._retrain_stop.set()  # between jobs it stops at once; a running job is killed (and resumes from its checkpoint)
             try:
@@ -168,6 +176,38 @@ class System:
                 pass
         if self.pipeline is not None:
             await self.pipeline.aclose()
+
+
+def grade_exporters(settings: Settings) -> tuple[list[GradeExporter], Callable[[], Awaitable[None]]]:
+    """The grade exporters `grading.export` asks for, over the gateway's tracing destinations, and their closer.
+
+    OTel: a tracer provider exporting to `gateway.tracing.endpoint` and/or Langfuse's OTLP endpoint; Langfuse
+    scores: `gateway.tracing.langfuse` host and keys. Raises ConfigError when an export has no destination.
+    """
+    from feedback.graders.export import LangfuseGradeScores, OtelGradeExporter
+    from gateway.tracing import tracer_provider
+
+    export, tracing = settings.grading.export, settings.gateway.tracing
+    exporters: list[GradeExporter] = []
+    provider = tracer_provider(tracing) if export.otel else None
+    if provider is not None:
+        exporters.append(OtelGradeExporter(provider))
+    scores = None
+    if export.langfuse:
+        lf = tracing.langfuse
+        if not lf.host:
+            raise ConfigError("grading.export.langfuse needs gateway.tracing.langfuse.host (and its keys)")
+        scores = LangfuseGradeScores(lf.host, lf.public_key, lf.secret_key.get_secret_value(),
+                                     retries=lf.score_retries, timeout_s=lf.timeout_s)
+        exporters.append(scores)
+
+    async def close() -> None:
+        if scores is not None:
+            await scores.aclose()
+        if provider is not None:  # exports what is queued; blocking, so off the loop
+            await asyncio.to_thread(provider.shutdown)
+
+    return exporters, close
 
 
 def _follow_models(gw: Gateway, settings: Settings, pipeline: EventPipeline | None) -> None:

@@ -40,6 +40,16 @@ def _default_graders() -> dict[str, GraderSettings]:
     }
 
 
+class GradeExportSettings(BaseModel):
+    """Where grades go besides the store (off by default). Destinations and keys are the gateway's tracing
+    settings: `gateway.tracing.endpoint` / `.langfuse` (host, keys)."""
+
+    otel: bool = Field(False, description="each grade as a gen_ai.evaluation.result event on the graded "
+                                          "inference's trace, over OTLP (gateway.tracing's destinations)")
+    langfuse: bool = Field(False, description="each grade of a traced inference as a Langfuse score "
+                                              "(gateway.tracing.langfuse host and keys)")
+
+
 class GradingSettings(BaseModel):
     enabled: bool = Field(True, description="run the grading worker (inside `servoloop up` once wired, or `servoloop grade run`)")
     interval_s: float = Field(10.0, gt=0, description="time between grading cycles")
@@ -48,3 +58,4 @@ class GradingSettings(BaseModel):
     batch_size: int = Field(64, ge=1, description="inferences per grader call")
     concurrency: int = Field(2, ge=1, description="grader batches running at once")
     graders: dict[str, GraderSettings] = Field(default_factory=_default_graders)
+    export: GradeExportSettings = Field(default_factory=GradeExportSettings)

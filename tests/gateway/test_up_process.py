@@ -25,6 +25,7 @@ import pytest
 from feedback.store import ClickHouseStore, count_rows
 from tests.support.clickhouse_http import shared_endpoint
 from tests.support.openai_upstream import RunningUpstream
+from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 BIN = Path(sys.executable).parent
 
@@ -195,8 +196,13 @@ async def test_no_broker_mode_serves_and_stores_through_the_spool(up: tuple[UpPr
 async def test_up_grades_served_traffic_into_the_store(up: tuple[UpProcess, ClickHouseStore]) -> None:
     process, store = up
     off = {"enabled": False}
-    process.config.write_text(process.config.read_text() + "grading: " + json.dumps({
-        "interval_s": 0.3, "settle_s": 0, "graders": {
+    receiver = await OtlpReceiver().start()  # an OTLP collector and Langfuse: grading.export sends grades to both
+    tracing = {"enabled": True, "endpoint": receiver.url, "schedule_delay_ms": 100,
+               "langfuse": {"host": receiver.url, "public_key": receiver.langfuse_public_key,
+                            "secret_key": receiver.langfuse_secret_key, "scores": False}}
+    config = process.config.read_text().replace("gateway:\n", f"gateway:\n  tracing: {json.dumps(tracing)}\n", 1)
+    process.config.write_text(config + "grading: " + json.dumps({
+        "interval_s": 0.3, "settle_s": 0, "export": {"otel": True, "langfuse": True}, "graders": {
             "judge": {"sample_rate": 1.0}, "toxicity": off, "groundedness": off, "judge_pairwise": off}}) + "\n")
     key = process.key()  # before the start: the gateway reads it with the key store
     await process.start()
@@ -214,5 +220,20 @@ async def test_up_grades_served_traffic_into_the_store(up: tuple[UpProcess, Clic
     rows = await store.query("SELECT g.grader AS grader, i.event_id AS inference FROM grades AS g FINAL "
                              "INNER JOIN inferences AS i FINAL ON g.target_id = i.event_id")
     assert set(rows.column("grader").to_pylist()) == {"judge"} and rows.num_rows == 5
-    process.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    assert process.proc.wait(60) == 0  # type: ignore[union-attr]
+    traced = await store.query("SELECT event_id, trace_id, span_id FROM inferences FINAL")
+    spans = dict(zip(traced.column("trace_id").to_pylist(), traced.column("span_id").to_pylist(), strict=True))
+    try:  # each grade: a Langfuse score on its inference's trace, and an evaluation span under the inference's span
+        await receiver.wait_for(lambda: len(receiver.scores) >= 5, timeout_s=30)
+        assert {(b["name"], b["traceId"]) for b in receiver.scores} == {("judge", t) for t in spans}
+        def evaluations() -> list[ReceivedSpan]:
+            return [s for s in receiver.spans if s.name == "gen_ai.evaluation" and s.path == "/v1/traces"]
+        await receiver.wait_for(lambda: len(evaluations()) >= 5, timeout_s=30)
+        assert {(s.trace_id, s.parent_span_id) for s in evaluations()} == set(spans.items())
+        assert all(s.events[0][0] == "gen_ai.evaluation.result" and s.events[0][1]["gen_ai.evaluation.name"] == "judge"
+                   for s in evaluations())
+        assert any(s.name == "gen_ai.evaluation" for s in receiver.spans if s.path.startswith("/api/public/otel"))
+    finally:
+        process.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        await asyncio.sleep(0)
+    assert await asyncio.to_thread(process.proc.wait, 60) == 0  # type: ignore[union-attr]
+    await receiver.stop()

@@ -97,3 +97,20 @@ async def test_grades_of_traced_inferences_become_langfuse_scores_on_their_trace
     assert auth == "Basic " + base64.b64encode(b"pk:sk").decode()
     assert (body["traceId"], body["name"], body["value"], body["dataType"]) == (TRACE, "judge", 1.0, "NUMERIC")
     assert body["metadata"]["inference_id"] == infs[0].event_id and body["comment"] == "pass"
+
+
+@pytest.mark.parametrize(("export", "message"), [
+    ({"otel": True}, "gateway.tracing.endpoint"),
+    ({"langfuse": True}, "gateway.tracing.langfuse.host"),
+])
+def test_an_export_without_a_destination_is_a_config_error_before_up_starts(tmp_path, export, message) -> None:
+    from schemas.errors import ConfigError
+    from servoloop.settings import Settings
+    from servoloop.up import System, grade_exporters
+
+    settings = Settings(data_dir=tmp_path, grading={"export": export})
+    with pytest.raises(ConfigError, match=message):
+        grade_exporters(settings)
+    with pytest.raises(ConfigError, match=message):
+        System(settings, lambda registry: None)  # type: ignore[arg-type, return-value]
+    assert grade_exporters(Settings(data_dir=tmp_path))[0] == []  # off by default
