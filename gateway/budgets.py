@@ -11,9 +11,9 @@ memory. It reads the budgets and the period's spend from the store at start (so 
 restart) and every `poll_interval_s` (so it sees other gateways' spend and budget changes), and adds
 each finished request's cost as it completes.
 
-Spend estimate per (scope, subject, period) = max(store + own spend since that store read, own spend),
-where own spend is this gateway's, seeded from the store at start. It never counts a request twice.
-Over-spend bound: a request is checked at admission, before its cost is known, so spend can pass the
+Spend estimate per (scope, subject, period) = the store's sum at the last read + this gateway's own
+requests not yet seen in the store (each read also asks which of them arrived), so a request is never
+missed by its own gateway and never counted twice (for a moment at most, on the safe side). Over-spend bound: a request is checked at admission, before its cost is known, so spend can pass the
 hard limit by the requests in flight when it is reached; with N gateways, each also misses the others'
 spend not yet visible to its last read (ingest lag + `poll_interval_s`): over-spend <= in-flight cost +
 (N - 1) x (spend rate per gateway) x (ingest lag + poll interval).
@@ -99,14 +99,17 @@ class BudgetExceeded(RateLimited):
         self.reset_at = reset_at
 
 
-@dataclass(frozen=True, slots=True)
-class SpendRow:
+class SpendRow(Protocol):
     """The store's spend of one (tenant, key) in the current day and month."""
 
-    tenant: str
-    key_id: str
-    day_usd: float
-    month_usd: float
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def day_usd(self) -> float: ...
+    @property
+    def month_usd(self) -> float: ...
 
 
 class BudgetSource(Protocol):
@@ -117,6 +120,10 @@ class BudgetSource(Protocol):
     async def spend(self, day_start_ms: int, month_start_ms: int) -> Sequence[SpendRow]: ...
 
     async def alerts(self, since_ms: int) -> Sequence[str]: ...
+
+    async def stored(self, event_ids: Sequence[str], since_ms: int) -> Sequence[str]:
+        """Which of these inference ids the store holds (this gateway's requests that were ingested)."""
+        ...
 
 
 def current_budgets(rows: Sequence[BudgetEvent]) -> dict[tuple[str, str, str], BudgetEvent]:
@@ -136,13 +143,12 @@ def alert_id(scope: str, subject: str, period: str, start_ms: int, level: str) -
 class _Counter:
     start_ms: int
     reset_ms: int
-    local: float = 0.0  # this gateway's spend in the period (plus the store's, seeded at start)
-    seen: float = 0.0  # the store's spend at the last read
-    mark: float = 0.0  # `local` when that read was sent
+    seen: float = 0.0  # the store's spend at the last read (every gateway's ingested requests)
+    pending: float = 0.0  # this gateway's requests not in the store at the last read
 
     @property
     def estimate(self) -> float:
-        return max(self.seen + self.local - self.mark, self.local)
+        return self.seen + self.pending
 
 
 @dataclass(slots=True)
@@ -166,7 +172,8 @@ class BudgetKeeper:
         self._budgets: dict[tuple[str, str], list[BudgetEvent]] = {}
         self._counters: dict[tuple[str, str, str], _Counter] = {}
         self._alerted: set[str] = set()
-        self._seeded = False
+        # This gateway's priced requests not yet seen in the store: id -> (cost, the counters it was added to)
+        self._pending: dict[str, tuple[float, tuple[_Counter, ...]]] = {}
         self._task: asyncio.Task[None] | None = None
         self.state = _Status()
 
@@ -199,16 +206,25 @@ class BudgetKeeper:
         if cost <= 0:
             return
         p = outcome.admission.principal
-        self.add(p.tenant, p.key_id, cost)
+        self.add(outcome.admission.id, p.tenant, p.key_id, cost)
 
-    def add(self, tenant: str, key_id: str, cost: float) -> None:
+    def add(self, request_id: str, tenant: str, key_id: str, cost: float) -> None:
+        """Count one finished request's cost (its inference event id is `request_id`)."""
         now = self.clock()
+        counters: list[_Counter] = []
         for scope, subject in (("key", key_id), ("tenant", tenant)):
-            budgets = self._budgets.get((scope, subject), ())
             for period in PERIODS:
                 c = self._counter(scope, subject, period, now)
-                c.local += cost
-            for b in budgets:
+                c.pending += cost
+                counters.append(c)
+        if self._source is not None:  # without a store nothing confirms them: the counters are the spend
+            if len(self._pending) >= self._settings.max_pending:  # the store is far behind: assume the oldest landed
+                old_cost, old = self._pending.pop(next(iter(self._pending)))
+                for c in old:
+                    c.pending -= old_cost
+            self._pending[request_id] = (cost, tuple(counters))
+        for scope, subject in (("key", key_id), ("tenant", tenant)):
+            for b in self._budgets.get((scope, subject), ()):
                 self._maybe_alert(b, tenant, self._counters[(scope, subject, b.period)])
 
     def _maybe_alert(self, b: BudgetEvent, tenant: str, c: _Counter) -> None:
@@ -260,10 +276,18 @@ class BudgetKeeper:
         now = self.clock()
         day_start, _ = period_bounds("day", now)
         month_start, _ = period_bounds("month", now)
-        marks = {k: c.local for k, c in self._counters.items()}  # own spend up to the read
         budgets = await self._source.budgets()
+        # Own requests the store holds, asked BEFORE the sums: one ingested in between is counted twice until
+        # the next read (too much, never too little).
+        ids = list(self._pending)
+        landed = await self._source.stored(ids, month_start) if ids else ()
         rows = await self._source.spend(day_start, month_start)
         alerts = await self._source.alerts(month_start)
+        for event_id in landed:
+            entry = self._pending.pop(event_id, None)
+            if entry is not None:
+                for c in entry[1]:
+                    c.pending -= entry[0]
         self.set_budgets(budgets)
         self._alerted.update(alerts)
         totals: dict[tuple[str, str, str], float] = {}
@@ -272,12 +296,9 @@ class BudgetKeeper:
                 for period, usd in (("day", r.day_usd), ("month", r.month_usd)):
                     k = (scope, subject, period)
                     totals[k] = totals.get(k, 0.0) + usd
-        for k, usd in totals.items():
+        for k in totals.keys() | self._counters.keys():
             c = self._counter(k[0], k[1], k[2], now)  # type: ignore[arg-type]
-            if not self._seeded:  # start-up: the store's spend is this period's spend so far
-                c.local += usd
-            c.seen, c.mark = usd, marks.get(k, 0.0) + (usd if not self._seeded else 0.0)
-        self._seeded = True
+            c.seen = totals.get(k, 0.0)
         for (scope, subject), bs in self._budgets.items():  # crossed by other gateways' spend, or a lowered limit
             tenant = subject if scope == "tenant" else ""
             for b in bs:

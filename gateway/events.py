@@ -63,7 +63,7 @@ def outcome_events(o: Outcome) -> list[Event]:
         ttft_ms=(o.ttft_s or 0.0) * 1000.0, latency_ms=o.latency_s * 1000.0, status=o.status,  # type: ignore[arg-type]
         error_code=o.error_code, finish_reason=o.finish_reason or "", cache_hit=adm.cached is not None,
         stream=req.stream, input_action=inp.action if inp is not None else "allow",
-        output_action=out.action if out is not None else "allow", guardrail_types=types,
+        output_action=out.action if out is not None else "allow", guardrail_types=types, cost_usd=o.cost_usd,
     )]
     for v in (inp, out):
         if v is not None:

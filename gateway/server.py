@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from grpc_health.v1 import health_pb2
 
 from gateway.auth import Authenticator, KeyStore
+from gateway.budgets import BudgetKeeper, BudgetSource, PriceTable
 from gateway.cache import ResponseCache
 from gateway.engines import Engine, vllm_available
 from gateway.events import EventEmitter, EventPublisher
@@ -59,7 +60,8 @@ class Gateway:
     """Everything one serving process holds. Other components extend it through `http_extensions`."""
 
     def __init__(self, settings: GatewaySettings, keys: KeyStore, *, engines: dict[str, Engine] | None = None,
-                 metrics: GatewayMetrics | None = None, events: EventPublisher | None = None):
+                 metrics: GatewayMetrics | None = None, events: EventPublisher | None = None,
+                 prices: PriceTable | None = None):
         self.settings = settings
         self.metrics = metrics or GatewayMetrics()
         self.limiter = RateLimiter(settings.rate_limits)
@@ -83,7 +85,8 @@ class Gateway:
                 guard = RequestGuard(lambda: bundled, plant_canary=g.plant_canary)
         t = settings.tracing
         self.service = InferenceService(self.router, self.limiter, self.metrics, settings.limits, cache=cache,
-                                        guard=guard, trace_sample_ratio=t.sample_ratio if t.enabled else None)
+                                        guard=guard, trace_sample_ratio=t.sample_ratio if t.enabled else None,
+                                        prices=prices)
         self.events = events  # the event sink's publisher (None: no event pipeline, metrics only)
         if events is not None:
             emitter = EventEmitter(events)
@@ -114,6 +117,7 @@ class Gateway:
         # Companion components' state for /readyz (e.g. the event pipeline); informational, not a readiness gate.
         self.status_providers: dict[str, Callable[[], dict[str, Any]]] = {}
         self.model_watcher: ModelWatcher | None = None  # set by follow_models: versions follow the registry
+        self.budgets: BudgetKeeper | None = None  # set by follow_budgets: spend budgets read from the store
         self._ready = False
 
     def follow_models(self, *, cache_dir: Path, bootstrap_servers: str | None = None, topic: str | None = None,
@@ -123,6 +127,15 @@ class Gateway:
                                           bootstrap_servers=bootstrap_servers, topic=topic, poll=poll)
         self.status_providers["hotswap"] = self.model_watcher.status
         return self.model_watcher
+
+    def follow_budgets(self, source: BudgetSource) -> BudgetKeeper:
+        """Enforce the spend budgets `source` holds (seeded at start, then polled); alerts go to the event sink."""
+        self.budgets = BudgetKeeper(source, self.settings.budgets,
+                                    publish=self.events.publish if self.events is not None else None)
+        self.service.budgets = self.budgets
+        self.service.add_observer(self.budgets.observe)
+        self.status_providers["budgets"] = self.budgets.status
+        return self.budgets
 
     def extend_http(self, app: FastAPI) -> None:
         for extend in self.http_extensions:
@@ -137,6 +150,8 @@ class Gateway:
         if self.model_watcher is not None:  # replays the model events: serve the current versions from the start
             await self.model_watcher.start()
         await self.auth.start()
+        if self.budgets is not None:  # spend so far this period, from the store: budgets hold across restarts
+            await self.budgets.start()
         if self.policies is not None:
             self._tasks.append(asyncio.create_task(self.policies.run(), name="guardrail-policy-reloader"))
         if self.scores is not None:
@@ -147,6 +162,8 @@ class Gateway:
         self._ready = False
         if self.model_watcher is not None:
             await self.model_watcher.aclose()
+        if self.budgets is not None:
+            await self.budgets.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -169,6 +169,8 @@ class BudgetSettings(BaseModel):
                                                           "(bounds the over-spend with several gateways)")
     startup_wait_s: float = Field(10.0, ge=0, description="how long start-up waits for the first read (spend "
                                                           "seeded from the store) before serving")
+    max_pending: int = Field(100_000, ge=1, description="this gateway's requests remembered until the store shows "
+                                                        "them (beyond it the oldest are assumed ingested)")
 
 
 class GatewaySettings(BaseModel):

@@ -29,4 +29,6 @@ def status_of(err: ServoloopError) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         trailers.append(("servoloop-error-param", err.param))
     if isinstance(err, RateLimited):
         trailers.append(("retry-after", retry_after_header(err.retry_after_s)))
+    if "reset_at" in err.details:  # a spent budget: when its period resets (ISO 8601, UTC)
+        trailers.append(("servoloop-reset-at", str(err.details["reset_at"])))
     return STATUS[err.kind], f"{err.code}: {err.message}", tuple(trailers)
