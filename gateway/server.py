@@ -31,6 +31,7 @@ from gateway.model_events import ModelEventSource
 from gateway.router import ModelRoute, Router
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings, ModelSettings
+from gateway.shadow import ShadowReplayer
 from gateway.tracing import RequestTracer
 from guardrails import PolicyReloader, default_policy_set
 from schemas.events import FeedbackEvent
@@ -108,6 +109,13 @@ class Gateway:
         # store beyond this gateway's recent inferences), and the core both front ends call.
         self.inference_owners = InferenceOwners(settings.feedback)
         self.service.add_observer(self.inference_owners.observe)
+        # Shadow routing: sampled finished requests replayed to a candidate arm, recorded, never returned.
+        self.shadow: ShadowReplayer | None = None
+        if settings.shadow and events is not None:
+            self.shadow = ShadowReplayer(settings.shadow, self.router, events.publish, registry=self.metrics.registry)
+            self.service.add_observer(self.shadow)
+        elif settings.shadow:
+            log.warning("gateway.shadow is set but this gateway has no event pipeline to record shadow answers: off")
         self.feedback = FeedbackService(settings.feedback, self.inference_owners, self.limiter,
                                         publisher=lambda: self.events, observers=self.feedback_observers,
                                         count=lambda tenant, outcome: self.metrics.feedback.labels(tenant, outcome).inc())
@@ -156,6 +164,8 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self.policies.run(), name="guardrail-policy-reloader"))
         if self.scores is not None:
             await self.scores.start()
+        if self.shadow is not None:
+            await self.shadow.start()
         self._ready = True
 
     async def aclose(self) -> None:
@@ -172,6 +182,8 @@ class Gateway:
             await self.scores.aclose()
         if self.tracing is not None:  # exports what is queued; the SDK's shutdown blocks, so off the loop
             await asyncio.to_thread(self.tracing.shutdown)
+        if self.shadow is not None:  # queued replays finish (briefly) before the engines close
+            await self.shadow.aclose()
         if self._owns_engines:
             await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
 

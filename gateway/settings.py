@@ -173,6 +173,26 @@ class BudgetSettings(BaseModel):
                                                         "them (beyond it the oldest are assumed ingested)")
 
 
+class ShadowPolicy(BaseModel):
+    """Replay a sample of one model's served requests to a shadow arm, after each client has its answer.
+
+    The shadow answer is recorded as an inference event flagged `shadow` (paired to the served one by
+    `shadow_of`) for the graders and monitors, and never returned to anyone.
+    """
+
+    model: str = Field(min_length=1, description="served model name whose requests are replayed")
+    target: str = Field("canary", description="`canary`: the model's canary arm while one is live (requests the "
+                                              "canary served are not replayed); or another configured model name")
+    version: str | None = Field(None, description="model_version recorded on shadow events (default: the target "
+                                                  "route's version; for a model-name target `<name>:<version>`)")
+    sample_rate: float = Field(0.1, ge=0, le=1, description="share of successful requests replayed (by a hash of "
+                                                           "the request id)")
+    max_concurrency: int = Field(2, ge=1, description="shadow requests running at once")
+    queue_size: int = Field(256, ge=1, description="replays waiting; when full, new ones are dropped and counted")
+    timeout_s: float = Field(60.0, gt=0, description="per shadow request")
+    tenants: list[str] = Field(default_factory=list, description="only these tenants' requests (empty: all)")
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -190,6 +210,7 @@ class GatewaySettings(BaseModel):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     hotswap: HotSwapSettings = Field(default_factory=HotSwapSettings)
+    shadow: list[ShadowPolicy] = Field(default_factory=list, description="shadow replays of served traffic")
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
 
     @model_validator(mode="after")
@@ -202,4 +223,8 @@ class GatewaySettings(BaseModel):
             unknown = [f for f in m.fallbacks if f not in names or f == m.name]
             if unknown:
                 raise ValueError(f"model {m.name!r}: fallbacks name unknown or self models: {unknown}")
+        for sp in self.shadow:
+            if sp.model not in names or (sp.target != "canary" and (sp.target not in names or sp.target == sp.model)):
+                raise ValueError(f"shadow policy {sp.model!r} -> {sp.target!r}: `model` must be a configured model and "
+                                 "`target` 'canary' or another configured model")
         return self

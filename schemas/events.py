@@ -128,6 +128,8 @@ class InferenceEvent(Event, kw_only=True, frozen=True, tag="inference"):
     output_action: GuardAction = "allow"
     guardrail_types: tuple[str, ...] = ()
     cost_usd: NonNegFloat = 0.0  # tokens x the price table (gateway/budgets.py); 0 for cache hits and unpriced models
+    shadow: bool = False  # a shadow replay (gateway/shadow.py): never returned to a client
+    shadow_of: str = ""  # for a shadow: the event id of the served inference it replays
 
 
 class GuardrailEvent(Event, kw_only=True, frozen=True, tag="guardrail"):
