@@ -163,7 +163,7 @@ async def test_hard_limit_refuses_with_budget_exceeded_and_the_reset_time_over_h
     assert [(await _post(gw, key)).status_code for _ in range(3)] == [200, 200, 200]  # 5, 10, 15: the 3rd passed 14
 
     refused = await _post(gw, key)
-    start, reset = period_bounds("day", time.time())
+    _, reset = period_bounds("day", time.time())
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "budget_exceeded" and error["type"] == "rate_limit_error"
