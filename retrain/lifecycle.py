@@ -14,6 +14,9 @@ global one.
         │            │          │
         ▼            ▼          ▼
      rejected    rolled_back  rolled_back      (and candidate ──▶ active: a manual promote)
+
+A version that no longer serves (candidate, retired, rejected, rolled_back) can be `decommissioned`
+(`servoloop models retire`, retrain/release/retire.py): final, never served again, its artifacts only archived.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from schemas.errors import Conflict
 
-State = Literal["candidate", "canary", "active", "retired", "rejected", "rolled_back"]
-Action = Literal["canary", "promote", "rollback", "reject", "retire"]
+State = Literal["candidate", "canary", "active", "retired", "rejected", "rolled_back", "decommissioned"]
+Action = Literal["canary", "promote", "rollback", "reject", "retire", "decommission"]
 
-STATES: tuple[State, ...] = ("candidate", "canary", "active", "retired", "rejected", "rolled_back")
-TERMINAL: frozenset[State] = frozenset({"retired", "rejected", "rolled_back"})
+STATES: tuple[State, ...] = ("candidate", "canary", "active", "retired", "rejected", "rolled_back", "decommissioned")
+TERMINAL: frozenset[State] = frozenset({"retired", "rejected", "rolled_back", "decommissioned"})
 
 # action -> {from state: to state}
 TRANSITIONS: dict[Action, dict[State, State]] = {
@@ -37,6 +40,8 @@ TRANSITIONS: dict[Action, dict[State, State]] = {
     "rollback": {"canary": "rolled_back", "active": "rolled_back"},
     "reject": {"candidate": "rejected"},
     "retire": {"active": "retired"},
+    "decommission": {"candidate": "decommissioned", "retired": "decommissioned", "rejected": "decommissioned",
+                     "rolled_back": "decommissioned"},
 }
 
 

@@ -263,6 +263,13 @@ class StoreRegistry:
         return await self._transition(model, version_id, "rollback", actor=actor, reason=reason or "rolled back",
                                       key="rollback", step={"evidence": evidence or {}}, request_id=request_id)
 
+    async def decommission(self, model: str, version_id: str, *, actor: str, reason: str = "",
+                           evidence: dict[str, Any] | None = None, request_id: str = "") -> ModelVersion:
+        """Mark a version that serves nothing as never to serve again (checks of use: retrain/release/retire.py)."""
+        return await self._transition(model, version_id, "decommission", actor=actor,
+                                      reason=reason or "decommissioned", key="decommission",
+                                      step={"evidence": evidence or {}}, request_id=request_id)
+
     async def refuse_request(self, request: ModelEvent, error: Exception) -> ModelEvent:
         """Record that `request` could not be applied: a `request_refused` row whose reason is the error."""
         code = getattr(error, "code", type(error).__name__)

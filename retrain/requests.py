@@ -13,7 +13,8 @@ error as its reason, so nothing is dropped silently. Store errors leave the requ
 tries again.
 
 Actions: `promote`, `rollback`, `reject`, `canary`, and `approve` (the dashboard's name for sending a
-candidate to canary, at the request's `canary_share` or the worker's default share).
+candidate to canary, at the request's `canary_share` or the worker's default share), and `decommission`
+(`servoloop models retire`: refused while the version is served, pinned or in a canary; retrain/release/retire.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from schemas.events import ModelEvent
 
 log = logging.getLogger(__name__)
 
-REQUESTABLE = ("promote", "rollback", "reject", "canary", "approve")
+REQUESTABLE = ("promote", "rollback", "reject", "canary", "approve", "decommission")
 
 _UNANSWERED = """
     SELECT * FROM model_events FINAL
@@ -94,6 +95,10 @@ class RequestWorker:
             elif action in ("canary", "approve"):
                 v = await reg.start_canary(model, version, share=request.canary_share or self.default_canary_share,
                                            actor=actor, reason=reason, request_id=rid)
+            elif action == "decommission":  # `servoloop models retire`: refused while anything uses the version
+                from retrain.release.retire import retire_version
+
+                v = await retire_version(reg, model, version, actor=actor, reason=reason, request_id=rid)
             else:
                 raise InvalidRequest(f"unknown action {action!r} (expected one of: {', '.join(REQUESTABLE)})")
         except ServoloopError as e:

@@ -98,7 +98,8 @@ async def _version_in(reg: StoreRegistry, adapter: Path, state: str, n: int) -> 
     vid = f"s{n}"
     await register(reg, adapter, vid)
     path = {"candidate": [], "canary": ["canary"], "active": ["promote"], "rejected": ["reject"],
-            "rolled_back": ["canary", "rollback"], "retired": ["promote", "*supersede"]}[state]
+            "rolled_back": ["canary", "rollback"], "retired": ["promote", "*supersede"],
+            "decommissioned": ["reject", "decommission"]}[state]
     for step in path:
         if step == "canary":
             await reg.start_canary(MODEL, vid, share=0.2, actor="t")
@@ -108,6 +109,8 @@ async def _version_in(reg: StoreRegistry, adapter: Path, state: str, n: int) -> 
             await reg.reject(MODEL, vid, reasons=["bad"], actor="t")
         elif step == "rollback":
             await reg.rollback(MODEL, vid, actor="t")
+        elif step == "decommission":
+            await reg.decommission(MODEL, vid, actor="t")
         else:
             other = f"{vid}-next"
             await register(reg, adapter, other)
