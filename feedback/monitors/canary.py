@@ -122,7 +122,7 @@ _ARMS = """
         SELECT event_id, tenant, if(model_version = {canary:String}, 'canary', 'active') AS arm, status,
                input_action, output_action, latency_ms, cityHash64(tenant, event_id) AS fb_key
         FROM inferences FINAL
-        WHERE model = {model:String}
+        WHERE model = {model:String} AND NOT shadow
           AND ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC') AND ts < fromUnixTimestamp64Milli({until:Int64}, 'UTC')
           AND (model_version = {canary:String} OR canary_arm = 'active'
                OR ({active:String} != '' AND model_version = {active:String}))

@@ -119,7 +119,7 @@ def _inference_sql(z: float) -> str:
                     + transform(toString(model), {{price_models:Array(String)}}, {{price_out:Array(Float64)}},
                                 {{default_out:Float64}}) * tokens_out) / 1000 AS cost
             FROM inferences FINAL
-            WHERE {_SPAN} AND period >= 0
+            WHERE {_SPAN} AND period >= 0 AND NOT shadow
         ),
         fb AS (
             SELECT cityHash64(tenant, target_id) AS fb_key,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from aiohttp import web
 from hypothesis import given, settings
@@ -450,3 +451,15 @@ async def test_the_registry_acts_on_the_monitors_request_and_the_canary_is_then_
 
     after = await cycle(store, now_ms=NOW + 2000)
     assert after.results == [] and after.model_requests == []
+
+
+async def test_shadow_replays_of_the_canary_version_are_not_canary_traffic(store: Store) -> None:
+    """Shadow answers (gateway/shadow.py) carry the canary's version but served nobody: failing ones change nothing."""
+    await seed(store, canary={"n": 300, "up_rate": 0.9}, active={"n": 300, "up_rate": 0.7, "error_rate": 0.01})
+    shadows = [msgspec.structs.replace(e, shadow=True, shadow_of="served-id", canary_arm="shadow")
+               for e in arm(random.Random(5), n=300, version="v1", arm="shadow", error_rate=0.5)]
+    await write_events(store, shadows)
+    report = await cycle(store)
+    details = json.loads(report.results[0].details)
+    assert details["arms"]["canary"]["error_rate"] == 0.0
+    assert all(r.state != "rollback_requested" for r in report.model_requests)
