@@ -12,6 +12,9 @@ previous routing keeps serving.
 Sources (`gateway/model_events.py`): the `<prefix>models` topic, replayed from its first record on start, or,
 without a broker, a `ModelEventSource` (an async callable returning the rows, e.g. from the store) polled every
 `poll_interval_s`.
+
+Tenant-scoped versions (`ModelEvent.tenant`) are reconciled the same way into the router's per-tenant table
+(`Router.swap_tenant`); their adapters load into the same engine, beside the global ones.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gateway.canary import ACTIVE, CANARY, Arm, ModelRouting, routing_from_events
+from gateway.canary import ACTIVE, CANARY, Arm, ModelRouting, routing_from_events, tenant_routings_from_events
 from gateway.metrics import GatewayMetrics
 from gateway.model_events import KafkaModelEvents, ModelEventSource
 from gateway.request import InferenceRequest, SamplingParams
-from gateway.router import Arms, ModelRoute, Router
+from gateway.router import Arms, ModelRoute, Router, TenantArms
 from gateway.settings import HotSwapSettings
 from schemas.artifacts import ArtifactMismatch, fetch_verified
 from schemas.events import ModelEvent
@@ -218,6 +221,32 @@ class ModelWatcher:
             log.info("hot swap: model %s now serves %s%s (%.0f ms after the event)", model, active.version,
                      f", canary {canary.version} at {share:.0%}" if canary else "", elapsed * 1000)
             self._release_unused(model)
+        await self._reconcile_tenants()
+
+    async def _reconcile_tenants(self) -> None:
+        """Each tenant's own routing: load its versions' adapters, swap them in, drop tenants with none left."""
+        desired = tenant_routings_from_events(self._rows.values())
+        names = set(self._router.names())
+        current = {(m, t) for m in names for t in self._router.tenants(m)}
+        for model, tenant in sorted({k for k in desired if k[0] in names} | current):
+            want = desired.get((model, tenant), ModelRouting())
+            cur = self._router.tenant_arms(model, tenant) or TenantArms()
+            old = Arms(self._router.base(model), cur.active, cur.canary_share)  # `_route` reuses matching routes
+            old_canary = Arms(self._router.base(model), cur.canary, cur.canary_share)
+            active = await self._route(model, want.active, ACTIVE, old) if want.active is not None else None
+            if active is None and want.active is not None:
+                active = cur.active  # could not be loaded: what the tenant had keeps serving
+            canary = await self._route(model, want.canary, CANARY, old_canary) if want.canary is not None else None
+            share = want.canary_share if canary is not None else 0.0
+            if _same(active, cur.active) and _same(canary, cur.canary) and share == cur.canary_share:
+                continue
+            self._router.swap_tenant(model, tenant, TenantArms(active, canary, share))
+            self.swaps += 1
+            self._metrics.model_swaps.labels(model, "ok").inc()
+            log.info("hot swap: model %s serves tenant %s %s%s", model, tenant,
+                     active.version if active else "the global version",
+                     f", canary {canary.version} at {share:.0%}" if canary else "")
+            self._release_unused(model)
 
     def _publish_versions(self, model: str, old: Arms | None, new: Arms) -> None:
         gauge = self._metrics.model_version
@@ -291,7 +320,13 @@ class ModelWatcher:
 
     def _in_use(self, model: str, version: str) -> bool:
         arms = self._router.arms(model)
-        return any(r is not None and r.adapter == version for r in (arms.active, arms.canary))
+        if any(r is not None and r.adapter == version for r in (arms.active, arms.canary)):
+            return True
+        for tenant in self._router.tenants(model):
+            own = self._router.tenant_arms(model, tenant)
+            if own is not None and any(r is not None and r.adapter == version for r in (own.active, own.canary)):
+                return True
+        return False
 
     def _release_unused(self, model: str) -> None:
         for m, version in list(self._loaded):

@@ -27,8 +27,12 @@ class ModelSettings(BaseModel):
     dtype: str = "float32"
     # vLLM on CPU reserves this many GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); without it vLLM takes 92% of RAM.
     kv_cache_gib: int = Field(1, ge=1)
-    max_loras: int = Field(4, ge=1)
+    max_loras: int = Field(4, ge=1, description="vllm: LoRA adapters in one batch (slots on the accelerator)")
     max_lora_rank: int = Field(16, ge=1)
+    max_cpu_loras: int | None = Field(None, ge=1, description="vllm: LoRA adapters cached in CPU memory "
+                                      "(default: max_loaded_adapters; at least max_loras)")
+    max_loaded_adapters: int = Field(32, ge=1, description="adapters an engine keeps loaded; beyond it the least "
+                                     "recently used one is evicted and loads again on its next request")
     max_concurrency: int = Field(4, ge=1, description="transformers engine: generations run at once")
 
     @model_validator(mode="after")
@@ -66,6 +70,9 @@ class CacheSettings(BaseModel):
 class AuthSettings(BaseModel):
     keys_path: Path | None = Field(None, description="SQLite file of API key hashes (default: <data_dir>/keys.sqlite)")
     reload_interval_s: float = Field(1.0, gt=0, description="how often a gateway picks up new and revoked keys")
+    operator_tenants: list[str] = Field(["ops"], description="admin keys of these tenants see and act on every "
+                                                             "tenant (dashboard, budgets); other admin keys only "
+                                                             "on their own tenant")
 
 
 class GuardrailSettings(BaseModel):

@@ -61,6 +61,10 @@ class AdapterCache:
     def registered(self, name: str) -> bool:
         return name in self._paths
 
+    def registered_paths(self) -> dict[str, str]:
+        """Every registered adapter, name -> path."""
+        return dict(self._paths)
+
     def path(self, name: str) -> str | None:
         return self._paths.get(name)
 

