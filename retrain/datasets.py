@@ -72,6 +72,7 @@ class DatasetFilters:
     near_duplicate: float = 0.92
     use_embeddings: bool = True  # merge near-duplicate prompts with cached embeddings (prompt_embeddings)
     max_pairs: int | None = None  # newest pairs kept when more match
+    exclude_tenants: tuple[str, ...] = ()  # tenants whose feedback must not be read (private to their adapters)
 
     def __post_init__(self) -> None:
         if self.end_ms <= self.start_ms:
@@ -164,6 +165,9 @@ def _filters_sql(f: DatasetFilters) -> tuple[dict[str, str], dict[str, ParamValu
     if f.tenant is not None:
         parts["tenant"] = " AND tenant = {tenant:String}"
         params["tenant"] = f.tenant
+    if f.exclude_tenants:
+        parts["tenant"] += " AND tenant NOT IN {exclude_tenants:Array(String)}"
+        params["exclude_tenants"] = list(f.exclude_tenants)
     if f.model is not None:
         parts["model"] += " AND model = {model:String}"
         params["model"] = f.model
@@ -196,7 +200,7 @@ async def read_rows(store: Store, filters: DatasetFilters) -> StoreRows:
         return await store.query(sql, p)
 
     fb_sql = _FEEDBACK_SQL.format(window=parts["window"], tenant=parts["tenant"])
-    fb_params = {k: v for k, v in params.items() if k in ("start_ms", "end_ms", "tenant")}
+    fb_params = {k: v for k, v in params.items() if k in ("start_ms", "end_ms", "tenant", "exclude_tenants")}
     feedback = [FeedbackRow(r["event_id"], int(r["ts_ms"]), r["tenant"], r["target_id"], r["kind"], r["thumbs"],
                             r["rating"], r["correction"], r["preferred_id"], r["other_id"])
                 for r in (await run(fb_sql, fb_params, "feedback")).to_pylist()]

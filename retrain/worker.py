@@ -10,6 +10,12 @@ Training runs as `python -m servoloop.cli train …` in its own process: a crash
 gets one outcome row in `monitor_results` (monitor `retrain_worker`, details: trigger id, outcome, version,
 reasons, paths), which is also how the worker knows a trigger is handled: a restart re-runs only triggers
 without one.
+
+Tenants: a trigger naming a tenant trains on that tenant's feedback only and registers a version scoped to
+it (lineage `tenant`), evaluated against the tenant's active version, else the global one. A tenant with
+fewer than `tenant_min_feedback` feedback events in the window gets no adapter of its own: the trigger is
+`declined` with that reason (its feedback still counts toward the global model unless the tenant is one of
+`private_tenants`, whose feedback no global dataset reads).
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ class TrainingFailed(ServoloopError):
 
 @dataclass(frozen=True, slots=True)
 class RetrainOutcome:
-    """What became of one trigger: `registered` (gate passed), `rejected` (gate failed), `skipped`, `failed`."""
+    """What became of one trigger: `registered` (gate passed), `rejected` (gate failed), `skipped`, `declined`
+    (a tenant below the minimum feedback for an adapter of its own), `failed`."""
 
     trigger_id: str
     model: str
@@ -89,6 +96,17 @@ async def get_trigger(store: Store, trigger_id: str) -> RetrainTrigger:
     if not found:
         raise NotFound(f"no retrain trigger {trigger_id!r}", param="trigger_id")
     return found[0]  # type: ignore[return-value]
+
+
+async def tenant_feedback_count(store: Store, tenant: str, start_ms: int, end_ms: int) -> int:
+    """Feedback events of `tenant` in `[start_ms, end_ms)` (each idempotency key once)."""
+    table = await store.query(
+        "SELECT count() AS n FROM (SELECT 1 FROM feedback FINAL WHERE tenant = {tenant:String} "
+        "AND ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
+        "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC') "
+        "LIMIT 1 BY if(idempotency_key = '', event_id, idempotency_key))",
+        {"tenant": tenant, "start_ms": start_ms, "end_ms": end_ms})
+    return int(table.column("n").to_pylist()[0])
 
 
 async def outcomes(store: Store, *, trigger_id: str | None = None) -> list[dict[str, Any]]:
@@ -175,8 +193,10 @@ class RetrainWorker:
         params = _params(trigger)
         end = trigger.window_end_ms or trigger.ts_ms or now_ms()
         start = trigger.window_start_ms or max(0, end - int(self.settings.default_window_s * 1000))
+        tenant = params.get("tenant") or trigger.tenant or None
+        private = () if tenant else tuple(self.settings.private_tenants)  # a global dataset skips private tenants
         return DatasetFilters(
-            start_ms=start, end_ms=end, tenant=params.get("tenant") or trigger.tenant or None,
+            start_ms=start, end_ms=end, tenant=tenant, exclude_tenants=private,
             model=trigger.model or None, model_version=params.get("model_version"),
             eval_fraction=float(params.get("eval_fraction", self.settings.eval_fraction)),
             min_agreement=float(params.get("min_agreement", self.settings.min_agreement)),
@@ -195,6 +215,17 @@ class RetrainWorker:
         recipe = self.recipe_for(trigger)
         filters = self.filters_for(trigger)
         job_dir = self.work_dir / "jobs" / trigger.event_id
+        tenant = filters.tenant or ""
+        if tenant and self.settings.tenant_min_feedback:
+            n = await tenant_feedback_count(self.store, tenant, filters.start_ms, filters.end_ms)
+            if n < self.settings.tenant_min_feedback:
+                pooled = ("its feedback counts toward the global model" if tenant not in self.settings.private_tenants
+                          else "its policy keeps its feedback out of the global model")
+                return RetrainOutcome(trigger.event_id, trigger.model, "declined", reasons=(
+                    f"tenant {tenant!r} has {n} feedback events in the window; an adapter of its own needs "
+                    f"tenant_min_feedback {self.settings.tenant_min_feedback} ({pooled})",),
+                    dataset={"tenant": tenant, "feedback": n, "window_start_ms": filters.start_ms,
+                             "window_end_ms": filters.end_ms})
         try:
             snapshot = await build_snapshot(self.store, filters, self.work_dir / "datasets")
         except EmptyDataset as e:
@@ -209,7 +240,8 @@ class RetrainWorker:
                                   reasons=(f"{records} {recipe.method} training records < min_pairs "
                                            f"{self.settings.min_pairs}",))
 
-        parent = await self.registry.active(trigger.model)
+        parent = (await self.registry.active(trigger.model, tenant) if tenant else None) \
+            or await self.registry.active(trigger.model)
         base_model = (parent.base_model if parent else "") or trigger.model
         base_dir = self.base_dir(trigger.model, base_model).resolve()
         current_dir = await self._current_adapter(parent)
@@ -225,14 +257,15 @@ class RetrainWorker:
         lineage = {
             "base_model": base_model, "parent_version": parent.version_id if parent else "base",
             "recipe": {"name": recipe.name, "method": recipe.method, "lora": recipe.lora.model_dump(mode="json")},
-            "hyperparameters": recipe.hyperparameters(), "dataset": dataset, "trigger_id": trigger.event_id,
+            "hyperparameters": recipe.hyperparameters(), "dataset": dataset, "tenant": tenant,
+            "trigger_id": trigger.event_id,
             "trigger_reason": trigger.reason, "eval": result.as_dict(),
             "job": {"dir": str(job_dir), "wall_s": summary.get("wall_s"), "global_step": summary.get("global_step"),
                     "final_loss": summary.get("final_loss"), "host": os.uname().nodename},
         }
         version = await self.registry.register_candidate(model=trigger.model, base_model=base_model,
                                                          adapter_dir=job_dir / "adapter", lineage=lineage,
-                                                         actor=self.actor)
+                                                         actor=self.actor, tenant=tenant)
         if not result.passed:
             await self.registry.reject(trigger.model, version.version_id, reasons=list(result.reasons),
                                        actor="eval-gate", evidence=result.as_dict())
@@ -287,7 +320,8 @@ class RetrainWorker:
         return json.loads(summary_path.read_text())
 
     async def _record(self, trigger: RetrainTrigger, outcome: RetrainOutcome) -> None:
-        status = {"registered": "ok", "rejected": "warn", "skipped": "insufficient_data"}.get(outcome.outcome, "alert")
+        status = {"registered": "ok", "rejected": "warn", "skipped": "insufficient_data",
+                  "declined": "insufficient_data"}.get(outcome.outcome, "alert")
         details = outcome.as_dict()
         details.pop("eval", None)
         details["eval"] = outcome.eval
