@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictFloat, Strict
 from starlette.responses import Response
 
 from gateway.feedback import FeedbackSubmission
-from gateway.http.openai import json_response, parse, read_body
+from gateway.http.openai import body_schema, json_response, parse, read_body
 from schemas.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -57,8 +57,7 @@ def build_feedback_router(gw: Gateway) -> APIRouter:
     settings = gw.settings.feedback
 
     @api.post("/v1/feedback", tags=["feedback"], status_code=201,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": FeedbackIn.model_json_schema()}}}})
+              openapi_extra=body_schema(FeedbackIn))
     async def submit_feedback(request: Request) -> Response:
         principal = gw.auth.authenticate(request.headers.get("authorization"))
         principal.require("feedback")

@@ -133,11 +133,11 @@ def build_router(gw: Gateway) -> tuple[APIRouter, dict[tuple[str, str], Handler]
         return StreamingResponse(_sse(first, chunks, adm, operation, include_usage), media_type="text/event-stream",
                                  headers={**_headers(adm), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @api.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest), tags=["openai"])
+    @api.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest), tags=["openai"])
     async def chat_completions(request: Request) -> Response:
         return await handle(request, "chat")
 
-    @api.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest), tags=["openai"])
+    @api.post("/v1/completions", openapi_extra=body_schema(CompletionRequest), tags=["openai"])
     async def completions(request: Request) -> Response:
         return await handle(request, "text_completion")
 
@@ -152,8 +152,27 @@ def build_router(gw: Gateway) -> tuple[APIRouter, dict[tuple[str, str], Handler]
                  ("GET", "/v1/models"): models}
 
 
-def _body_schema(model: type[Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def body_schema(model: type[Any]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a JSON model, with pydantic's `$defs` inlined.
+
+    Left in place, `#/$defs/...` would point at the root of the OpenAPI document, where nothing is: clients and
+    schema tools (schemathesis found it) could not resolve the nested types. The models are not recursive.
+    """
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": _inline_refs(schema, schema.get("$defs", {}))}}}}
+
 
 
 def _full(c: Completion, operation: Operation, adm: Admission) -> dict[str, Any]:
