@@ -243,28 +243,40 @@ class GradingWorker:
                              limit: int) -> list[tuple[InferenceEvent, InferenceEvent]]:
         """Pairs of answers to the same question by two versions of one model (sampled by a hash of the question).
 
-        Per (tenant, model, question) the latest answer of each version; the two lowest versions (by name)
-        form one pair, `a` the lower. Pairs whose `a` already has a pairwise grade are left out.
+        Shadow replays (gateway/shadow.py) pair with the served inference they replay: `a` the served answer,
+        `b` the shadow's (sampled by a hash of the served id), each one graded. Among served answers, per
+        (tenant, model, question) the latest answer of each version; the two lowest versions (by name) form
+        one pair, `a` the lower. Pairs whose `a` already has a pairwise grade are left out.
         """
         cfg = self._config(PAIRWISE_GRADER_NAME)
         recent = self._recent.setdefault(PAIRWISE_GRADER_NAME, _Recent())
         params: dict[str, ParamValue] = {"since": since_ms, "until": until_ms, "ppm": int(cfg.sample_rate * _PPM),
                                          "grader": PAIRWISE_GRADER_NAME, "n": limit}
-        clauses = ["ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')",
-                   "ts < fromUnixTimestamp64Milli({until:Int64}, 'UTC')", "status = 'ok'", "response != ''",
-                   f"cityHash64(tenant, model, {_QUESTION_SQL}) % {_PPM} < {{ppm:UInt64}}",
-                   *self._filters(cfg, params)]
+        window = ["ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')",
+                  "ts < fromUnixTimestamp64Milli({until:Int64}, 'UTC')", "status = 'ok'", "response != ''",
+                  *self._filters(cfg, params)]
+        clauses = [*window, f"cityHash64(tenant, model, {_QUESTION_SQL}) % {_PPM} < {{ppm:UInt64}}"]
+        shadow_clauses = ["shadow", *window, f"cityHash64(shadow_of) % {_PPM} < {{ppm:UInt64}}",
+                          "shadow_of NOT IN (SELECT target_id FROM grades WHERE grader = {grader:String} "
+                          "AND ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC'))"]
+        shadow = await self.store.query(
+            f"SELECT shadow_of, event_id FROM inferences FINAL WHERE {' AND '.join(shadow_clauses)} "
+            "ORDER BY ts, event_id LIMIT {n:UInt64}", params)
         table = await self.store.query(f"""
             WITH latest AS (
                 SELECT tenant, model, {_QUESTION_SQL} AS question, model_version,
                        argMax(event_id, (ts, event_id)) AS id
-                FROM inferences FINAL WHERE {' AND '.join(clauses)}
+                FROM inferences FINAL WHERE NOT shadow AND {' AND '.join(clauses)}
                 GROUP BY tenant, model, question, model_version
             )
             SELECT arrayMap(x -> x.2, arraySort(x -> x.1, groupArray((model_version, id)))) AS sides
             FROM latest GROUP BY tenant, model, question HAVING length(sides) >= 2
             ORDER BY min(id) LIMIT {{n:UInt64}}""", params)
-        pairs = [(s[0], s[1]) for s in table.column("sides").to_pylist()]
+        chosen: dict[str, str] = {}  # one pairwise grade per served answer: its shadow's first, else a version's
+        for a, b in [*zip(shadow.column("shadow_of").to_pylist(), shadow.column("event_id").to_pylist(), strict=True),
+                     *((s[0], s[1]) for s in table.column("sides").to_pylist())]:
+            chosen.setdefault(a, b)
+        pairs = list(chosen.items())[:limit]
         if not pairs:
             return []
         graded = set((await self.store.query(

@@ -171,13 +171,16 @@ async def test_shadow_pairs_are_graded_by_the_pairwise_win_rate_grader(shadowed:
     got = await store.query("SELECT event_id, shadow, shadow_of FROM inferences FINAL WHERE shadow ORDER BY ts")
     assert set(got.column("shadow_of").to_pylist()) == set(served)  # the flag and the pairing survive the store
     settings = GradingSettings(settle_s=0, graders={"judge_pairwise": GraderSettings(sample_rate=1.0)})
-    report = await GradingWorker(store, store_publisher(store), settings, graders={}).run_once(only="judge_pairwise")
-    [grade] = report.grades  # the two requests asked the same question: one pair, the latest answers
-    shadow_ids = {e.event_id: e.shadow_of for e in mine if e.shadow}
-    assert grade.target_id in served and grade.other_version == "v-cand"
-    assert shadow_ids[grade.other_id] in served
-    # "w0 w1 w2 w3" (no greeting) against a polite candidate answer: the served answer loses
-    assert grade.label == "loss"
+    worker = GradingWorker(store, store_publisher(store), settings, graders={})
+    report = await worker.run_once(only="judge_pairwise")
+    shadow_of = {e.event_id: e.shadow_of for e in mine if e.shadow}
+    # every shadow is judged against the very answer it replays (both asked the same question: by question
+    # alone only the latest two answers would pair)
+    assert sorted(g.target_id for g in report.grades) == sorted(served)
+    for grade in report.grades:
+        assert shadow_of[grade.other_id] == grade.target_id and grade.other_version == "v-cand"
+        assert grade.label == "loss"  # "w0 w1 w2 w3" (no greeting) against a polite candidate answer
+    assert (await worker.run_once(only="judge_pairwise")).grades == []  # graded once
 
 
 def test_shadow_policies_must_name_configured_models_and_sampling_is_stable() -> None:
