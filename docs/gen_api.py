@@ -18,7 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PROTOS = sorted((REPO / "schemas" / "pb").glob("*.proto"))
 ROUTE_FILES = [REPO / p for p in ("gateway/http/app.py", "gateway/http/openai.py", "gateway/http/feedback.py",
-                                  "feedback/dashboard/api.py", "feedback/dashboard/models_api.py")]
+                                  "feedback/dashboard/api.py", "feedback/dashboard/models_api.py",
+                                  "feedback/dashboard/budgets_api.py")]
 
 ROUTE_SUMMARIES = {
     ("GET", "/healthz"): "liveness: 200 while the process serves",
@@ -45,6 +46,10 @@ ROUTE_SUMMARIES = {
     ("GET", "/admin/v1/models/{model}/versions/{version}"): "one version: state, history, lineage",
     ("GET", "/admin/v1/lineage/{inference_id}"): "the chain behind a served response: version, dataset, trigger",
     ("POST", "/admin/v1/models/{model}/requests"): "request a lifecycle step by JSON body (action, version, reason)",
+    ("GET", "/admin/v1/tenants"): "the tenants this key may view (an operator's key: every tenant in the store)",
+    ("GET", "/admin/v1/spend"): "spend per tenant over time, budgets in force with this period's spend, budget alerts",
+    ("GET", "/admin/v1/budgets"): "budgets in force with this period's spend, state and reset time (`?tenant=`)",
+    ("POST", "/admin/v1/budgets"): "set or clear a tenant's or key's daily or monthly budget (soft and hard limits)",
 }
 
 

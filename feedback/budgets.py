@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from feedback.store import Store
 from feedback.store.columns import from_arrow, select_list
-from schemas.events import BudgetAlert, BudgetEvent
+from schemas.events import BudgetAlert, BudgetEvent, BudgetPeriod, period_bounds
 
 _SINCE = "ts >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC')"
+
+
+def period_start(period: BudgetPeriod, now_s: float) -> int:
+    """Epoch ms of the start of the UTC day or month holding `now_s`."""
+    return period_bounds(period, now_s)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +36,18 @@ class Spend:
 async def budget_rows(store: Store) -> list[BudgetEvent]:
     """Every budget row, oldest first (fold with `gateway.budgets.current_budgets` for what is in force)."""
     table = await store.query(f"SELECT {select_list(BudgetEvent)} FROM budgets FINAL ORDER BY ts, event_id")
+    return from_arrow(BudgetEvent, table)  # type: ignore[return-value]
+
+
+async def budgets_in_force(store: Store, *, tenant: str | None = None) -> list[BudgetEvent]:
+    """The latest row per (scope, subject, period) that still sets a limit; with `tenant`, that tenant's only
+    (its tenant budget and its keys' budgets)."""
+    where = " WHERE tenant = {tenant:String} OR (scope = 'tenant' AND subject = {tenant:String})" if tenant else ""
+    table = await store.query(
+        f"SELECT * FROM (SELECT {select_list(BudgetEvent)} FROM budgets FINAL{where} "
+        "ORDER BY ts DESC, event_id DESC LIMIT 1 BY scope, subject, period) "
+        "WHERE soft_usd > 0 OR hard_usd > 0 ORDER BY scope, subject, period",
+        {"tenant": tenant} if tenant else {})
     return from_arrow(BudgetEvent, table)  # type: ignore[return-value]
 
 
@@ -55,6 +73,23 @@ async def alert_rows(store: Store, since_ms: int, *, tenant: str | None = None) 
                               "ORDER BY ts DESC, event_id",
                               {"since_ms": since_ms, **({"tenant": tenant} if tenant is not None else {})})
     return from_arrow(BudgetAlert, table)  # type: ignore[return-value]
+
+
+async def budget_status(store: Store, now_s: float, *, tenant: str | None = None) -> list[dict[str, Any]]:
+    """Each budget in force with the store's spend against it in its current period and when that resets."""
+    day, month = period_start("day", now_s), period_start("month", now_s)
+    totals = await spend_since(store, day, month, tenant=tenant)
+    out = []
+    for b in await budgets_in_force(store, tenant=tenant):
+        rows = [r for r in totals if (r.tenant if b.scope == "tenant" else r.key_id) == b.subject]
+        used = sum(r.day_usd if b.period == "day" else r.month_usd for r in rows)
+        start, reset = period_bounds(b.period, now_s)
+        out.append({"scope": b.scope, "subject": b.subject, "tenant": b.tenant, "period": b.period,
+                    "soft_usd": b.soft_usd, "hard_usd": b.hard_usd, "spend_usd": used, "period_start_ms": start,
+                    "reset_ms": reset, "set_ms": b.ts_ms, "actor": b.actor, "reason": b.reason,
+                    "state": "hard" if b.hard_usd and used >= b.hard_usd else
+                             "soft" if b.soft_usd and used >= b.soft_usd else "ok"})
+    return out
 
 
 class StoreBudgetSource:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from schemas.errors import RateLimited
-from schemas.events import BudgetAlert, BudgetEvent, BudgetPeriod, Event
+from schemas.events import BudgetAlert, BudgetEvent, BudgetPeriod, Event, period_bounds
 
 if TYPE_CHECKING:
     from gateway.auth import Principal
@@ -67,16 +67,7 @@ class PriceTable:
         return tokens_in * price[0] + tokens_out * price[1]
 
 
-def period_bounds(period: BudgetPeriod, now_s: float) -> tuple[int, int]:
-    """(start, reset) of the UTC day or month holding `now_s`, as epoch milliseconds."""
-    now = dt.datetime.fromtimestamp(now_s, dt.UTC)
-    if period == "day":
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        reset = start + dt.timedelta(days=1)
-    else:
-        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        reset = (start + dt.timedelta(days=32)).replace(day=1)
-    return int(start.timestamp() * 1000), int(reset.timestamp() * 1000)
+__all__ = ["BudgetExceeded", "BudgetKeeper", "BudgetSource", "PriceTable", "current_budgets", "period_bounds"]
 
 
 def iso_ms(ms: int) -> str:

@@ -14,6 +14,7 @@ of the type's table (schemas/migrations): a new field needs a migration adding i
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import time
 import uuid
 from typing import Annotated, ClassVar, Literal
@@ -280,6 +281,18 @@ class GradeEvent(Event, kw_only=True, frozen=True, tag="grade"):
 
 BudgetScope = Literal["tenant", "key"]
 BudgetPeriod = Literal["day", "month"]
+
+
+def period_bounds(period: BudgetPeriod, now_s: float) -> tuple[int, int]:
+    """(start, reset) of the UTC day or month holding `now_s`, as epoch milliseconds."""
+    now = dt.datetime.fromtimestamp(now_s, dt.UTC)
+    if period == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        reset = start + dt.timedelta(days=1)
+    else:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        reset = (start + dt.timedelta(days=32)).replace(day=1)
+    return int(start.timestamp() * 1000), int(reset.timestamp() * 1000)
 
 
 class BudgetEvent(Event, kw_only=True, frozen=True, tag="budget"):

@@ -10,7 +10,9 @@ from functools import partial
 
 from prometheus_client import CollectorRegistry
 
+from feedback.budgets import StoreBudgetSource
 from feedback.dashboard import admin_extension
+from feedback.dashboard.budgets_api import budgets_extension
 from feedback.dashboard.models_api import models_extension
 from feedback.graders.export import GradeExporter
 from feedback.graders.worker import GradingWorker
@@ -18,6 +20,7 @@ from feedback.monitors.runner import Scheduler, sink_publisher
 from feedback.pipeline import EventPipeline
 from feedback.store import Store, get_inference
 from gateway.auth import KeyStore
+from gateway.budgets import PriceTable
 from gateway.engines import Engine
 from gateway.metrics import GatewayMetrics
 from gateway.server import Gateway, GatewayServer
@@ -138,7 +141,8 @@ class System:
                                                  registry=metrics.registry, exporters=self._grade_exporters)
                     await self.grading.start()
         gw = Gateway(settings.gateway, KeyStore(settings.keys_path), metrics=metrics, engines=self.engines,
-                     events=pipeline.sink if pipeline is not None else None)
+                     events=pipeline.sink if pipeline is not None else None,
+                     prices=PriceTable.from_settings(settings.monitors.prices))  # spend: tokens x the monitors' prices
         self.gateway = gw
         _follow_models(gw, settings, pipeline)
         if pipeline is not None:
@@ -149,9 +153,15 @@ class System:
                     pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None,
                     health=pipeline.health,
                     report_dir=report_dir,
-                    prices={m: (p.input_per_1k, p.output_per_1k) for m, p in settings.monitors.prices.items()}))
+                    prices={m: (p.input_per_1k, p.output_per_1k) for m, p in settings.monitors.prices.items()},
+                    operator_tenants=settings.gateway.auth.operator_tenants))
                 gw.http_extensions.append(models_extension(  # the registry's admin routes (versions, lineage)
                     pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None))
+                gw.http_extensions.append(budgets_extension(  # spend budgets: read and set (servoloop budgets)
+                    pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None,
+                    operator_tenants=settings.gateway.auth.operator_tenants))
+                if settings.gateway.budgets.enabled:  # enforced from memory; seeded from and polled in the store
+                    gw.follow_budgets(StoreBudgetSource(pipeline.store))
         self.server = GatewayServer(gw)
         await self.server.start()
         if self.on_ready:

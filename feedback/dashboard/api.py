@@ -5,6 +5,11 @@ Mounted into the gateway's HTTP app by `admin_extension(store, authenticate, ...
 Errors are the gateway's JSON shape, `{"error": {"message", "type", "param", "code"}}`, produced here
 (feedback must not import gateway) for the statuses this API uses.
 
+Who sees what: every route needs the admin scope. An operator's admin key (its tenant is one of
+`operator_tenants`, `gateway.auth.operator_tenants`, default `ops`) sees every tenant and may pick one with
+`?tenant=` (none: all); any other tenant's admin key is tenant-scoped: it sees only its own tenant's rows
+(naming another tenant is 403) and acts only on its own tenant's versions.
+
 Model actions (approve, promote, rollback) are requests: until the registry of the retraining issue
 serves its own API, a POST records the operator's request as a `ModelEvent` with state
 `<action>_requested` (actor = the key id) on the event path and answers 202; the registry acts on those
@@ -17,7 +22,7 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -29,6 +34,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.responses import FileResponse, RedirectResponse, Response
 
+from feedback import budgets
 from feedback.dashboard import reads
 from feedback.dashboard.reads import Span
 from feedback.store import Store
@@ -58,6 +64,7 @@ MAX_SPAN_MS = 90 * 86_400_000
 MAX_BUCKETS = 2000
 MAX_REASON = 1000
 MAX_BODY = 16_384
+OPERATOR_TENANTS = ("ops",)  # the default of gateway.auth.operator_tenants
 
 
 class ActionsUnavailable(ServoloopError):
@@ -85,15 +92,17 @@ def plotly_js() -> Path:
 def admin_extension(store: Store, authenticate: Authenticate, *, publish: Callable[[Event], None] | None = None,
                     health: Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]] | None = None,
                     report_dir: Path | None = None, prices: Mapping[str, tuple[float, float]] | None = None,
-                    refresh_s: float = 10.0) -> Callable[[FastAPI], None]:
+                    refresh_s: float = 10.0,
+                    operator_tenants: Collection[str] = OPERATOR_TENANTS) -> Callable[[FastAPI], None]:
     """A gateway HTTP extension adding the admin API and the dashboard.
 
     `publish` is the event sink (model action requests; without it the dashboard is read-only), `health`
     reports the pipeline, `report_dir` is where drift reports may be served from (nothing else is),
-    `prices` maps a model to (price per 1k input tokens, per 1k output tokens).
+    `prices` maps a model to (price per 1k input tokens, per 1k output tokens); admin keys of
+    `operator_tenants` see every tenant, other admin keys only their own.
     """
     router = build_admin_router(store, authenticate, publish=publish, health=health, report_dir=report_dir,
-                                prices=prices, refresh_s=refresh_s)
+                                prices=prices, refresh_s=refresh_s, operator_tenants=operator_tenants)
     return lambda app: app.include_router(router)
 
 
@@ -228,114 +237,160 @@ def _check_query(request: Request, allowed: set[str]) -> Mapping[str, str]:
 # -- the router ------------------------------------------------------------------------------------------------------
 
 
+def require_admin(authenticate: Authenticate, request: Request) -> AdminPrincipal:
+    """The principal of an admin key; raises Unauthenticated or PermissionDenied (no admin scope)."""
+    principal = authenticate(request.headers.get("authorization"))
+    if "admin" not in principal.scopes:
+        raise PermissionDenied("this key lacks the 'admin' scope "
+                               f"(it has: {', '.join(sorted(principal.scopes))})")
+    return principal
+
+
+def is_operator(principal: AdminPrincipal, operator_tenants: Collection[str]) -> bool:
+    """An operator's key sees and acts on every tenant; any other admin key only on its own."""
+    return principal.tenant in operator_tenants
+
+
+def visible_tenant(principal: AdminPrincipal, wanted: str | None, operator_tenants: Collection[str]) -> str | None:
+    """The tenant a read covers (None: every tenant). Raises PermissionDenied if a tenant-scoped key names another."""
+    wanted = parse_name(wanted, field="tenant")
+    if is_operator(principal, operator_tenants):
+        return wanted
+    if wanted is not None and wanted != principal.tenant:
+        raise PermissionDenied(f"this key sees only its own tenant ({principal.tenant!r})", param="tenant")
+    return principal.tenant
+
+
 def build_admin_router(store: Store, authenticate: Authenticate, *, publish: Callable[[Event], None] | None = None,
                        health: Callable[[], Mapping[str, Any] | Awaitable[Mapping[str, Any]]] | None = None,
                        report_dir: Path | None = None, prices: Mapping[str, tuple[float, float]] | None = None,
-                       refresh_s: float = 10.0) -> APIRouter:
+                       refresh_s: float = 10.0, operator_tenants: Collection[str] = OPERATOR_TENANTS) -> APIRouter:
     router = APIRouter(route_class=_AdminRoute, tags=["admin"])
     reports = report_dir.resolve() if report_dir is not None else None
 
     def admin(request: Request) -> AdminPrincipal:
-        principal = authenticate(request.headers.get("authorization"))
-        if "admin" not in principal.scopes:
-            raise PermissionDenied("this key lacks the 'admin' scope "
-                                   f"(it has: {', '.join(sorted(principal.scopes))})")
-        return principal
+        return require_admin(authenticate, request)
+
+    def view(request: Request, q: Mapping[str, str]) -> str | None:
+        """The tenant this request may read: None = every tenant (an operator's key without `?tenant=`)."""
+        return visible_tenant(admin(request), q.get("tenant"), operator_tenants)
 
     def now_ms() -> int:
         return time.time_ns() // 1_000_000
 
     @router.get("/admin/v1/overview")
     async def overview(request: Request) -> Response:
-        admin(request)
-        span = parse_span(_check_query(request, {"since", "until"}), now_ms=now_ms())
+        q = _check_query(request, {"since", "until", "tenant"})
+        tenant = view(request, q)
+        span = parse_span(q, now_ms=now_ms())
         out: dict[str, Any] = {"server_time_ms": now_ms(), "since_ms": span.start_ms, "until_ms": span.end_ms,
-                               "tables": await reads.overview(store, span), "actions_enabled": publish is not None,
+                               "tables": await reads.overview(store, span, tenant=tenant), "tenant": tenant,
+                               "actions_enabled": publish is not None,
                                "refresh_s": refresh_s, "store": {"database": store.database}}
-        if health is not None:
+        if health is not None and tenant is None:
             report = health()
             out["health"] = dict(await report if inspect.isawaitable(report) else report)
         return _json(out)
 
     @router.get("/admin/v1/metrics")
     async def metrics(request: Request) -> Response:
-        admin(request)
-        q = _check_query(request, {"since", "until", "metric", "model"})
+        q = _check_query(request, {"since", "until", "metric", "model", "tenant"})
+        tenant = view(request, q)
         span = parse_span(q, now_ms=now_ms())
         series = await reads.quality_series(store, span, metric=parse_name(q.get("metric"), field="metric"),
-                                            model=parse_name(q.get("model"), field="model"))
+                                            model=parse_name(q.get("model"), field="model"), tenant=tenant)
         return _json({"since_ms": span.start_ms, "until_ms": span.end_ms, "series": series})
 
     @router.get("/admin/v1/drift")
     async def drift(request: Request) -> Response:
-        admin(request)
-        q = _check_query(request, {"since", "until", "model"})
+        q = _check_query(request, {"since", "until", "model", "tenant"})
+        tenant = view(request, q)
         span = parse_span(q, now_ms=now_ms(), default_since="7d")
-        scores = await reads.drift_scores(store, span, model=parse_name(q.get("model"), field="model"))
+        scores = await reads.drift_scores(store, span, model=parse_name(q.get("model"), field="model"), tenant=tenant)
         for s in scores:
             s["report_url"] = report_link(reports, s.pop("report_path"))
         return _json({"since_ms": span.start_ms, "until_ms": span.end_ms, "features": scores})
 
     @router.get("/admin/v1/drift/reports/{path:path}")
     async def drift_report(request: Request, path: str) -> Response:
-        admin(request)
+        principal = admin(request)
         file = report_file(reports, path)
-        if file is None:
+        if file is None or not is_operator(principal, operator_tenants):  # a run's report covers every tenant
             raise NotFound("no such drift report", param="path")
         return FileResponse(file, media_type="text/html",
                             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
 
     @router.get("/admin/v1/guardrails")
     async def guardrails(request: Request) -> Response:
-        admin(request)
-        q = _check_query(request, {"since", "until", "step", "model"})
+        q = _check_query(request, {"since", "until", "step", "model", "tenant"})
+        tenant = view(request, q)
         span = parse_span(q, now_ms=now_ms())
-        rates = await reads.guardrail_rates(store, span, model=parse_name(q.get("model"), field="model"))
+        rates = await reads.guardrail_rates(store, span, model=parse_name(q.get("model"), field="model"), tenant=tenant)
         return _json({"since_ms": span.start_ms, "until_ms": span.end_ms, "step_s": span.step_s, **rates})
 
     @router.get("/admin/v1/latency")
     async def latency(request: Request) -> Response:
-        admin(request)
-        q = _check_query(request, {"since", "until", "step", "model"})
+        q = _check_query(request, {"since", "until", "step", "model", "tenant"})
+        tenant = view(request, q)
         span = parse_span(q, now_ms=now_ms())
-        models = await reads.latency_cost(store, span, model=parse_name(q.get("model"), field="model"), prices=prices)
+        models = await reads.latency_cost(store, span, model=parse_name(q.get("model"), field="model"), prices=prices,
+                                          tenant=tenant)
         return _json({"since_ms": span.start_ms, "until_ms": span.end_ms, "step_s": span.step_s,
                       "priced": sorted(prices or {}), "models": models})
 
     @router.get("/admin/v1/models")
     async def models(request: Request) -> Response:
-        admin(request)
-        q = _check_query(request, {"model"})
-        timeline = await reads.model_timeline(store, model=parse_name(q.get("model"), field="model"))
+        q = _check_query(request, {"model", "tenant"})
+        tenant = view(request, q)
+        timeline = await reads.model_timeline(store, model=parse_name(q.get("model"), field="model"), tenant=tenant)
         return _json({"actions": list(ACTIONS) if publish is not None else [], "models": timeline})
 
     @router.get("/admin/v1/canary")
     async def canary(request: Request) -> Response:
-        admin(request)
-        q = _check_query(request, {"model"})
+        q = _check_query(request, {"model", "tenant"})
+        tenant = view(request, q)
         rows = await reads.canaries(store, now_ms=now_ms(), model=parse_name(q.get("model"), field="model"))
+        if tenant is not None:  # a canary's arms are read across tenants: shown only where the version is the tenant's
+            rows = [r for r in rows if r.get("tenant") == tenant]
         return _json({"server_time_ms": now_ms(), "canaries": rows})
 
     @router.get("/admin/v1/triggers")
     async def triggers(request: Request) -> Response:
-        admin(request)
-        q = _check_query(request, {"since", "until", "model", "limit"})
+        q = _check_query(request, {"since", "until", "model", "limit", "tenant"})
+        tenant = view(request, q)
         span = parse_span(q, now_ms=now_ms(), default_since="7d")
         rows = await reads.triggers(store, span, model=parse_name(q.get("model"), field="model"),
-                                    limit=parse_limit(q.get("limit")))
+                                    limit=parse_limit(q.get("limit")), tenant=tenant)
         return _json({"triggers": rows})
 
     @router.get("/admin/v1/alerts")
     async def alerts(request: Request) -> Response:
-        admin(request)
-        q = _check_query(request, {"since", "until", "limit", "status"})
+        q = _check_query(request, {"since", "until", "limit", "status", "tenant"})
+        tenant = view(request, q)
         span = parse_span(q, now_ms=now_ms(), default_since="7d")
         statuses = tuple(s for s in (q.get("status") or "alert").split(",") if s)
         if not statuses or not set(statuses) <= {"alert", "warn", "ok", "insufficient_data"}:
             raise InvalidRequest("'status' must be a comma-separated list of alert, warn, ok, insufficient_data",
                                  param="status")
-        rows = await reads.alerts(store, span, statuses=statuses, limit=parse_limit(q.get("limit")))
+        rows = await reads.alerts(store, span, statuses=statuses, limit=parse_limit(q.get("limit")), tenant=tenant)
         return _json({"alerts": rows})
+
+    @router.get("/admin/v1/tenants")
+    async def tenants(request: Request) -> Response:
+        tenant = view(request, _check_query(request, set()))
+        return _json({"tenants": [tenant] if tenant is not None else await reads.tenants(store),
+                      "all": tenant is None})
+
+    @router.get("/admin/v1/spend")
+    async def spend(request: Request) -> Response:
+        q = _check_query(request, {"since", "until", "step", "tenant"})
+        tenant = view(request, q)
+        span = parse_span(q, now_ms=now_ms())
+        in_force = await budgets.budget_status(store, now_ms() / 1000, tenant=tenant)
+        alerts = await budgets.alert_rows(store, span.start_ms, tenant=tenant)
+        return _json({"since_ms": span.start_ms, "until_ms": span.end_ms, "step_s": span.step_s,
+                      "series": await reads.spend_series(store, span, tenant=tenant), "budgets": in_force,
+                      "alerts": [msgspec.to_builtins(a) for a in alerts if a.ts_ms < span.end_ms]})
 
     @router.post("/admin/v1/models/{model}/versions/{version}/{action}", status_code=202)
     async def model_action(request: Request, model: str, version: str, action: str) -> Response:
@@ -349,9 +404,9 @@ def build_admin_router(store: Store, authenticate: Authenticate, *, publish: Cal
             raise ActionsUnavailable("model actions are off in this process (no event sink): the dashboard is "
                                      "read-only", param="action")
         current = await reads.version_state(store, model, version)
-        if current is None:
+        if current is None or not (is_operator(principal, operator_tenants) or current["tenant"] == principal.tenant):
             raise NotFound(f"model {model!r} has no version {version!r}", param="version")
-        event = ModelEvent(tenant=principal.tenant, model=model, version_id=version,
+        event = ModelEvent(tenant=current["tenant"] or principal.tenant, model=model, version_id=version,
                            base_model=current["base_model"], adapter_path=current["adapter_path"],
                            state=f"{action}_requested", previous_state=current["state"],
                            reason=reason or f"operator requested {action}", actor=principal.key_id)

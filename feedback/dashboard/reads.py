@@ -1,7 +1,8 @@
 """What the operator dashboard shows, read from the store as plain JSON-ready data. Every read is exact (FINAL).
 
 Times are epoch milliseconds; a `Span` is the half-open window `[start_ms, end_ms)` plus the bucket width
-of time series. All reads cover every tenant: only admin keys reach them.
+of time series. Every read takes `tenant`: None covers every tenant (admin keys), a name only that tenant's
+rows (what a tenant-scoped key is limited to; the API decides which, feedback/dashboard/api.py).
 
 Contract with the monitors (feedback/monitors: the runner publishes one `MonitorResult` per policy entry,
 `monitor` = the entry's name, `details.monitor_kind` = its kind):
@@ -80,12 +81,13 @@ async def _rows(store: Store, sql: str, params: Mapping[str, ParamValue]) -> lis
 _TABLES = ("inferences", "feedback", "guardrail_verdicts", "monitor_results", "retrain_triggers", "model_events")
 
 
-async def overview(store: Store, span: Span) -> dict[str, Any]:
+async def overview(store: Store, span: Span, *, tenant: str | None = None) -> dict[str, Any]:
     """Events per table: in all, and in the span; and the time of the newest one."""
+    where = " WHERE tenant = {tenant:String}" if tenant is not None else ""
     parts = " UNION ALL ".join(
         f"SELECT '{t}' AS table, count() AS total, countIf({_TS}) AS in_span, "
-        f"toUnixTimestamp64Milli(max(ts)) AS last_ms FROM {t} FINAL" for t in _TABLES)
-    rows = await _rows(store, parts, span.params())
+        f"toUnixTimestamp64Milli(max(ts)) AS last_ms FROM {t} FINAL{where}" for t in _TABLES)
+    rows = await _rows(store, parts, span.params(tenant=tenant))
     return {r["table"]: {"total": r["total"], "in_span": r["in_span"], "last_ms": r["last_ms"] if r["total"] else None}
             for r in rows}
 
@@ -98,7 +100,7 @@ _RESULT_COLUMNS = """tenant, monitor, metric, model, model_version, value, thres
 
 
 async def quality_series(store: Store, span: Span, *, metric: str | None = None,
-                         model: str | None = None) -> list[dict[str, Any]]:
+                         model: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
     """Quality metric time series, one per (tenant, monitor, metric, model, version), points by window end.
 
     A window evaluated more than once shows its latest result. Each point carries its confidence interval
@@ -106,12 +108,12 @@ async def quality_series(store: Store, span: Span, *, metric: str | None = None,
     """
     sql = f"""
         SELECT {_RESULT_COLUMNS} FROM monitor_results FINAL
-        WHERE {_TS} AND NOT {DRIFT} AND monitor != 'canary'{_eq("metric", metric)}{_eq("model", model)}
+        WHERE {_TS} AND NOT {DRIFT} AND monitor != 'canary'{_eq("metric", metric)}{_eq("model", model)}{_eq("tenant", tenant)}
         ORDER BY tenant, monitor, metric, model, model_version, window_end, ts DESC
         LIMIT 1 BY tenant, monitor, metric, model, model_version, window_start, window_end
         LIMIT {_MAX_ROWS}"""
     series: dict[tuple[str, ...], dict[str, Any]] = {}
-    for r in await _rows(store, sql, span.params(metric=metric, model=model)):
+    for r in await _rows(store, sql, span.params(metric=metric, model=model, tenant=tenant)):
         key = (r["tenant"], r["monitor"], r["metric"], r["model"], r["model_version"])
         s = series.setdefault(key, {"tenant": r["tenant"], "monitor": r["monitor"], "metric": r["metric"],
                                     "model": r["model"], "model_version": r["model_version"], "points": []})
@@ -124,7 +126,8 @@ async def quality_series(store: Store, span: Span, *, metric: str | None = None,
     return list(series.values())
 
 
-async def drift_scores(store: Store, span: Span, *, model: str | None = None) -> list[dict[str, Any]]:
+async def drift_scores(store: Store, span: Span, *, model: str | None = None,
+                       tenant: str | None = None) -> list[dict[str, Any]]:
     """The latest drift score per (tenant, feature, model, version) within the span, sorted by those.
 
     A feature is a drift result's own metric or one of its `column_scores`; the newest run wins.
@@ -132,12 +135,12 @@ async def drift_scores(store: Store, span: Span, *, model: str | None = None) ->
     """
     sql = f"""
         SELECT {_RESULT_COLUMNS} FROM monitor_results FINAL
-        WHERE {_TS} AND {DRIFT} AND status != 'insufficient_data'{_eq("model", model)}
+        WHERE {_TS} AND {DRIFT} AND status != 'insufficient_data'{_eq("model", model)}{_eq("tenant", tenant)}
         ORDER BY tenant, monitor, metric, model, model_version, ts DESC
         LIMIT 1 BY tenant, monitor, metric, model, model_version
         LIMIT {_MAX_ROWS}"""
     latest: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-    for r in await _rows(store, sql, span.params(model=model)):
+    for r in await _rows(store, sql, span.params(model=model, tenant=tenant)):
         details = _json(r["details"])
         report = next((details[k] for k in ("report", "report_path") if isinstance(details.get(k), str)), None)
         run = {"tenant": r["tenant"], "monitor": r["monitor"], "metric": r["metric"], "model": r["model"],
@@ -163,13 +166,13 @@ async def drift_scores(store: Store, span: Span, *, model: str | None = None) ->
 
 
 async def alerts(store: Store, span: Span, *, statuses: tuple[str, ...] = ("alert",),
-                 limit: int = 100) -> list[dict[str, Any]]:
+                 limit: int = 100, tenant: str | None = None) -> list[dict[str, Any]]:
     """Monitor results with one of `statuses` in the span, newest first."""
     sql = f"""
         SELECT {_RESULT_COLUMNS} FROM monitor_results FINAL
-        WHERE {_TS} AND status IN {{statuses:Array(String)}}
+        WHERE {_TS} AND status IN {{statuses:Array(String)}}{_eq("tenant", tenant)}
         ORDER BY ts DESC, event_id LIMIT {{limit:UInt64}}"""
-    rows = await _rows(store, sql, span.params(statuses=list(statuses), limit=limit))
+    rows = await _rows(store, sql, span.params(statuses=list(statuses), limit=limit, tenant=tenant))
     for r in rows:
         r["details"] = _json(r["details"])
     return rows
@@ -180,21 +183,22 @@ async def alerts(store: Store, span: Span, *, statuses: tuple[str, ...] = ("aler
 _BUCKET = "toInt64(toUnixTimestamp(toStartOfInterval(ts, toIntervalSecond({step_s:UInt32}), 'UTC'))) * 1000"
 
 
-async def guardrail_rates(store: Store, span: Span, *, model: str | None = None) -> dict[str, Any]:
+async def guardrail_rates(store: Store, span: Span, *, model: str | None = None,
+                          tenant: str | None = None) -> dict[str, Any]:
     """Per time bucket: verdicts, and the share of verdicts per action and per finding type.
 
     A verdict with several findings of one type counts once for that type (`findings` counts them all).
     """
-    where = f"{_TS}{_eq('model', model)}"
+    where = f"{_TS}{_eq('model', model)}{_eq('tenant', tenant)}"
     totals = await _rows(store, f"""
         SELECT {_BUCKET} AS t, count() AS verdicts, countIf(action = 'block') AS blocks,
                countIf(action = 'redact') AS redacts
-        FROM guardrail_verdicts FINAL WHERE {where} GROUP BY t ORDER BY t""", span.params(model=model))
+        FROM guardrail_verdicts FINAL WHERE {where} GROUP BY t ORDER BY t""", span.params(model=model, tenant=tenant))
     by_type = await _rows(store, f"""
         SELECT {_BUCKET} AS t, finding.1 AS type, count() AS verdicts, sum(finding.2) AS findings,
                countIf(action = 'block') AS blocks
         FROM guardrail_verdicts FINAL ARRAY JOIN CAST(finding_counts, 'Array(Tuple(String, UInt32))') AS finding
-        WHERE {where} AND finding.2 > 0 GROUP BY t, type ORDER BY type, t""", span.params(model=model))
+        WHERE {where} AND finding.2 > 0 GROUP BY t, type ORDER BY type, t""", span.params(model=model, tenant=tenant))
     per_bucket = {r["t"]: r["verdicts"] for r in totals}
     actions = {a: [{"t": r["t"], "count": r[f"{a}s"], "rate": r[f"{a}s"] / r["verdicts"]} for r in totals]
                for a in ("block", "redact")}
@@ -207,7 +211,8 @@ async def guardrail_rates(store: Store, span: Span, *, model: str | None = None)
 
 
 async def latency_cost(store: Store, span: Span, *, model: str | None = None,
-                       prices: Mapping[str, tuple[float, float]] | None = None) -> list[dict[str, Any]]:
+                       prices: Mapping[str, tuple[float, float]] | None = None,
+                       tenant: str | None = None) -> list[dict[str, Any]]:
     """Per model and time bucket: requests, errors, latency and TTFT percentiles (ms), tokens, and cost.
 
     `prices` maps a model (or `*`, the fallback) to (price per 1k input tokens, per 1k output tokens);
@@ -218,8 +223,8 @@ async def latency_cost(store: Store, span: Span, *, model: str | None = None,
                quantilesExact(0.5, 0.95, 0.99)(latency_ms) AS latency,
                quantilesExact(0.5, 0.95)(ttft_ms) AS ttft,
                sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out
-        FROM inferences FINAL WHERE {_TS}{_eq("model", model)}
-        GROUP BY model, t ORDER BY model, t""", span.params(model=model))
+        FROM inferences FINAL WHERE {_TS}{_eq("model", model)}{_eq("tenant", tenant)}
+        GROUP BY model, t ORDER BY model, t""", span.params(model=model, tenant=tenant))
     series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         price = (prices or {}).get(r["model"], (prices or {}).get("*"))
@@ -232,6 +237,29 @@ async def latency_cost(store: Store, span: Span, *, model: str | None = None,
     return [{"model": m, "points": p} for m, p in series.items()]
 
 
+async def spend_series(store: Store, span: Span, *, tenant: str | None = None) -> list[dict[str, Any]]:
+    """Spend (`cost_usd`, recorded by the gateway) per tenant and time bucket, with requests and tokens."""
+    rows = await _rows(store, f"""
+        SELECT toString(tenant) AS tenant, {_BUCKET} AS t, sum(cost_usd) AS cost_usd, count() AS requests,
+               sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out
+        FROM inferences FINAL WHERE {_TS}{_eq("tenant", tenant)}
+        GROUP BY tenant, t ORDER BY tenant, t""", span.params(tenant=tenant))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(r.pop("tenant"), []).append(r)
+    return [{"tenant": k, "total_usd": sum(p["cost_usd"] for p in v), "points": v} for k, v in series.items()]
+
+
+async def tenants(store: Store) -> list[str]:
+    """Every tenant the store knows: served requests, monitor results, versions and budgets."""
+    rows = await _rows(store, """
+        SELECT DISTINCT toString(tenant) AS tenant FROM (
+            SELECT DISTINCT tenant FROM inferences UNION ALL SELECT DISTINCT tenant FROM monitor_results
+            UNION ALL SELECT DISTINCT tenant FROM model_events UNION ALL SELECT DISTINCT tenant FROM budgets)
+        WHERE tenant != '' ORDER BY tenant""", {})
+    return [r["tenant"] for r in rows]
+
+
 # -- model versions and the triggers behind them ---------------------------------------------------------------------
 
 _TRIGGER_COLUMNS = """event_id, toUnixTimestamp64Milli(ts) AS ts_ms, tenant, model, model_version, method, reason,
@@ -240,18 +268,22 @@ _TRIGGER_COLUMNS = """event_id, toUnixTimestamp64Milli(ts) AS ts_ms, tenant, mod
 _LINEAGE_TRIGGER_KEYS = ("trigger_id", "retrain_trigger_id", "trigger_event_id")
 
 
-async def triggers(store: Store, span: Span, *, model: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+async def triggers(store: Store, span: Span, *, model: str | None = None, limit: int = 100,
+                   tenant: str | None = None) -> list[dict[str, Any]]:
     """Retrain triggers in the span, newest first, `params` parsed."""
     rows = await _rows(store, f"""
-        SELECT {_TRIGGER_COLUMNS} FROM retrain_triggers FINAL WHERE {_TS}{_eq("model", model)}
-        ORDER BY ts DESC, event_id LIMIT {{limit:UInt64}}""", span.params(model=model, limit=limit))
+        SELECT {_TRIGGER_COLUMNS} FROM retrain_triggers FINAL WHERE {_TS}{_eq("model", model)}{_eq("tenant", tenant)}
+        ORDER BY ts DESC, event_id LIMIT {{limit:UInt64}}""", span.params(model=model, limit=limit, tenant=tenant))
     for r in rows:
         r["params"] = _json(r["params"])
     return rows
 
 
-async def model_timeline(store: Store, *, model: str | None = None, limit: int = 5000) -> list[dict[str, Any]]:
+async def model_timeline(store: Store, *, model: str | None = None, limit: int = 5000,
+                         tenant: str | None = None) -> list[dict[str, Any]]:
     """Every model with its versions (newest first), each with its lifecycle events and the trigger behind it.
+
+    With `tenant`, only that tenant's rows and the global ones (tenant ''): the versions that serve it.
 
     A version's `state` is its latest lifecycle state; `requested` lists operator requests
     (`<action>_requested` events) not followed by a real state change nor refused by the registry
@@ -260,8 +292,9 @@ async def model_timeline(store: Store, *, model: str | None = None, limit: int =
     events = await _rows(store, f"""
         SELECT event_id, toUnixTimestamp64Milli(ts) AS ts_ms, tenant, model, version_id, base_model, adapter_path,
                state, previous_state, reason, actor, lineage
-        FROM model_events FINAL WHERE 1{_eq("model", model)}
-        ORDER BY ts DESC, event_id DESC LIMIT {{limit:UInt64}}""", {"limit": limit, **({"model": model} if model else {})})
+        FROM model_events FINAL WHERE 1{_eq("model", model)}{" AND tenant IN ('', {tenant:String})" if tenant else ""}
+        ORDER BY ts DESC, event_id DESC LIMIT {{limit:UInt64}}""",
+                         {"limit": limit, **({"model": model} if model else {}), **({"tenant": tenant} if tenant else {})})
     versions: dict[tuple[str, str], dict[str, Any]] = {}
     for e in reversed(events):  # oldest first
         v = versions.setdefault((e["model"], e["version_id"]), {
