@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROTOS = sorted((REPO / "schemas" / "pb").glob("*.proto"))
 ROUTE_FILES = [REPO / p for p in ("gateway/http/app.py", "gateway/http/openai.py", "gateway/http/feedback.py",
                                   "feedback/dashboard/api.py", "feedback/dashboard/models_api.py",
-                                  "feedback/dashboard/budgets_api.py")]
+                                  "feedback/dashboard/budgets_api.py", "feedback/dashboard/release_api.py")]
 
 ROUTE_SUMMARIES = {
     ("GET", "/healthz"): "liveness: 200 while the process serves",
@@ -50,6 +50,10 @@ ROUTE_SUMMARIES = {
     ("GET", "/admin/v1/spend"): "spend per tenant over time, budgets in force with this period's spend, budget alerts",
     ("GET", "/admin/v1/budgets"): "budgets in force with this period's spend, state and reset time (`?tenant=`)",
     ("POST", "/admin/v1/budgets"): "set or clear a tenant's or key's daily or monthly budget (soft and hard limits)",
+    ("GET", "/admin/v1/models/{model}/versions/{version}/card"): "a version's model card, generated from the "
+                                                                 "registry (Markdown; `?format=json`)",
+    ("GET", "/admin/v1/models/{model}/changelog"): "what changed between two versions (`?from=A&to=B`): data, "
+                                                   "recipe, metrics",
 }
 
 

@@ -14,6 +14,7 @@ from feedback.budgets import StoreBudgetSource
 from feedback.dashboard import admin_extension
 from feedback.dashboard.budgets_api import budgets_extension
 from feedback.dashboard.models_api import models_extension
+from feedback.dashboard.release_api import release_extension
 from feedback.graders.export import GradeExporter
 from feedback.graders.worker import GradingWorker
 from feedback.monitors.runner import Scheduler, sink_publisher
@@ -157,6 +158,8 @@ class System:
                     operator_tenants=settings.gateway.auth.operator_tenants))
                 gw.http_extensions.append(models_extension(  # the registry's admin routes (versions, lineage)
                     pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None))
+                gw.http_extensions.append(release_extension(  # model cards and changelogs of registry versions
+                    pipeline.store, gw.auth.authenticate, operator_tenants=settings.gateway.auth.operator_tenants))
                 gw.http_extensions.append(budgets_extension(  # spend budgets: read and set (servoloop budgets)
                     pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None,
                     operator_tenants=settings.gateway.auth.operator_tenants))
