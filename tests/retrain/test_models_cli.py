@@ -7,10 +7,11 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,9 +54,10 @@ class Live:
 
 
 @asynccontextmanager
-async def live_registry(store: Store, keystore: KeyStore, tmp_path: Path, adapter: Path) -> AsyncIterator[Live]:
+async def live_registry(store: Store, keystore: KeyStore, tmp_path: Path, adapter: Path,
+                        extensions: Callable[[Gateway], list[Any]] | None = None) -> AsyncIterator[Live]:
     """`servoloop up`'s wiring in small: admin + registry routes, requests published into the store (as the
-    ingester would), one RequestWorker on the process's registry."""
+    ingester would), one RequestWorker on the process's registry. `extensions`: more HTTP extensions."""
     registry = StoreRegistry(store, tmp_path / "artifacts")
     chain = await seed_chain(store, registry, adapter)
     tasks: set[asyncio.Task[object]] = set()
@@ -74,6 +76,7 @@ async def live_registry(store: Store, keystore: KeyStore, tmp_path: Path, adapte
         requests_per_minute=0, tokens_per_minute=0, max_concurrent_streams=0)), keystore, engines=engines)
     gw.http_extensions.append(admin_extension(store, gw.auth.authenticate, publish=publish))
     gw.http_extensions.append(models_extension(store, gw.auth.authenticate, publish=publish))
+    gw.http_extensions.extend(extensions(gw) if extensions else [])
     server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
     await server.start()
     worker = RequestWorker(registry, poll_s=0.1)
