@@ -13,11 +13,12 @@ TORCH_SPEC := $(if $(HAS_GPU),,torch==2.13.0)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install model up test lint proto docs clean help
+.PHONY: install model up demo test lint proto docs clean help
 
 help:
 	@echo "make up      install, build the tiny model if missing, run servoloop up"
 	@echo "make test    install, then run the whole test suite"
+	@echo "make demo    install, then servoloop demo: the closed loop with simulated users (~15 min)"
 	@echo "make proto   regenerate gRPC code from schemas/proto"
 	@echo "make lint    ruff"
 	@echo "make docs    regenerate docs/configuration.md and docs/api.md"
@@ -41,6 +42,10 @@ model: install
 
 up: install model
 	$(BIN)/servoloop up
+
+# The closed loop in one command: simulated users, drift, retraining, canary, poisoning, a report.
+demo: install model
+	$(BIN)/servoloop demo --report demo-report.json
 
 test: install model
 	@set +e; $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
