@@ -159,7 +159,7 @@ def config_show(config: ConfigOpt = None) -> None:
 
 def _mount_optional() -> None:
     """Command groups that live in servoloop/commands/<name>.py (each a typer app named `app`)."""
-    for name in ("guard", "db", "ingest", "events", "models", "monitor", "train", "retrain", "grade", "budgets"):
+    for name in ("guard", "db", "ingest", "events", "models", "monitor", "train", "retrain", "grade", "demo", "budgets"):
         try:
             module = importlib.import_module(f"servoloop.commands.{name}")
         except ModuleNotFoundError as e:
