@@ -82,7 +82,7 @@ class BudgetExceeded(RateLimited):
     def __init__(self, budget: BudgetEvent, spend: float, reset_ms: int, now_s: float):
         who = f"tenant {budget.subject!r}" if budget.scope == "tenant" else f"key {budget.subject}"
         reset_at = iso_ms(reset_ms)
-        super().__init__(f"the {budget.period}ly budget of {budget.hard_usd:g} for {who} is spent "
+        super().__init__(f"the {'daily' if budget.period == 'day' else 'monthly'} budget of {budget.hard_usd:g} for {who} is spent "
                          f"({spend:.6g} used); it resets at {reset_at}",
                          retry_after_s=max(0.0, reset_ms / 1000 - now_s), limit="budget")
         self.details.update({"scope": budget.scope, "period": budget.period, "hard_usd": budget.hard_usd,

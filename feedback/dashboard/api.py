@@ -349,9 +349,9 @@ def build_admin_router(store: Store, authenticate: Authenticate, *, publish: Cal
     async def canary(request: Request) -> Response:
         q = _check_query(request, {"model", "tenant"})
         tenant = view(request, q)
-        rows = await reads.canaries(store, now_ms=now_ms(), model=parse_name(q.get("model"), field="model"))
-        if tenant is not None:  # a canary's arms are read across tenants: shown only where the version is the tenant's
-            rows = [r for r in rows if r.get("tenant") == tenant]
+        model = parse_name(q.get("model"), field="model")
+        # A canary's arms are compared over every tenant's traffic: not a per-tenant view (yet), so none for one.
+        rows = await reads.canaries(store, now_ms=now_ms(), model=model) if tenant is None else []
         return _json({"server_time_ms": now_ms(), "canaries": rows})
 
     @router.get("/admin/v1/triggers")
@@ -390,7 +390,7 @@ def build_admin_router(store: Store, authenticate: Authenticate, *, publish: Cal
         alerts = await budgets.alert_rows(store, span.start_ms, tenant=tenant)
         return _json({"since_ms": span.start_ms, "until_ms": span.end_ms, "step_s": span.step_s,
                       "series": await reads.spend_series(store, span, tenant=tenant), "budgets": in_force,
-                      "alerts": [msgspec.to_builtins(a) for a in alerts if a.ts_ms < span.end_ms]})
+                      "alerts": [msgspec.structs.asdict(a) for a in alerts if a.ts_ms < span.end_ms]})
 
     @router.post("/admin/v1/models/{model}/versions/{version}/{action}", status_code=202)
     async def model_action(request: Request, model: str, version: str, action: str) -> Response:

@@ -26,6 +26,7 @@ from servoloop.commands.models import DEFAULT_URL, HttpBackend, JsonOpt, UrlOpt
 app = typer.Typer(help="Spend budgets per tenant or key: set soft and hard limits per day or month, show spend.",
                   no_args_is_help=True)
 console = Console(stderr=True)
+ADJECTIVE = {"day": "daily", "month": "monthly"}
 
 AdminKeyOpt = Annotated[str, typer.Option("--admin-key", envvar="SERVOLOOP_ADMIN_KEY",
                                           help="an API key with the admin scope (for the admin API)")]
@@ -78,9 +79,9 @@ def set_(tenant: TenantOpt = None,
         return
     what = f"{out['scope']} {out['subject']}"
     if not out["soft_usd"] and not out["hard_usd"]:
-        console.print(f"cleared the {out['period']}ly budget of {what}")
+        console.print(f"cleared the {ADJECTIVE[out['period']]} budget of {what}")
     else:
-        console.print(f"set the {out['period']}ly budget of {what}: soft {out['soft_usd']:g}, hard {out['hard_usd']:g} "
+        console.print(f"set the {ADJECTIVE[out['period']]} budget of {what}: soft {out['soft_usd']:g}, hard {out['hard_usd']:g} "
                       f"(event {out['event_id']}; gateways apply it at their next poll)")
 
 

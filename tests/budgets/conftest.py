@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from feedback.budgets import StoreBudgetSource
+from feedback.dashboard import admin_extension
+from feedback.dashboard.budgets_api import budgets_extension
 from feedback.store import Store
 from gateway.auth import KeyStore
 from gateway.budgets import PriceTable
@@ -44,6 +46,10 @@ async def make_gateway(keystore: KeyStore, upstream: RunningUpstream,  # noqa: F
         events: list[Event] = []
         gw = Gateway(settings, keystore, engines={"remote": engine}, events=SimpleNamespace(publish=events.append),
                      prices=PriceTable(PRICES))
+        # the admin API as `servoloop up` mounts it: what it publishes lands in `events` like the gateway's own
+        gw.http_extensions.append(admin_extension(store, gw.auth.authenticate, publish=events.append,
+                                                  prices=PRICES))
+        gw.http_extensions.append(budgets_extension(store, gw.auth.authenticate, publish=events.append))
         if budgets:
             keeper = gw.follow_budgets(StoreBudgetSource(store))
             if clock is not None:
