@@ -9,7 +9,7 @@ const STATE_COLORS = {
   approved: "#17becf", rejected: "#7f1d1d", rolled_back: "#d62728", retired: "#667085",
 };
 const PLOT_CONFIG = { displaylogo: false, responsive: true };
-const dash = { refreshes: 0, timer: null, refreshMs: 10000, metric: null, data: {} };
+const dash = { refreshes: 0, timer: null, refreshMs: 10000, metric: null, tenant: "", data: {} };
 window.servoloopDashboard = dash;
 
 const $ = (id) => document.getElementById(id);
@@ -264,6 +264,38 @@ function renderAlerts(a) {
     el("td", {}, fmtNum(r.threshold, 4)), el("td", {}, r.sample_size))));
 }
 
+function renderTenants(t) {
+  // An operator's key may pick any tenant (or all); a tenant-scoped key sees only its own.
+  const names = t.tenants;
+  if (!t.all) dash.tenant = names[0] || "";
+  else if (dash.tenant && !names.includes(dash.tenant)) names.push(dash.tenant);
+  const options = t.all ? [el("option", { value: "", selected: !dash.tenant }, "all tenants")] : [];
+  for (const name of names) options.push(el("option", { value: name, selected: name === dash.tenant }, name));
+  $("tenant").replaceChildren(...options);
+  $("tenant").disabled = !t.all;
+}
+
+function renderSpend(s) {
+  const traces = s.series.map((series, i) => ({
+    x: series.points.map((p) => p.t), y: series.points.map((p) => p.cost_usd), name: series.tenant || "(none)",
+    mode: "lines+markers", line: { color: PALETTE[i % PALETTE.length] },
+    customdata: series.points.map((p) => [p.requests, p.tokens_in + p.tokens_out]),
+    hovertemplate: "%{y:.4g} (%{customdata[0]} requests, %{customdata[1]} tokens)<extra>%{fullData.name}</extra>",
+    meta: { tenant: series.tenant, total: series.total_usd },
+  }));
+  draw("chart-spend", traces, { xaxis: windowAxis(s), yaxis: { title: { text: "spend" }, rangemode: "tozero" } });
+  const who = (b) => `${b.scope} ${b.subject}${b.scope === "key" && b.tenant ? ` (${b.tenant})` : ""}`;
+  $("budgets").tBodies[0].replaceChildren(...(s.budgets.length ? s.budgets.map((b) => el("tr",
+    { "data-budget": `${b.scope}:${b.subject}:${b.period}`, className: `budget-${b.state}` },
+    el("td", {}, who(b)), el("td", {}, b.period), el("td", {}, fmtNum(b.spend_usd, 4)),
+    el("td", {}, b.soft_usd ? fmtNum(b.soft_usd, 4) : "–"), el("td", {}, b.hard_usd ? fmtNum(b.hard_usd, 4) : "–"),
+    el("td", {}, b.state), el("td", {}, fmtTime(b.reset_ms)))) :
+    [el("tr", {}, el("td", { colSpan: 7, className: "empty" }, "no budgets set"))]));
+  $("budget-alerts").tBodies[0].replaceChildren(...s.alerts.map((a) => el("tr", { "data-alert": a.level },
+    el("td", {}, fmtTime(a.ts_ms)), el("td", {}, `${a.scope} ${a.subject} (${a.period})`), el("td", {}, a.level),
+    el("td", {}, fmtNum(a.spend_usd, 4)), el("td", {}, fmtNum(a.limit_usd, 4)))));
+}
+
 // -- actions and refresh ---------------------------------------------------------------------------------------------
 
 async function requestAction(action, model, version) {
@@ -283,16 +315,24 @@ async function refresh() {
   if (!sessionStorage.getItem(KEY_ITEM)) return;
   const since = encodeURIComponent($("since").value);
   try {
-    const [overview, metrics, drift, guardrails, latency, models, triggers, alerts, canaries] = await Promise.all([
-      api(`/admin/v1/overview?since=${since}`), api(`/admin/v1/metrics?since=${since}`),
-      api(`/admin/v1/drift?since=${since}`), api(`/admin/v1/guardrails?since=${since}`),
-      api(`/admin/v1/latency?since=${since}`), api("/admin/v1/models"),
-      api(`/admin/v1/triggers?since=${since}`), api(`/admin/v1/alerts?since=${since}`), api("/admin/v1/canary"),
+    const tenants = await api("/admin/v1/tenants");
+    renderTenants(tenants);
+    // every panel is read for the selected tenant (none: every tenant)
+    const t = dash.tenant ? `tenant=${encodeURIComponent(dash.tenant)}` : "";
+    const q = (path, withSince = true) => {
+      const params = [withSince ? `since=${since}` : "", t].filter(Boolean).join("&");
+      return api(params ? `${path}?${params}` : path);
+    };
+    const [overview, metrics, drift, guardrails, latency, models, triggers, alerts, canaries, spend] = await Promise.all([
+      q("/admin/v1/overview"), q("/admin/v1/metrics"), q("/admin/v1/drift"), q("/admin/v1/guardrails"),
+      q("/admin/v1/latency"), q("/admin/v1/models", false), q("/admin/v1/triggers"), q("/admin/v1/alerts"),
+      q("/admin/v1/canary", false), q("/admin/v1/spend"),
     ]);
-    dash.data = { overview, metrics, drift, guardrails, latency, models, triggers, alerts, canaries };
+    dash.data = { tenants, overview, metrics, drift, guardrails, latency, models, triggers, alerts, canaries, spend };
+    document.body.dataset.tenant = dash.tenant;
     renderOverview(overview); renderQuality(metrics); renderDrift(drift); renderGuardrails(guardrails);
     renderLatency(latency); renderModels(models, models.actions); renderTriggers(triggers); renderAlerts(alerts);
-    renderCanaries(canaries);
+    renderCanaries(canaries); renderSpend(spend);
     dash.refreshes += 1;
     document.body.dataset.refreshes = String(dash.refreshes);
     setStatus(`updated ${new Date().toLocaleTimeString()}${overview.actions_enabled ? "" : " · read-only"}`);
@@ -328,6 +368,7 @@ function init() {
   $("forget").addEventListener("click", () => { sessionStorage.removeItem(KEY_ITEM); stop(); setStatus("enter an admin key"); });
   $("auto-refresh").addEventListener("change", () => ($("auto-refresh").checked ? refresh() : stop()));
   $("since").addEventListener("change", refresh);
+  $("tenant").addEventListener("change", () => { dash.tenant = $("tenant").value; refresh(); });
   $("metric").addEventListener("change", () => { dash.metric = $("metric").value; renderQuality(dash.data.metrics); });
   if (sessionStorage.getItem(KEY_ITEM)) { setStatus("loading…"); refresh(); }
 }
