@@ -147,6 +147,23 @@ async def list_versions(store: Store, model: str | None = None, tenant: str | No
     return out
 
 
+def served_versions(views: Sequence[ModelVersion], tenant: str | None) -> dict[str, str | None]:
+    """The `active` and `canary` version ids `tenant` is served (None or '': the global ones).
+
+    A tenant with versions of its own in `active` or `canary` gets those (its own active, else the global active;
+    its own canary only); a tenant with neither is served the global routing, canary included.
+    """
+    def pick(state: str, scope: str) -> str | None:
+        return next((v.version_id for v in views if v.state == state and v.tenant == scope), None)
+
+    if not tenant:
+        return {"active": pick("active", ""), "canary": pick("canary", "")}
+    own_active, own_canary = pick("active", tenant), pick("canary", tenant)
+    if own_active is None and own_canary is None:
+        return {"active": pick("active", ""), "canary": pick("canary", "")}
+    return {"active": own_active or pick("active", ""), "canary": own_canary}
+
+
 async def get_version(store: Store, model: str, version_id: str) -> ModelVersion:
     """One version's current view; raises NotFound for an unknown model or version."""
     rows = await model_rows(store, model)

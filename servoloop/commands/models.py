@@ -50,7 +50,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 class Backend(Protocol):
     async def models(self) -> list[str]: ...
-    async def versions(self, model: str) -> dict[str, Any]: ...
+    async def versions(self, model: str, tenant: str | None = None) -> dict[str, Any]: ...
     async def version(self, model: str, version: str) -> dict[str, Any]: ...
     async def lineage(self, inference_id: str) -> dict[str, Any]: ...
     async def request(self, model: str, version: str, action: str, reason: str, share: float) -> dict[str, Any]: ...
@@ -98,8 +98,9 @@ class HttpBackend:
     async def models(self) -> list[str]:
         return [m["model"] for m in (await self._call("GET", "/admin/v1/models"))["models"]]
 
-    async def versions(self, model: str) -> dict[str, Any]:
-        return await self._call("GET", f"/admin/v1/models/{model}/versions")
+    async def versions(self, model: str, tenant: str | None = None) -> dict[str, Any]:
+        return await self._call("GET", f"/admin/v1/models/{model}/versions",
+                                params={"tenant": tenant} if tenant else None)
 
     async def version(self, model: str, version: str) -> dict[str, Any]:
         return await self._call("GET", f"/admin/v1/models/{model}/versions/{version}")
@@ -137,16 +138,16 @@ class StoreBackend:
         rows = (await (await self._open()).query("SELECT DISTINCT model FROM model_events ORDER BY model")).to_pylist()
         return [r["model"] for r in rows]
 
-    async def versions(self, model: str) -> dict[str, Any]:
+    async def versions(self, model: str, tenant: str | None = None) -> dict[str, Any]:
         import dataclasses
 
-        from retrain.registry import list_versions
+        from retrain.registry import list_versions, served_versions
 
-        views = [v for v in await list_versions(await self._open(), model) if v.model == model]
+        views = [v for v in await list_versions(await self._open(), model, tenant, with_global=True)
+                 if v.model == model]
         if not views:
             raise NotFound(f"unknown model {model!r} (no versions registered)")
-        return {"model": model, "active": next((v.version_id for v in views if v.state == "active"), None),
-                "canary": next((v.version_id for v in views if v.state == "canary"), None),
+        return {"model": model, "tenant": tenant, **served_versions(views, tenant),
                 "versions": [dataclasses.asdict(v) for v in views]}
 
     async def version(self, model: str, version: str) -> dict[str, Any]:
@@ -220,23 +221,25 @@ def _when(ms: int | None) -> str:
 
 @app.command("list")
 def list_(model: Annotated[str | None, typer.Argument(help="only this model")] = None,
+          tenant: Annotated[str | None, typer.Option("--tenant", help="only this tenant's versions and the global "
+                                                     "ones it falls back to (a tenant-scoped key: its own)")] = None,
           url: UrlOpt = DEFAULT_URL, key: KeyOpt = "", direct: DirectOpt = False, config: ConfigOpt = None,
           as_json: JsonOpt = False) -> None:
-    """List every model's versions with their current state (the active one marked)."""
+    """List every model's versions with their current state and scope (global or a tenant's; the active marked)."""
 
     async def work(b: Backend) -> list[dict[str, Any]]:
         names = [model] if model else await b.models()
-        return [await b.versions(m) for m in names]
+        return [await b.versions(m, tenant) for m in names]
 
     out = _run(_backend(url, key, direct, config), work)
     if as_json:
         _print_json(out)
         return
-    table = Table("model", "version", "state", "share", "updated (UTC)", "by", "artifact")
+    table = Table("model", "tenant", "version", "state", "share", "updated (UTC)", "by", "artifact")
     for m in out:
         for v in m["versions"]:
             state = f"[bold green]{v['state']}[/bold green]" if v["state"] == "active" else v["state"]
-            table.add_row(m["model"], v["version_id"], state, f"{v['canary_share']:.0%}" if v["canary_share"] else "",
+            table.add_row(m["model"], v.get("tenant") or "(global)", v["version_id"], state, f"{v['canary_share']:.0%}" if v["canary_share"] else "",
                           _when(v["updated_ms"]), v["actor"], (v["artifact_sha256"] or "")[:12])
     Console().print(table)
 
