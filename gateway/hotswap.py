@@ -33,6 +33,7 @@ from typing import Any
 from gateway.canary import ACTIVE, CANARY, Arm, ModelRouting, routing_from_events, tenant_routings_from_events
 from gateway.metrics import GatewayMetrics
 from gateway.model_events import KafkaModelEvents, ModelEventSource
+from gateway.pins import pinned_states
 from gateway.request import InferenceRequest, SamplingParams
 from gateway.router import Arms, ModelRoute, Router, TenantArms
 from gateway.settings import HotSwapSettings
@@ -200,6 +201,7 @@ class ModelWatcher:
 
     async def _reconcile(self, started: float | None) -> None:
         desired = routing_from_events(self._rows.values())
+        self._router.versions = pinned_states(self._rows.values())  # for requests pinned to a version
         for model in self._router.names():
             want = desired.get(model, ModelRouting())
             cur = self._router.arms(model)

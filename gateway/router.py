@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.canary import ACTIVE, CANARY, choose_arm
 from gateway.engines import Engine
@@ -74,6 +75,8 @@ class Router:
         self._tenant_table: dict[tuple[str, str], TenantArms] = {}
         self._on_fallback = on_fallback
         self._in_flight: Counter[tuple[int, str | None]] = Counter()
+        # (model, version) -> state and successor, for requests pinned to a version (set by the hot-swap watcher)
+        self.versions: dict[tuple[str, str], Any] = {}
 
     def names(self) -> list[str]:
         return list(self._base)
@@ -142,6 +145,18 @@ class Router:
         if arms.canary is not None and choose_arm(model, sticky_key, arms.canary_share) == CANARY:
             return arms.canary
         return arms.active
+
+    def pinned(self, model: str, version: str, tenant: str = "") -> ModelRoute:
+        """The route serving `version` of `model` to `tenant` (its own or the global active/canary route); raises
+        `version_retired` naming the successor for a version that stopped serving (gateway/pins.py)."""
+        from gateway.pins import not_served_error
+
+        arms = self._arms(model)
+        own = self._tenant_table.get((model, tenant)) if tenant else None
+        for route in (own.active if own else None, own.canary if own else None, arms.active, arms.canary):
+            if route is not None and route.version == version:
+                return route
+        raise not_served_error(model, version, self.versions.get((model, version)))
 
     def chain(self, model: str, first: ModelRoute | None = None) -> list[ModelRoute]:
         """`first` (default: the active route of `model`), then the active routes of its fallbacks."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from gateway.engines import collect
 from gateway.guarding import GuardState, RequestGuard
 from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
+from gateway.pins import split_pinned
 from gateway.request import Chunk, Completion, InferenceRequest, Usage
 from gateway.router import ModelRoute, Router, Served
 from gateway.settings import RequestLimits
@@ -128,8 +130,13 @@ class InferenceService:
             if self.budgets is not None:
                 self.budgets.check(principal)
             # The route (version, adapter, arm) is chosen once: the request keeps it through any hot swap.
-            route = self.router.select(request.model, sticky_key(session=request.session, user=request.user,
-                                                                 key_id=principal.key_id), principal.tenant)
+            name, pinned = split_pinned(request.model, self.router.names())
+            if pinned is not None:  # `model@version`: that version or a clear error naming its successor
+                route = self.router.pinned(name, pinned, principal.tenant)
+                request = dataclasses.replace(request, model=name)
+            else:
+                route = self.router.select(request.model, sticky_key(session=request.session, user=request.user,
+                                                                     key_id=principal.key_id), principal.tenant)
             guard_state = None
             if self._guard is not None:
                 request, guard_state = self._guard.check_input(principal.tenant, request)
