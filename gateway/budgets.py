@@ -279,6 +279,9 @@ class BudgetKeeper:
             if entry is not None:
                 for c in entry[1]:
                     c.pending -= entry[0]
+        now_ms = int(now * 1000)  # requests of periods that ended count nowhere now: forget them
+        for event_id in [i for i, (_, cs) in self._pending.items() if all(c.reset_ms <= now_ms for c in cs)]:
+            del self._pending[event_id]
         self.set_budgets(budgets)
         self._alerted.update(alerts)
         totals: dict[tuple[str, str, str], float] = {}
