@@ -8,6 +8,7 @@ section explicitly.
 from __future__ import annotations
 
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -111,16 +112,23 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
 
 
 _SECRET_WORDS = ("password", "api_key", "secret", "token", "authorization")
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^@/\s]*@")
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """The tree as plain data with every secret-looking value replaced by '***'."""
 
+    def secret(key: str, value: Any) -> bool:  # numbers (max_tokens, ...) are never secrets; x-api-key is api_key
+        return bool(value) and not isinstance(value, int | float) and any(
+            w in key.lower().replace("-", "_") for w in _SECRET_WORDS)
+
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: ("***" if v and any(w in k.lower() for w in _SECRET_WORDS) else walk(v)) for k, v in node.items()}
+            return {k: ("***" if secret(k, v) else walk(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
+        if isinstance(node, str):  # credentials inside a URL: scheme://user:PASSWORD@host
+            return _URL_PASSWORD.sub(r"\1***@", node)
         return node
 
     return walk(settings.model_dump(mode="json"))
