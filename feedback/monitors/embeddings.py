@@ -70,9 +70,12 @@ class PromptEmbedder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         self.load()
-        vectors = self._model.encode([t[: self.max_chars] for t in texts], batch_size=self.batch_size,
+        # Each distinct text is encoded once: traffic repeats prompts (templates, retries, popular questions).
+        unique: dict[str, int] = {}
+        index = [unique.setdefault(t[: self.max_chars], len(unique)) for t in texts]
+        vectors = self._model.encode(list(unique), batch_size=self.batch_size,
                                      convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float32)
+        return np.asarray(vectors, dtype=np.float32)[np.asarray(index, dtype=np.intp)]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from feedback.monitors.drift import (
     DriftDetector,
     DriftSettings,
     auc_null_quantile,
+    embedding_drift,
+    novel_prompts,
     prune_reports,
     results_by_metric,
 )
@@ -248,3 +250,38 @@ def test_only_the_newest_drift_reports_are_kept(tmp_path: Path) -> None:
 
     assert prune_reports(tmp_path, 2) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["drift-m-all-3.html", "drift-m-all-4.html", "other.html"]
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_large_windows_are_projected_and_still_tell_a_topic_shift_from_none() -> None:
+    rng = np.random.default_rng(1)
+    topics = rng.standard_normal((12, 384))  # prompts are mixes of a few topics, plus noise
+    new_topics = rng.standard_normal((3, 384))
+
+    def prompts(n: int, basis: np.ndarray) -> np.ndarray:
+        return _unit(rng.random((n, len(basis))) @ basis + 0.3 * rng.standard_normal((n, 384)))
+
+    reference = prompts(12_000, topics)
+    same = prompts(12_000, topics)
+    shifted = np.concatenate([prompts(9_000, topics), prompts(3_000, new_topics)])
+    settings = DriftSettings(embedding_reduce_above=20_000)  # 24k rows: projected on 32 axes first
+
+    quiet, moved = embedding_drift(reference, same, settings), embedding_drift(reference, shifted, settings)
+    assert not quiet["drifted"] and quiet["score"] < quiet["null_quantile"]
+    assert moved["drifted"] and moved["score"] > 0.6
+
+
+def test_novel_prompts_scores_a_bounded_sample_of_distinct_prompts() -> None:
+    rng = np.random.default_rng(2)
+    reference = _unit(rng.standard_normal((50, 8)))
+    odd = _unit(-reference.mean(axis=0, keepdims=True))  # as far from the reference as it gets
+    current = np.concatenate([reference[:3], odd, reference[3:6]])
+    texts = ["a", "a", "b", "odd one", "c", "d", "e"]
+
+    found = novel_prompts(reference, current, texts, k=2, sample=4)  # the first 4 distinct: a, b, odd one, c
+    assert [p["prompt"] for p in found][0] == "odd one"
+    assert len(found) == 2 and {p["prompt"] for p in found} <= {"a", "b", "odd one", "c"}
+    assert novel_prompts(reference, current, texts, k=2, sample=2)[0]["prompt"] in {"a", "b"}  # "odd one" unscored
