@@ -1,4 +1,5 @@
-"""`servoloop models …`: list, show (with lineage), promote, rollback, canary, reject, export.
+"""`servoloop models …`: list, show (with lineage), promote, rollback, canary, reject, export; and the release
+commands (card, changelog, archive, gc, reproduce, retire: servoloop/commands/release.py).
 
 The registry lives in the process that owns the store. With the embedded store (chDB) that is the running
 `servoloop up`, so these commands go through its admin HTTP API (`--url`, `--key`, or $SERVOLOOP_URL,
@@ -34,7 +35,8 @@ from schemas.errors import (
     Unauthenticated,
 )
 
-app = typer.Typer(help="Model versions: list, show lineage, promote, roll back, canary, reject, export.",
+app = typer.Typer(help="Model versions: list, show lineage, promote, roll back, canary, reject, export, card, "
+                       "changelog, archive, gc, reproduce, retire.",
                   no_args_is_help=True)
 console = Console(stderr=True)
 
@@ -380,13 +382,34 @@ def reject(model: str, version: str, reason: ReasonOpt = "", url: UrlOpt = DEFAU
 
 @app.command()
 def export(model: str, version: str,
-           out: Annotated[Path, typer.Option("--out", help="directory to write (must not exist or be empty)")],
+           out: Annotated[Path | None, typer.Option("--out", help="directory to write (must not exist or be empty; "
+                                                                  "with --format default DATA_DIR/exports/...)")] = None,
            merge: Annotated[bool, typer.Option("--merge/--adapter", help="merged full weights (default) or the "
                                                                          "adapter alone")] = True,
            base: Annotated[Path | None, typer.Option("--base", help="the base model directory (default: the "
                                                                     "version's base_model, resolved locally)")] = None,
-           url: UrlOpt = DEFAULT_URL, key: KeyOpt = "", direct: DirectOpt = False, config: ConfigOpt = None) -> None:
-    """Export VERSION: its adapter (verified against its recorded hash) merged into the base weights, or alone."""
+           fmt: Annotated[str | None, typer.Option("--format", help="peft | merged | int8 (weight-only, CPU) | "
+                                                                    "bnb-int8 | bnb-nf4 (CUDA only): export, measure "
+                                                                    "size, load time, tokens/s and quality delta, and "
+                                                                    "record them beside the artifacts")] = None,
+           measure: Annotated[bool, typer.Option("--measure/--no-measure", help="with --format: measure and "
+                                                                                "record the figures")] = True,
+           eval_texts: Annotated[int, typer.Option("--eval-texts", min=1, help="with --format: held-out prose "
+                                                                              "texts for perplexity")] = 16,
+           eval_pairs: Annotated[int, typer.Option("--eval-pairs", min=1, help="with --format: held-out pairs for "
+                                                                              "preference accuracy")] = 48,
+           url: UrlOpt = DEFAULT_URL, key: KeyOpt = "", direct: DirectOpt = False, config: ConfigOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Export VERSION: its adapter (verified against its recorded hash) merged into the base weights, or alone;
+    with --format, any export format, measured against the unquantized version and recorded."""
+    if fmt is not None:
+        from servoloop.commands.release import export_release
+
+        export_release(model, version, fmt, out, base, measure, url, key, direct, config, as_json,
+                       eval_texts=eval_texts, eval_pairs=eval_pairs)
+        return
+    if out is None:
+        raise InvalidRequest("--out DIR is required (or give --format)")
     from servoloop.settings import load_settings
 
     settings = load_settings(config)
@@ -427,3 +450,7 @@ def _resolve_base(name: str, settings: Any) -> Path:
     raise NotFound(f"base model {name!r} is not a local model directory (looked in: "
                    f"{', '.join(str(c) for c in candidates)}); pass --base DIR")
 
+
+from servoloop.commands.release import register as _register_release  # noqa: E402  (it reads this module's helpers)
+
+_register_release(app)

@@ -56,9 +56,12 @@ def _verified_adapter(v: dict[str, Any], settings: Any) -> Path:
 
 
 def export_release(model: str, version: str, fmt: str, out: Path | None, base: Path | None, measure: bool,
-                   url: str, key: str, direct: bool, config: Path | None, as_json: bool = False) -> None:
-    """`models export --format FMT`: write the export, measure it against the unquantized version, record it."""
-    from retrain.release.exports import check_format, export_and_measure, export_version
+                   url: str, key: str, direct: bool, config: Path | None, as_json: bool = False, *,
+                   eval_texts: int = 16, eval_pairs: int = 48) -> None:
+    """`models export --format FMT`: write the export, measure it against the unquantized version, record it
+    (perplexity over `eval_texts` held-out prose texts, preference accuracy over `eval_pairs` held-out pairs)."""
+    from retrain.gate import general_texts
+    from retrain.release.exports import check_format, export_and_measure, export_version, held_out_pairs
     from retrain.release.records import write_export_record
     from servoloop.settings import load_settings
 
@@ -76,7 +79,8 @@ def export_release(model: str, version: str, fmt: str, out: Path | None, base: P
         (out / "servoloop_export.json").write_text(json.dumps(info, indent=2) + "\n")
         console.print(f"[green]exported[/green] {model}@{version} as {fmt} -> {out} (not measured)")
         return
-    figures = export_and_measure(fmt, base_dir=base_dir, adapter_dir=adapter, out=out, info=info)
+    figures = export_and_measure(fmt, base_dir=base_dir, adapter_dir=adapter, out=out, info=info,
+                                 texts=general_texts(eval_texts), pairs=held_out_pairs(eval_pairs))
     record = {**info, **figures.as_dict(), "out": str(out)}
     where = write_export_record(v["adapter_path"], version, record)
     if as_json:
