@@ -163,3 +163,12 @@ async def test_a_tenant_admin_key_reads_only_its_own_tenant_and_an_operator_pick
         r = await c.post("/admin/v1/models/remote/versions/beta-v1/rollback", headers=_auth(alpha))
         assert r.status_code == 404
 
+
+
+def test_budgets_cli_help_names_both_commands_and_their_limits() -> None:
+    result = CliRunner().invoke(app, ["budgets", "--help"])
+    assert result.exit_code == 0 and "set" in result.output and "show" in result.output
+    result = CliRunner().invoke(app, ["budgets", "set", "--help"])
+    assert result.exit_code == 0
+    for option in ("--tenant", "--key", "--period", "--soft", "--hard", "--admin-key", "--url"):
+        assert option in result.output, option
