@@ -48,6 +48,12 @@ from schemas.events import Event
 log = logging.getLogger(__name__)
 
 
+class OtherTenant(PermissionDenied):
+    """A tenant-scoped key asked for another tenant's versions (or to change a global one)."""
+
+    code = "other_tenant"
+
+
 OPERATORS = ("ops",)  # the default of gateway.auth.operator_tenants
 
 
@@ -74,7 +80,7 @@ def build_models_router(store: Store, authenticate: Authenticate, *, publish: Ca
     def check_readable(principal: Any, v: ModelVersion) -> None:
         own = scope(principal)
         if own is not None and v.tenant not in ("", own):
-            raise PermissionDenied(f"version {v.version_id!r} of model {v.model!r} belongs to another tenant; this "
+            raise OtherTenant(f"version {v.version_id!r} of model {v.model!r} belongs to another tenant; this "
                                    f"key reads only its own tenant's ({own!r}) and the global versions",
                                    param="version")
 
@@ -95,7 +101,7 @@ def build_models_router(store: Store, authenticate: Authenticate, *, publish: Ca
         own = scope(principal)
         if own is not None:
             if wanted is not None and wanted != own:
-                raise PermissionDenied(f"this key sees only its own tenant ({own!r})", param="tenant")
+                raise OtherTenant(f"this key sees only its own tenant ({own!r})", param="tenant")
             wanted = own
         views = [v for v in await list_versions(store, model, wanted, with_global=True) if v.model == model]
         if not views:
@@ -137,7 +143,7 @@ def build_models_router(store: Store, authenticate: Authenticate, *, publish: Ca
         current = await get_version(store, model, version_id)  # NotFound for unknown model/version
         own = scope(principal)
         if own is not None and current.tenant != own:
-            raise PermissionDenied(f"this key acts only on its own tenant's ({own!r}) versions; {version_id!r} is "
+            raise OtherTenant(f"this key acts only on its own tenant's ({own!r}) versions; {version_id!r} is "
                                    + ("another tenant's" if current.tenant else "global (an operator's to change)"),
                                    param="version")
         event = request_event(model=model, version_id=version_id, action=body.get("action", ""),
