@@ -4,7 +4,7 @@
     GET /admin/v1/models/{model}/changelog?from=A&to=B          what changed from A to B (data, recipe, metrics)
 
 The card is generated from the registry on every read (never stale) and stored beside the artifacts
-(`<root>/<model>/_release/<version>/MODEL_CARD.md`). A tenant-bound key reads only its tenant's and the
+(`<root>/<model>/_release/<version>/MODEL_CARD.md`) when they are there. A tenant-bound key reads only its tenant's and the
 global versions, as in `models_api.py`. Mounted with the registry's routes (`release_extension`).
 """
 
@@ -24,7 +24,7 @@ from feedback.store import Store
 from retrain.lineage import version_lineage
 from retrain.release.cards import render_card, write_card
 from retrain.release.changelog import changelog
-from retrain.release.records import export_records
+from retrain.release.records import exists, export_records
 from schemas.errors import InvalidRequest, PermissionDenied
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def build_release_router(store: Store, authenticate: Authenticate, *,
             raise InvalidRequest("'format' must be markdown or json", param="format")
         exports = await asyncio.to_thread(export_records, v["adapter_path"], version) if v["adapter_path"] else []
         url = None
-        if v["adapter_path"]:
+        if v["adapter_path"] and await asyncio.to_thread(exists, v["adapter_path"]):
             try:
                 url, text = await asyncio.to_thread(write_card, v, exports)
             except OSError as e:  # the artifact store is read-only or gone: still answer with the card

@@ -34,6 +34,11 @@ def _fs(url: str) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(url)
 
 
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return bool(fs.exists(path))
+
+
 def write_text(url: str, text: str) -> None:
     """Write `text` to `url` (parents created), replacing what was there."""
     fs, path = _fs(url)

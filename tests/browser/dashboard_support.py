@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from feedback.dashboard import admin_extension
 from feedback.store import ChdbStore, Store, migrate, write_events
@@ -142,7 +143,7 @@ class AdminGateway:
 
 @asynccontextmanager
 async def admin_gateway(store: Store, keystore: KeyStore, *, report_dir: Path | None,
-                        read_only: bool = False) -> AsyncIterator[AdminGateway]:
+                        read_only: bool = False, extensions: tuple[Any, ...] = ()) -> AsyncIterator[AdminGateway]:
     """A real gateway (one remote model on a local upstream) with the admin extension, as `servoloop up` wires it."""
     upstream = await RunningUpstream().start()
     models = [ModelSettings(name="chat", engine="remote", url=upstream.url)]
@@ -156,6 +157,8 @@ async def admin_gateway(store: Store, keystore: KeyStore, *, report_dir: Path | 
     gw.http_extensions.append(admin_extension(
         store, gw.auth.authenticate, publish=None if read_only else published.append,
         health=lambda: {"broker": "none", "sink": "ok"}, report_dir=report_dir, prices=PRICES, refresh_s=2))
+    for extension in extensions:  # more routes, e.g. the release API: called with (store, authenticate)
+        gw.http_extensions.append(extension(store, gw.auth.authenticate))
     server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
     await server.start()
     try:

@@ -202,7 +202,9 @@ function renderModels(models, actions) {
         el("td", {}, m.model), el("td", {}, v.version_id), el("td", {}, v.state || ""),
         el("td", {}, v.requested.join(", ")),
         el("td", {}, v.trigger ? `${v.trigger.method}: ${v.trigger.reason}` : ""),
-        el("td", {}, ...(buttons.length ? buttons : [el("span", { className: "muted" }, "read-only")]))));
+        el("td", {}, ...(buttons.length ? buttons : [el("span", { className: "muted" }, "read-only")])),
+        el("td", {}, el("button", { type: "button", "data-card": v.version_id,
+                                    onclick: () => showCard(m.model, v.version_id) }, "card"))));
     }
   }
   const traces = [...byState.entries()].map(([state, s]) => {
@@ -217,7 +219,19 @@ function renderModels(models, actions) {
     hovertemplate: "%{text}<extra></extra>", marker: { size: 14, symbol: "star", color: "#f5b400" } });
   draw("chart-timeline", traces, { yaxis: { type: "category", automargin: true } });
   $("versions").tBodies[0].replaceChildren(...(rows.length ? rows :
-    [el("tr", {}, el("td", { colSpan: 6, className: "empty" }, "no model versions yet"))]));
+    [el("tr", {}, el("td", { colSpan: 7, className: "empty" }, "no model versions yet"))]));
+}
+
+// The model card of a version, generated from the registry (GET .../card, feedback/dashboard/release_api.py).
+async function showCard(model, version) {
+  const box = $("model-card");
+  const path = `/admin/v1/models/${encodeURIComponent(model)}/versions/${encodeURIComponent(version)}/card?format=json`;
+  try {
+    box.textContent = (await api(path)).markdown;
+  } catch (e) {
+    box.textContent = `model card of ${label(model, version)} failed: ${e.message}`;
+  }
+  box.hidden = false;
 }
 
 const pct = (v) => (v == null ? "–" : `${(100 * v).toFixed(1)}%`);
