@@ -28,6 +28,8 @@ def demo(
     http_port: Annotated[int, typer.Option(help="HTTP port of the gateway and dashboard (0: any free port)")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port of the gateway (0: any free port)")] = 50051,
     timeout: Annotated[float | None, typer.Option(help="stop and report after this many seconds")] = None,
+    screenshot: Annotated[Path | None, typer.Option("--screenshot", help="save a PNG of the dashboard here at the "
+                                                    "end (Playwright + the system chromium)")] = None,
 ) -> None:
     """The closed loop in one command: users with a hidden preference, drift, retraining, canary, poisoning.
 
@@ -58,7 +60,7 @@ def demo(
 
     async def main() -> None:
         result.update(await run_demo(plan, settings, seed=seed, report_path=report, keep_running=keep_running,
-                                     console=console))
+                                     screenshot=screenshot, console=console))
 
     run(main())
     if not result.get("ok"):

@@ -48,16 +48,16 @@ class DemoPlan:
     @staticmethod
     def full() -> DemoPlan:
         return DemoPlan("full", trainers=40, holdout=20, poisoners=15, drift_after_turns=150,
-                        holdout_turns_before=160, holdout_turns_after=160, min_samples=400,
+                        holdout_turns_before=120, holdout_turns_after=120, min_samples=300,
                         canary_min_samples=40, canary_min_feedback=30, canary_share=0.5, monitor_interval_s=5.0,
-                        epochs=2.0, eval_pairs=100, win_prompts=48, win_samples=2, timeout_s=900.0)
+                        epochs=4.0, eval_pairs=100, win_prompts=48, win_samples=2, timeout_s=900.0)
 
     @staticmethod
     def quick() -> DemoPlan:
         return DemoPlan("quick", trainers=16, holdout=10, poisoners=8, drift_after_turns=60,
                         holdout_turns_before=60, holdout_turns_after=60, min_samples=160,
-                        canary_min_samples=20, canary_min_feedback=15, canary_share=0.5, monitor_interval_s=3.0,
-                        epochs=2.0, eval_pairs=48, win_prompts=24, win_samples=2, timeout_s=420.0)
+                        canary_min_samples=20, canary_min_feedback=15, canary_share=0.5, monitor_interval_s=5.0,
+                        epochs=6.0, eval_pairs=48, win_prompts=24, win_samples=2, timeout_s=900.0)
 
     def scaled(self, users: int | None) -> DemoPlan:
         """The plan with `users` trainers (the other groups in proportion); None keeps it."""
@@ -97,7 +97,10 @@ def recipe(plan: DemoPlan) -> dict[str, Any]:
     from retrain.recipes import load_recipe
 
     base = load_recipe("dpo").model_dump(mode="json", exclude={"name"})
-    base |= {"epochs": plan.epochs, "timeout_s": 600, "save_steps": 1000}
+    # A few hundred pairs instead of the bundled recipe's thousand: more passes at twice the rate (measured on a
+    # demo snapshot of 95 pairs: 8 epochs at 2e-3 took the held-out concise-polite share from 29 % to 80 %;
+    # 6 epochs at 1e-3 only to 43 %). The recipe's SFT term keeps the model fluent; the gate checks perplexity.
+    base |= {"epochs": plan.epochs, "learning_rate": 0.002, "timeout_s": 900, "save_steps": 1000}
     base["gate"] |= {"min_preference_accuracy": 0.7, "min_accuracy_gain": 0.1, "min_win_rate": 0.55,
                      "max_safety_regression": 2, "max_perplexity_ratio": 1.5, "eval_pairs": plan.eval_pairs,
                      "win_prompts": plan.win_prompts, "win_samples": plan.win_samples}

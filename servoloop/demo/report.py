@@ -122,4 +122,6 @@ def render_text(report: dict[str, Any]) -> str:
     lines += ["", f"dashboard:        {report['dashboard_url']}  (admin key in {report['admin_key_file']})",
               f"Evidently report: {report.get('evidently_report') or '-'}",
               f"report JSON:      {report.get('report_path') or '-'}"]
+    if report.get("screenshot"):
+        lines.append(f"screenshot:       {report['screenshot']}")
     return "\n".join(lines)

@@ -124,7 +124,7 @@ def _outcome_after(state: DemoState, n: int) -> dict[str, Any] | None:
 
 async def run_demo(plan: DemoPlan, settings: Settings, *, seed: int = 7, store: Store | None = None,
                    engines: dict[str, Any] | None = None, report_path: Path | None = None, live: bool = True,
-                   keep_running: bool = False, console: Any = None) -> dict[str, Any]:
+                   keep_running: bool = False, screenshot: Path | None = None, console: Any = None) -> dict[str, Any]:
     """Run the demo end to end and return its report (also written to `report_path` as JSON when given).
 
     `store`/`engines`: use these instead of opening the configured ones (tests share one chDB session).
@@ -218,6 +218,10 @@ async def run_demo(plan: DemoPlan, settings: Settings, *, seed: int = 7, store: 
                     await _until(done, deadline, "the promotion", state)
                     promoted_event.set()
 
+                # no traffic while the candidate trains and is gated (it would only slow them down); then both arms
+                await _until(lambda: "canary" in state.versions.values() or state.active != "base"
+                             or any(o.get("outcome") != "registered" for o in state.outcomes), deadline,
+                             "a canary", state)
                 await asyncio.gather(wait_promoted(), driver.play(holdout, after_q, until=promoted_event))
                 promoted = state.active if state.active != "base" else ""
                 # 3. held-out users on the promoted version
@@ -244,6 +248,13 @@ async def run_demo(plan: DemoPlan, settings: Settings, *, seed: int = 7, store: 
                                        promoted, poisoned, dashboard, admin_key_file, report_path)
             if refresher is not None:
                 refresher.cancel()
+            if screenshot is not None:  # the dashboard of this run, for the README
+                from servoloop.demo.screenshot import dashboard_screenshot
+
+                try:
+                    report["screenshot"] = str(await dashboard_screenshot(dashboard, admin_key, screenshot))
+                except Exception as e:  # a missing browser does not spoil the demo's report
+                    report["screenshot"] = f"failed: {type(e).__name__}: {e}"[:300]
             console.print(render_text(report))
             if keep_running:
                 console.print(f"[green]the system keeps running[/green]: dashboard {dashboard} "
