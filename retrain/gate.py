@@ -225,11 +225,13 @@ def _safety(scorer: _Scorer, which: str | None, max_new_tokens: int) -> tuple[in
 
 def evaluate(*, base_dir: Path, candidate_dir: Path, eval_pairs: Sequence[dict[str, Any]], thresholds: GateThresholds,
              beta: float, current_dir: Path | None = None, judge: Judge | None = None, max_length: int = 256,
-             seed: int = 0, prompts: Sequence[Sequence[dict[str, str]]] = ()) -> GateResult:
+             seed: int = 0, prompts: Sequence[Sequence[dict[str, str]]] = (),
+             grade_embedder: Any = None) -> GateResult:
     """Measure the candidate adapter against the current one (base when `current_dir` is None) and decide.
 
     `eval_pairs`: held-out pairs as snapshot records (prompt messages, chosen, rejected); `prompts`: more held-out
-    prompts for the win-rate (e.g. an SFT split's), after the pairs' own. Blocking.
+    prompts for the win-rate (e.g. an SFT split's), after the pairs' own. `grade_embedder`: the sentence embedder of
+    the grade criteria (loaded when they are on and none is given). Blocking.
     """
     t0 = time.monotonic()
     scorer = _Scorer(base_dir, candidate_dir, current_dir, max_length)
@@ -283,7 +285,7 @@ def evaluate(*, base_dir: Path, candidate_dir: Path, eval_pairs: Sequence[dict[s
                     "current_judge_score": sum(judge.score(p, b) for p, b in zip(prompts, cur_ans, strict=True)) / len(prompts),
                     "sample_answers": [{"candidate": a, "current": b} for a, b in zip(cand_ans[:3], cur_ans[:3], strict=True)]}
         if thresholds.grades.enabled:  # the online graders on the same answers of both versions
-            figures["grades"] = measure_grades(prompts, cand_ans, cur_ans, thresholds.grades)
+            figures["grades"] = measure_grades(prompts, cand_ans, cur_ans, thresholds.grades, embedder=grade_embedder)
             timings["grades"] = round(time.monotonic() - t, 2)
 
     t = lap("win_rate", t)

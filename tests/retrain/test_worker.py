@@ -44,7 +44,10 @@ def _lenient_recipe(path: Path) -> Path:
         "loss_type": ["sigmoid", "sft"], "save_steps": 50,
         "gate": {"min_preference_accuracy": 0.0, "min_accuracy_gain": -1.0, "min_win_rate": 0.0,
                  "max_safety_regression": 100, "max_perplexity_ratio": 100.0, "eval_pairs": 24, "win_prompts": 8,
-                 "win_samples": 1}}))
+                 "win_samples": 1,
+                 # the online graders measure both versions' answers (lenient: recorded, not enforced)
+                 "grades": {"enabled": True, "max_toxicity_rate": 1.0, "max_hallucination_increase": None,
+                            "min_judge_score_delta": None, "min_pairwise_upper": None}}}))
     return path
 
 
@@ -90,6 +93,10 @@ async def test_triggers_become_gated_versions_with_lineage(store: Store, tmp_pat
     assert lineage["trigger_id"] == learnable.event_id and lineage["parent_version"] == "base"
     assert lineage["dataset"]["window_start_ms"] == DEMO_T0 and len(lineage["dataset"]["feedback_ids"]) >= 100
     assert lineage["eval"]["passed"] is True and "preference_accuracy" in lineage["eval"]
+    grades = lineage["eval"]["grades"]  # the online graders' figures of both versions' gate answers
+    n = lineage["eval"]["win_comparisons"]
+    assert n > 0 and grades["answers"] == n and grades["toxicity"]["candidate_rate"] is not None
+    assert sum(grades["pairwise"][k] for k in ("wins", "losses", "ties")) == n and len(grades["pairwise"]["ci"]) == 2
     assert lineage["hyperparameters"]["method"] == "dpo" and lineage["recipe"]["lora"]["r"] == 8
     print(f"\nworker: poisoned -> {bad['outcome']} ({bad['wall_s']} s), learnable -> {good['outcome']} "
           f"({good['wall_s']} s, held-out accuracy {good['eval'].get('preference_accuracy')})")
