@@ -8,6 +8,7 @@ grader on the real store judges the pair.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -105,7 +106,9 @@ async def test_clients_get_the_served_answer_before_the_shadow_completes_and_nev
     started = time.monotonic()
     served_id, text = await call(shadowed, key, "remote", stream=stream)
     took = time.monotonic() - started
-    assert took < SHADOW_DELAY_S * 0.5, f"the client waited {took:.2f} s: the shadow is on the request path"
+    # The client has its whole answer while the shadow (1.5 s upstream) has not finished: nothing waits on it.
+    assert not [e for e in _inferences(shadowed) if e.shadow_of == served_id]
+    assert took < SHADOW_DELAY_S, f"the client waited {took:.2f} s: the shadow is on the request path"
     assert text.startswith("w0") and "SHADOW" not in text
     assert shadowed.gw.shadow is not None
     await shadowed.gw.shadow.drain()
@@ -128,21 +131,22 @@ async def test_a_full_shadow_queue_drops_replays_and_counts_them_without_slowing
     assert gw.shadow is not None
     before = gw.metrics.registry.get_sample_value("servoloop_shadow_dropped_total",
                                                   {"model": "small", "target": "candidate"}) or 0.0
-    started = time.monotonic()
-    ids = [(await _http(shadowed, key, "small", stream=False))[0] for _ in range(5)]
-    assert time.monotonic() - started < SHADOW_DELAY_S  # five requests while one shadow runs and one waits
+    # five requests at once: one shadow replays (concurrency 1), one waits (queue_size 1), the rest are dropped
+    ids = [i for i, _ in await asyncio.gather(*(_http(shadowed, key, "small", stream=False) for _ in range(5)))]
+    assert not [e for e in _inferences(shadowed) if e.shadow_of in ids]  # all five answered, no shadow done yet
     dropped = gw.metrics.registry.get_sample_value("servoloop_shadow_dropped_total",
                                                    {"model": "small", "target": "candidate"}) - before
-    assert dropped == 3  # one replaying, one queued (queue_size 1), three dropped
+    assert dropped in (3, 4)  # 4 when the worker had not yet taken the first replay off the queue
     await gw.shadow.drain()
     shadows = [e for e in _inferences(shadowed) if e.shadow_of in ids]
-    assert [e.shadow_of for e in shadows] == ids[:2]
+    assert len(shadows) == 5 - dropped and len({e.shadow_of for e in shadows}) == len(shadows)
 
 
 async def test_a_canary_target_replays_to_the_live_canary_only(shadowed: RunningGateway) -> None:
     key = shadowed.key()
     router = shadowed.gw.router
     assert shadowed.gw.shadow is not None
+    await shadowed.gw.shadow.drain()
     before = len([e for e in _inferences(shadowed) if e.shadow])
     served_id, _ = await _http(shadowed, key, "canaried", stream=False)  # no canary yet: nothing to replay to
     await shadowed.gw.shadow.drain()
