@@ -42,15 +42,21 @@ class GatewayMetrics:
                                    ["model", "arm", "version"], registry=r)
 
     def watch_adapters(self, engines: Mapping[str, Any]) -> None:
-        """Export the adapter caches of `engines` (model name -> engine; those without one are skipped)."""
-        self.registry.register(AdapterCacheCollector(engines))
+        """Export the adapter caches of `engines` (model name -> engine; those without one are skipped).
+
+        Idempotent per registry: a second gateway on the same metrics adds its engines to the one collector."""
+        collector = getattr(self, "_adapter_collector", None)
+        if collector is None:
+            collector = self._adapter_collector = AdapterCacheCollector({})
+            self.registry.register(collector)
+        collector.engines.update(engines)
 
 
 class AdapterCacheCollector(Collector):
     """Adapters loaded, cache hits and misses, loads, evictions and load time of each engine, read at scrape."""
 
     def __init__(self, engines: Mapping[str, Any]) -> None:
-        self._engines = engines
+        self.engines: dict[str, Any] = dict(engines)
 
     def collect(self) -> Iterator[Metric]:
         loaded = GaugeMetricFamily("servoloop_adapters_loaded", "LoRA adapters loaded in the engine now", labels=["model"])
@@ -63,7 +69,7 @@ class AdapterCacheCollector(Collector):
                                         labels=["model"])
         seconds = CounterMetricFamily("servoloop_adapter_load_seconds", "Time spent loading adapters",
                                       labels=["model"])
-        for name, engine in self._engines.items():
+        for name, engine in list(self.engines.items()):
             cache = getattr(engine, "adapter_cache", None)
             if cache is None:
                 continue

@@ -70,6 +70,7 @@ class Gateway:
         self._owns_engines = engines is None  # engines handed in are started and closed by their owner
         engines = engines if engines is not None else {m.name: make_engine(m) for m in settings.models}
         self.engines = engines
+        self.metrics.watch_adapters(engines)  # adapters loaded, cache hits/misses, load time per engine
         routes = [ModelRoute(m.name, engines[m.name], tuple(m.fallbacks)) for m in settings.models]
         self.router = Router(routes, on_fallback=lambda a, b: self.metrics.fallbacks.labels(a, b).inc())
         cache = ResponseCache(settings.cache.max_entries, settings.cache.ttl_s) if settings.cache.enabled else None
