@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -250,6 +251,7 @@ class GatewayServer:
         # collections, which otherwise walk the whole heap and stall the event loop for milliseconds.
         gc.collect()
         gc.freeze()
+        sys.setswitchinterval(self.gw.settings.switch_interval_ms / 1000)
         log.info("gateway serving: HTTP %s:%d, gRPC %s:%d", self.host, self.http_port, self.host, self.grpc_port)
 
     async def stop(self) -> None:

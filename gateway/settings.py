@@ -207,6 +207,10 @@ class GatewaySettings(BaseModel):
     grpc_max_workers: int = Field(0, ge=0, description="0: asyncio server")
     grpc_reflection: bool = True
     drain_timeout_s: float = Field(10.0, ge=0)
+    switch_interval_ms: float = Field(
+        1.0, gt=0, le=100, description="the interpreter's thread switch interval (Python's default: 5 ms): how long "
+                                       "the event loop can wait for the GIL behind the event shipper, the gRPC "
+                                       "poller or a worker thread; it bounds their share of a request's tail latency")
     log_prompts: bool = Field(False, description="write prompts and bodies to logs (never on by default)")
     models: list[ModelSettings] = Field(default_factory=list)
     limits: RequestLimits = Field(default_factory=RequestLimits)
