@@ -157,7 +157,8 @@ class System:
                     prices={m: (p.input_per_1k, p.output_per_1k) for m, p in settings.monitors.prices.items()},
                     operator_tenants=settings.gateway.auth.operator_tenants))
                 gw.http_extensions.append(models_extension(  # the registry's admin routes (versions, lineage)
-                    pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None))
+                    pipeline.store, gw.auth.authenticate, publish=pipeline.sink.publish if pipeline.sink else None,
+                    operator_tenants=settings.gateway.auth.operator_tenants))
                 gw.http_extensions.append(release_extension(  # model cards and changelogs of registry versions
                     pipeline.store, gw.auth.authenticate, operator_tenants=settings.gateway.auth.operator_tenants))
                 gw.http_extensions.append(budgets_extension(  # spend budgets: read and set (servoloop budgets)
