@@ -35,7 +35,7 @@ from tests.gateway.conftest import RunningGateway, settings_for, start_gateway
 from tests.support.openai_upstream import RunningUpstream, UpstreamBehaviour
 
 SHADOW_DELAY_S = 1.5
-SHADOW_REPLY = "Sure! SHADOW answer from the candidate, my friend."
+SHADOW_REPLY = "Sure! SHADOW answer from the candidate: write to cand@example.com today."
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -117,6 +117,9 @@ async def test_clients_get_the_served_answer_before_the_shadow_completes_and_nev
     [shadow] = [e for e in events if e.shadow_of == served_id]
     assert not served.shadow and served.model_version == "base" and "SHADOW" not in served.response
     assert shadow.shadow and shadow.response.startswith("Sure! SHADOW")
+    # stored as it left the request's output guardrails, like every answer
+    assert "[EMAIL]" in shadow.response and "cand@example.com" not in shadow.response
+    assert shadow.output_action == "redact"
     assert (shadow.model, shadow.model_version, shadow.canary_arm, shadow.status) == ("remote", "v-cand", "shadow", "ok")
     assert shadow.event_id != served_id and shadow.messages == served.messages and shadow.tenant == served.tenant
     assert shadow.latency_ms >= SHADOW_DELAY_S * 1000 * 0.9
