@@ -45,7 +45,7 @@ up: install model
 
 # The closed loop in one command: simulated users, drift, retraining, canary, poisoning, a report.
 demo: install model
-	$(BIN)/servoloop demo --report demo-report.json
+	$(BIN)/servoloop demo --report demo-report.json --keep-running
 
 test: install model
 	@set +e; $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
