@@ -244,7 +244,9 @@ async def _model_events(store: Store) -> list[ModelEvent]:
 
 
 async def _owns(store: Store, tenant: str, inference_id: str) -> bool:
-    return await get_inference(store, tenant=tenant, event_id=inference_id) is not None
+    """Whether `tenant` may rate `inference_id`: one of its served inferences (a shadow replay was served to nobody)."""
+    inference = await get_inference(store, tenant=tenant, event_id=inference_id)
+    return inference is not None and not inference.shadow
 
 
 def run(coro: Awaitable[None]) -> None:

@@ -202,3 +202,14 @@ def test_shadow_policies_must_name_configured_models_and_sampling_is_stable() ->
     assert 0.22 < share < 0.28 and [sampled(i, 0.25) for i in ids[:50]] == [sampled(i, 0.25) for i in ids[:50]]
     assert not any(sampled(i, 0.0) for i in ids) and all(sampled(i, 1.0) for i in ids)
 
+
+
+async def test_a_shadow_inference_cannot_be_rated(store: Store) -> None:
+    from servoloop.up import _owns
+
+    served = InferenceEvent(tenant="acme", model="remote", response="w0 w1")
+    shadow = InferenceEvent(tenant="acme", model="remote", response="Sure!", shadow=True, shadow_of=served.event_id)
+    await write_events(store, [served, shadow])
+    assert await _owns(store, "acme", served.event_id)  # the ownership check behind the Feedback API
+    assert not await _owns(store, "acme", shadow.event_id)
+    assert not await _owns(store, "other", served.event_id)
