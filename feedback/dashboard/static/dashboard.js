@@ -9,7 +9,7 @@ const STATE_COLORS = {
   approved: "#17becf", rejected: "#7f1d1d", rolled_back: "#d62728", retired: "#667085",
 };
 const PLOT_CONFIG = { displaylogo: false, responsive: true };
-const dash = { refreshes: 0, timer: null, refreshMs: 10000, metric: null, tenant: "", data: {} };
+const dash = { refreshes: 0, timer: null, refreshMs: 10000, metric: null, tenant: "", seq: 0, data: {} };
 window.servoloopDashboard = dash;
 
 const $ = (id) => document.getElementById(id);
@@ -328,11 +328,14 @@ async function requestAction(action, model, version) {
 async function refresh() {
   if (!sessionStorage.getItem(KEY_ITEM)) return;
   const since = encodeURIComponent($("since").value);
+  const seq = ++dash.seq; // a refresh started later (a new tenant or window) wins: this one's answers are dropped
   try {
     const tenants = await api("/admin/v1/tenants");
+    if (seq !== dash.seq) return;
     renderTenants(tenants);
     // every panel is read for the selected tenant (none: every tenant)
-    const t = dash.tenant ? `tenant=${encodeURIComponent(dash.tenant)}` : "";
+    const tenant = dash.tenant;
+    const t = tenant ? `tenant=${encodeURIComponent(tenant)}` : "";
     const q = (path, withSince = true) => {
       const params = [withSince ? `since=${since}` : "", t].filter(Boolean).join("&");
       return api(params ? `${path}?${params}` : path);
@@ -342,8 +345,9 @@ async function refresh() {
       q("/admin/v1/latency"), q("/admin/v1/models", false), q("/admin/v1/triggers"), q("/admin/v1/alerts"),
       q("/admin/v1/canary", false), q("/admin/v1/spend"),
     ]);
+    if (seq !== dash.seq) return;
     dash.data = { tenants, overview, metrics, drift, guardrails, latency, models, triggers, alerts, canaries, spend };
-    document.body.dataset.tenant = dash.tenant;
+    document.body.dataset.tenant = tenant;
     renderOverview(overview); renderQuality(metrics); renderDrift(drift); renderGuardrails(guardrails);
     renderLatency(latency); renderModels(models, models.actions); renderTriggers(triggers); renderAlerts(alerts);
     renderCanaries(canaries); renderSpend(spend);
@@ -352,6 +356,7 @@ async function refresh() {
     setStatus(`updated ${new Date().toLocaleTimeString()}${overview.actions_enabled ? "" : " · read-only"}`);
     schedule(overview.refresh_s * 1000);
   } catch (e) {
+    if (seq !== dash.seq) return;
     setStatus(e.status === 401 || e.status === 403 ? `key refused: ${e.message}` : `refresh failed: ${e.message}`, true);
     if (e.status === 401 || e.status === 403) stop();
     else schedule(dash.refreshMs);
