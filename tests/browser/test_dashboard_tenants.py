@@ -12,7 +12,15 @@ from playwright.async_api import Page, async_playwright
 
 from feedback.store import write_events
 from gateway.auth import KeyStore
-from schemas.events import BudgetAlert, BudgetEvent, Event, InferenceEvent, ModelEvent, MonitorResult, period_bounds
+from schemas.events import (
+    BudgetAlert,
+    BudgetEvent,
+    Event,
+    InferenceEvent,
+    ModelEvent,
+    MonitorResult,
+    period_bounds,
+)
 from tests.browser.dashboard_support import admin_gateway, new_store
 from tests.browser.test_dashboard import ARTIFACTS, CHROMIUM, traces
 
