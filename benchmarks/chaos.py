@@ -1,0 +1,344 @@
+"""Fault injection under load, reconciled: the real gateway (tiny model, Transformers engine) with its durable
+event sink, a tansu broker on local S3, `servoloop ingest` as a child process, and ClickHouse SQL over HTTP
+(chDB behind the test endpoint, which can be made unavailable). Mixed unary/streaming traffic with a rating for
+every answer runs at `--rate` for `--duration-s` while the broker is killed, the ingester is SIGKILLed and
+restarted, and the store refuses every query; afterwards every accepted request must have exactly one inference
+row and every accepted rating one feedback row. RSS of the gateway (this process) and the ingester is sampled.
+
+    .venv/bin/python -m benchmarks.chaos --duration-s 600 --rate 200 --broker-down-s 60 --store-down-s 60
+    .venv/bin/python -m benchmarks.chaos --fuzz      # the fuzz targets at 1,000 cases each (pytest, recorded)
+
+Writes benchmarks/results/chaos.json (or chaos_fuzz.json). tests/reliability/test_chaos.py runs the bounded form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SERVOLOOP = str(Path(sys.executable).with_name("servoloop"))
+
+
+@dataclass
+class ChaosPlan:
+    duration_s: float = 90.0
+    rate_per_s: float = 8.0
+    broker_down_s: float = 15.0
+    store_down_s: float = 15.0
+    stream_share: float = 0.33
+    max_tokens: int = 4
+    settle_timeout_s: float = 240.0
+
+
+@dataclass
+class ChaosFigures:
+    requests_sent: int = 0
+    requests_accepted: int = 0
+    requests_failed: int = 0  # any non-2xx or transport error: must be 0 (the faults are all behind the gateway)
+    failure_samples: list[str] = field(default_factory=list)
+    ratings_accepted: int = 0
+    ratings_failed: int = 0
+    inference_rows_missing: int = 0
+    inference_rows_duplicated: int = 0
+    feedback_rows_missing: int = 0
+    feedback_rows_duplicated: int = 0
+    faults: list[str] = field(default_factory=list)
+    settle_s: float = 0.0
+    achieved_rate_per_s: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    gateway_rss_mib_warm: float = 0.0
+    gateway_rss_mib_end: float = 0.0
+    gateway_rss_growth_pct: float = 0.0
+    ingester_rss_mib_warm: float = 0.0
+    ingester_rss_mib_end: float = 0.0
+    ingester_rss_growth_pct: float = 0.0
+
+
+class IngestChild:
+    """`servoloop ingest --config FILE` as a child process (SIGKILL-able); every run appends to one log."""
+
+    def __init__(self, config: Path, log: Path):
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SERVOLOOP_")}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([SERVOLOOP, "ingest", "--config", str(self.config), "--progress-every", "5"],
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                         cwd=self.config.parent)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout_s: float = 30) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def rss_mib(self) -> tuple[int, float] | None:
+        """(pid, RSS MiB) of the running child; None between a kill and its restart."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            rss = psutil.Process(self.proc.pid).memory_info().rss / 2**20
+        except psutil.Error:
+            return None
+        return (self.proc.pid, rss) if rss > 0 else None
+
+
+def _growth(samples: list[float]) -> tuple[float, float, float]:
+    """(warm MiB, end MiB, growth %): warm = median of the second fifth of the run, end = median of the last fifth."""
+    if len(samples) < 10:
+        return (samples[0], samples[-1], 0.0) if samples else (0.0, 0.0, 0.0)
+    n = len(samples)
+    warm, end = statistics.median(samples[n // 5: 2 * n // 5]), statistics.median(samples[-n // 5:])
+    return round(warm, 1), round(end, 1), round(100 * (end - warm) / warm, 2)
+
+
+async def _one(c: httpx.AsyncClient, i: int, plan: ChaosPlan, key: str, fig: ChaosFigures,
+               inference_ids: list[str], feedback_ids: list[str], latencies: list[float]) -> None:
+    stream = (i % 100) < plan.stream_share * 100
+    body = {"model": "tiny", "messages": [{"role": "user", "content": f"question {i}"}],
+            "max_tokens": plan.max_tokens, "temperature": 0, "stream": stream}
+    auth = {"Authorization": f"Bearer {key}"}
+    t0 = time.perf_counter()
+    fig.requests_sent += 1
+    try:
+        if stream:
+            async with c.stream("POST", "/v1/chat/completions", json=body, headers=auth) as r:
+                data = (await r.aread()).decode()
+                ok = r.status_code == 200 and "[DONE]" in data
+                rid = data.split('"id":"', 1)[1].split('"', 1)[0] if ok else ""
+        else:
+            r = await c.post("/v1/chat/completions", json=body, headers=auth)
+            ok, rid = r.status_code == 200, (r.json().get("id", "") if r.status_code == 200 else "")
+            data = r.text
+    except httpx.HTTPError as e:
+        ok, data, rid = False, repr(e), ""
+    if not ok:
+        fig.requests_failed += 1
+        if len(fig.failure_samples) < 10:
+            fig.failure_samples.append(data[:300])
+        return
+    latencies.append((time.perf_counter() - t0) * 1000)
+    fig.requests_accepted += 1
+    inference_ids.append(rid)
+    try:
+        r = await c.post("/v1/feedback", json={"target_id": rid, "thumbs": "up" if i % 2 else "down"}, headers=auth)
+        if r.status_code == 201:
+            fig.ratings_accepted += 1
+            feedback_ids.append(r.json()["id"])
+        else:
+            fig.ratings_failed += 1
+    except httpx.HTTPError:
+        fig.ratings_failed += 1
+
+
+async def _count_by_id(store: Any, table: str, column: str, ids: list[str]) -> Counter[str]:
+    found: Counter[str] = Counter()
+    for i in range(0, len(ids), 2000):
+        chunk = ids[i:i + 2000]
+        t = await store.query(f"SELECT {column} AS id, count() AS n FROM (SELECT * FROM {table} FINAL) "
+                              f"WHERE {column} IN {{ids:Array(String)}} GROUP BY id", {"ids": chunk})
+        found.update(dict(zip(t.column("id").to_pylist(), t.column("n").to_pylist(), strict=True)))
+    return found
+
+
+async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Path, work: Path) -> ChaosFigures:
+    """Run the load with its faults and reconcile; `broker` is an EmbeddedBroker that keeps data across kills."""
+    from feedback.kafka import ConfluentDownstream
+    from feedback.sink import DurableEventSink
+    from feedback.spool import Spool
+    from feedback.store import ChdbStore
+    from gateway.auth import KeyStore
+    from gateway.server import Gateway, GatewayServer
+    from gateway.settings import GatewaySettings, ModelSettings, RateLimitSettings, RequestLimits
+    from schemas.topics import all_topics
+    from tests.support.clickhouse_http import shared_chdb_session, shared_endpoint
+
+    prefix = f"chaos{uuid.uuid4().hex[:6]}."
+    database = f"chaos_{uuid.uuid4().hex[:10]}"
+    broker.create_topics(all_topics(prefix), partitions=2)
+    endpoint, view = shared_endpoint(), ChdbStore(shared_chdb_session(), database)
+    config = work / "servoloop.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(work / "ingest-data"), "events": {
+        "broker": {"mode": "external", "bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix},
+        "store": {"kind": "clickhouse", "url": endpoint.url, "database": database},
+        "ingest": {"group_id": f"g-{prefix}", "batch_max_events": 2000, "batch_max_wait_s": 0.2}}}))
+    ingester = IngestChild(config, work / "ingest.log")
+    ingester.start()
+
+    sink = DurableEventSink(Spool(work / "spool"), ConfluentDownstream(broker.bootstrap_servers), topic_prefix=prefix)
+    await sink.start()
+    keys = KeyStore(work / "keys.sqlite")
+    settings = GatewaySettings(
+        models=[ModelSettings(name="tiny", path=str(model_dir))],
+        limits=RequestLimits(max_output_tokens=max(plan.max_tokens, 1), default_max_tokens=plan.max_tokens),
+        rate_limits=RateLimitSettings(requests_per_minute=0, tokens_per_minute=0, max_concurrent_streams=0))
+    gw = Gateway(settings, keys, engines={"tiny": engine}, events=sink)
+    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
+    await server.start()
+    _, key = keys.create("chaos", ["infer", "feedback"])
+    gw.auth.reload()
+
+    fig = ChaosFigures()
+    inference_ids: list[str] = []
+    feedback_ids: list[str] = []
+    latencies: list[float] = []
+    gw_rss: list[float] = []
+    ing_rss: list[tuple[int, float]] = []
+    me = psutil.Process()
+    d = plan.duration_s
+    schedule = [
+        (0.15 * d, "broker killed", broker.kill), (0.15 * d + plan.broker_down_s, "broker restarted", broker.start),
+        (0.45 * d, "ingester SIGKILLed", ingester.kill), (0.45 * d + 2, "ingester restarted", ingester.start),
+    ]
+    outage_at, outage = 0.6 * d, None
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60,
+                                     limits=httpx.Limits(max_connections=256)) as c:
+            start = time.monotonic()
+            i, next_sample = 0, start
+            while (now := time.monotonic()) - start < d:
+                elapsed = now - start
+                while schedule and elapsed >= schedule[0][0]:
+                    _, what, act = schedule.pop(0)
+                    await asyncio.to_thread(act)
+                    fig.faults.append(f"{what} at {elapsed:.1f}s")
+                if outage is None and elapsed >= outage_at:
+                    outage = endpoint.outage("refuse", database=database)
+                    outage.__enter__()
+                    fig.faults.append(f"store unavailable at {elapsed:.1f}s")
+                elif outage is not None and outage is not False and elapsed >= outage_at + plan.store_down_s:
+                    outage.__exit__(None, None, None)
+                    outage = False
+                    fig.faults.append(f"store back at {elapsed:.1f}s")
+                if now >= next_sample:
+                    gw_rss.append(me.memory_info().rss / 2**20)
+                    if (r := ingester.rss_mib()) is not None:
+                        ing_rss.append(r)
+                    next_sample += 1.0
+                while i < elapsed * plan.rate_per_s:
+                    t = asyncio.create_task(_one(c, i, plan, key, fig, inference_ids, feedback_ids, latencies))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                    i += 1
+                await asyncio.sleep(0.005)
+            fig.achieved_rate_per_s = round(i / (time.monotonic() - start), 2)
+            await asyncio.gather(*tasks)
+    finally:
+        if outage:
+            outage.__exit__(None, None, None)
+        for what, act in (("broker", broker.start), ("ingester", ingester.start)):
+            if (what == "broker" and not broker.running) or (what == "ingester" and ingester.proc.poll() is not None):
+                await asyncio.to_thread(act)
+        await server.stop()
+        await sink.aclose()
+
+    t0 = time.monotonic()
+    while True:  # settle: everything accepted reaches the store
+        inf = await _count_by_id(view, "inferences", "request_id", inference_ids)
+        fb = await _count_by_id(view, "feedback", "event_id", feedback_ids)
+        if (len(inf) == len(set(inference_ids)) and len(fb) == len(set(feedback_ids))) \
+                or time.monotonic() - t0 > plan.settle_timeout_s:
+            break
+        await asyncio.sleep(1.0)
+    fig.settle_s = round(time.monotonic() - t0, 1)
+    ingester.terminate()
+    fig.inference_rows_missing = len(set(inference_ids) - set(inf))
+    fig.inference_rows_duplicated = sum(n - 1 for n in inf.values() if n > 1) + len(inference_ids) - len(set(inference_ids))
+    fig.feedback_rows_missing = len(set(feedback_ids) - set(fb))
+    fig.feedback_rows_duplicated = sum(n - 1 for n in fb.values() if n > 1)
+    if latencies:
+        latencies.sort()
+        fig.latency_p50_ms = round(latencies[len(latencies) // 2], 1)
+        fig.latency_p99_ms = round(latencies[int(len(latencies) * 0.99) - 1], 1)
+    fig.gateway_rss_mib_warm, fig.gateway_rss_mib_end, fig.gateway_rss_growth_pct = _growth(gw_rss)
+    # The ingester restarts mid-run: its growth is measured over its last life (the longest, from mid-run on).
+    last = [rss for pid, rss in ing_rss if ing_rss and pid == ing_rss[-1][0]]
+    fig.ingester_rss_mib_warm, fig.ingester_rss_mib_end, fig.ingester_rss_growth_pct = _growth(last)
+    await view.query(f"DROP DATABASE IF EXISTS {database}")
+    return fig
+
+
+async def _main_chaos(plan: ChaosPlan) -> dict[str, Any]:
+    from feedback.broker import EmbeddedBroker, LocalS3
+    from gateway.engines.transformers import TransformersEngine
+    from gateway.settings import ModelSettings
+
+    model_dir = Path(os.environ.get("SERVOLOOP_TEST_MODEL", REPO / ".servoloop" / "models" / "tiny-chat"))
+    work = Path(tempfile.mkdtemp(prefix="servoloop-chaos-"))
+    engine = TransformersEngine(ModelSettings(name="tiny", path=str(model_dir), engine="transformers"))
+    await engine.start()
+    with LocalS3() as s3:
+        broker = EmbeddedBroker.on_s3(s3, f"b{uuid.uuid4().hex[:12]}", log_path=work / "tansu.log")
+        broker.start()
+        try:
+            fig = await run_chaos(plan, broker=broker, engine=engine, model_dir=model_dir, work=work)
+        finally:
+            broker.kill()
+            await engine.aclose()
+    return {"plan": asdict(plan), "figures": asdict(fig)}
+
+
+def _fuzz(cases: int) -> dict[str, Any]:
+    env = {**os.environ, "SERVOLOOP_FUZZ_CASES": str(cases)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/reliability/test_fuzz_http.py",
+           "tests/reliability/test_fuzz_grpc.py", "tests/reliability/test_fuzz_inputs.py"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return {"cases_per_target": cases, "passed": proc.returncode == 0, "wall_s": round(time.monotonic() - t0, 1),
+            "targets": lines, "tail": proc.stdout.splitlines()[-3:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration-s", type=float, default=600.0)
+    ap.add_argument("--rate", type=float, default=200.0, help="requests per second (each answer is also rated)")
+    ap.add_argument("--broker-down-s", type=float, default=60.0)
+    ap.add_argument("--store-down-s", type=float, default=60.0)
+    ap.add_argument("--fuzz", action="store_true", help="run the fuzz targets at --fuzz-cases each instead")
+    ap.add_argument("--fuzz-cases", type=int, default=1000)
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import machine, write_result
+
+    command = " ".join([".venv/bin/python -m benchmarks.chaos", *sys.argv[1:]])
+    if args.fuzz:
+        result = {"command": command, "machine": machine(), **_fuzz(args.fuzz_cases)}
+        print(write_result("chaos_fuzz", result))
+        return
+    plan = ChaosPlan(duration_s=args.duration_s, rate_per_s=args.rate, broker_down_s=args.broker_down_s,
+                     store_down_s=args.store_down_s)
+    result = {"command": command, "machine": machine(), **asyncio.run(_main_chaos(plan))}
+    print(write_result("chaos", result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""No unbounded queues: every queue and buffer in the product code is listed here with its bound and the metric
+that shows how full it is. A new `Queue(`/`deque(` fails this test until it is listed (with its bound)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.reliability
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("gateway", "feedback", "retrain", "guardrails", "schemas", "servoloop")
+QUEUE = re.compile(r"\b(asyncio\.Queue|queue\.Queue|SimpleQueue|deque)\(")
+
+# (file, the line's text) -> (its bound, and where that bound is enforced; the metric that shows its depth)
+QUEUES: dict[tuple[str, str], tuple[str, str | None]] = {
+    ("gateway/engines/transformers.py", "queue: asyncio.Queue[Any] = asyncio.Queue()"):
+        ("per request: at most max_tokens + 1 items (the limit RequestLimits.max_output_tokens enforces); "
+         "at most max_concurrency of them at once", "servoloop_active_streams"),
+    ("gateway/shadow.py", "asyncio.Queue(p.queue_size)"): ("shadow policy queue_size", "servoloop_shadow_queue_depth"),
+    ("gateway/langfuse.py", "asyncio.Queue(settings.score_queue_size)"):
+        ("tracing.langfuse.score_queue_size (newer scores dropped when full)", None),
+    ("gateway/engines/http1.py", "self._idle: deque[_Connection] = deque()"):
+        ("idle connections <= max_connections (a semaphore of that size guards every connection)", None),
+    ("feedback/sink.py", "self._delivered_batches: deque[list[int]] = deque()"):
+        ("delivered batches awaiting confirmation <= max_unconfirmed events", "servoloop_sink_pending_events"),
+    ("feedback/spool.py", "self._mem: deque[SpoolRecord] = deque()"):
+        ("spool memory + disk <= max_bytes (appends refused beyond)", "servoloop_spool_memory_bytes"),
+    ("feedback/graders/worker.py", "self._spent: deque[tuple[float, int]] = deque()"):
+        ("entries of the last hour only (popped as they age), each a grading batch within per_hour", None),
+}
+
+
+def found() -> dict[tuple[str, str], str]:
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for line in path.read_text().splitlines():
+                if QUEUE.search(line) and not line.lstrip().startswith("#"):
+                    out[(str(path.relative_to(REPO)), line.strip())] = line
+    return out
+
+
+def test_every_queue_in_the_product_is_listed_with_its_bound():
+    in_code = found()
+    unlisted = [k for k in in_code if not any(k[0] == f and text in k[1] for f, text in QUEUES)]
+    assert not unlisted, f"queues without a listed bound (add them to QUEUES with their bound and metric): {unlisted}"
+    stale = [k for k in QUEUES if not any(k[0] == f and k[1] in line for f, line in in_code)]
+    assert not stale, f"listed queues no longer in the code: {stale}"
+
+
+def test_every_listed_metric_exists_and_the_bounded_ones_say_how():
+    sources = "\n".join((REPO / p).read_text() for p in ("gateway/metrics.py", "gateway/shadow.py", "feedback/sink.py",
+                                                          "feedback/spool.py"))
+    for (path, _), (bound, metric) in QUEUES.items():
+        assert bound, path
+        if metric is not None:
+            assert f'"{metric}' in sources, (path, metric)
+    # maxsize-bounded asyncio queues really pass their bound
+    for (path, text), _ in QUEUES.items():
+        if "asyncio.Queue(" in text and "transformers" not in path:
+            assert re.search(r"asyncio\.Queue\([^)]+\)", text), (path, text)
