@@ -22,6 +22,7 @@ help:
 	@echo "make proto   regenerate gRPC code from schemas/proto"
 	@echo "make lint    ruff"
 	@echo "make docs    regenerate docs/configuration.md and docs/api.md"
+	@echo "make audit   pip-audit the installed packages, report in benchmarks/results/pip_audit.json"
 
 install: $(STAMP)
 
@@ -61,6 +62,12 @@ proto: install
 docs: install
 	$(BIN)/python docs/gen_config.py > docs/configuration.md
 	$(BIN)/python docs/gen_api.py > docs/api.md
+
+# Dependency audit: the report is recorded whatever the service answers; only a found vulnerability fails.
+audit: install
+	@$(BIN)/pip-audit --local --progress-spinner off --format json -o .pip_audit_raw.json 2>.pip_audit.err; \
+	$(BIN)/python scripts/audit_report.py .pip_audit_raw.json "$$(tail -n 1 .pip_audit.err)"; rc=$$?; \
+	rm -f .pip_audit_raw.json .pip_audit.err; exit $$rc
 
 clean:
 	rm -rf $(VENV) .servoloop .pytest_cache
