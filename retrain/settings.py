@@ -25,7 +25,8 @@ class RetrainSettings(BaseModel):
     use_embeddings: bool = True
     train_grace_s: float = Field(60.0, ge=0, description="on top of the recipe timeout before the job is killed")
     min_pairs: int = Field(16, ge=1, description="fewer training records than this: skip, do not train")
-    tenant_min_feedback: int = Field(50, ge=0, description="feedback events a tenant needs in the window before it "
-                                     "gets an adapter of its own; below it the tenant's trigger is declined")
+    tenant_min_feedback: int = Field(0, ge=0, description="feedback events a tenant needs in the window before it "
+                                     "gets an adapter of its own; below it the tenant's trigger is declined (0: no "
+                                     "minimum beyond min_pairs)")
     private_tenants: list[str] = Field(default_factory=list, description="tenants whose feedback trains only their "
                                        "own adapters, never the global model (others' feedback also counts globally)")
