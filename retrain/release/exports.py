@@ -101,9 +101,6 @@ def _linear_names(model: Any) -> list[str]:
     """Linear layers to quantize: every nn.Linear whose weight is not shared (tied) with another tensor."""
     import torch
 
-    seen: dict[int, int] = {}
-    for p in model.parameters():
-        seen[id(p)] = seen.get(id(p), 0) + 1
     shared = {id(model.get_input_embeddings().weight)} if model.get_input_embeddings() is not None else set()
     return [n for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and id(m.weight) not in shared]
@@ -122,7 +119,7 @@ def save_int8(model: Any, out: Path) -> dict[str, Any]:
             tensors[key] = q
             tensors[f"{module}.weight_scale"] = scale
         else:
-            tensors[key] = value.detach().contiguous()
+            tensors[key] = value.detach().clone()  # a copy: safetensors refuses tied (shared) tensors
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / INT8_WEIGHTS), metadata={"format": "pt"})
     model.config.save_pretrained(out)

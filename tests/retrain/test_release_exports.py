@@ -60,7 +60,7 @@ def test_int8_export_stores_int8_weights_loads_and_generates(exported: dict[str,
 
     int8 = exported["root"] / "int8"
     with safe_open(str(int8 / ex.INT8_WEIGHTS), "pt") as f:
-        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert dtypes[q_proj] == "I8" and dtypes[q_proj + "_scale"] == "F32"
     model, tok = ex.load_export("int8", int8)
