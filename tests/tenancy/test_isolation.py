@@ -7,7 +7,10 @@ the markers. Real chDB, real registry, a real gateway with the registry's admin 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -56,6 +59,17 @@ def _text_of(snapshot_dir: Path) -> str:
     parts = [p.read_text() for p in snapshot_dir.glob("*.json")]
     parts += [json.dumps(pq.read_table(p).to_pylist(), default=str) for p in snapshot_dir.glob("*.parquet")]
     return "\n".join(parts)
+
+
+async def _cli(url: str, key: str, *args: str) -> tuple[int, str, str]:
+    """`servoloop models …` as its own process against the admin API."""
+    env = {**os.environ, "SERVOLOOP_URL": url, "SERVOLOOP_ADMIN_KEY": key, "COLUMNS": "200"}
+    env.pop("SERVOLOOP_CONFIG", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from servoloop.cli import main; main()", "models", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode or 0, out.decode(), " ".join(err.decode().split())
 
 
 def _has_marker(text: str) -> bool:
@@ -140,8 +154,6 @@ async def test_marker_phrases_of_one_tenant_never_reach_another_and_its_key_cann
         for _ in range(50):  # the gateway reloads keys on its own schedule: wait until acme's key is known
             if (await http.get(f"/admin/v1/models/{MODEL}/versions", headers=acme_h)).status_code != 401:
                 break
-            import asyncio
-
             await asyncio.sleep(0.1)
         answers: list[httpx.Response] = []
 
@@ -180,6 +192,13 @@ async def test_marker_phrases_of_one_tenant_never_reach_another_and_its_key_cann
         r = await http.get(f"/admin/v1/models/{MODEL}/versions", headers=ops_h, params={"tenant": "bolt"})
         assert r.status_code == 200 and r.json()["active"] == "b1"
         assert _has_marker((await http.get(f"/admin/v1/models/{MODEL}/versions/g1", headers=ops_h)).text)
+
+    # the CLI: `servoloop models list --tenant T` shows T's versions and the global ones; acme's key may not ask
+    rc, out, _ = await _cli(admin_api, ops_key, "list", MODEL, "--tenant", "bolt", "--json")
+    assert rc == 0 and {v["version_id"]: v["tenant"] for v in json.loads(out)[0]["versions"]} == {
+        "base": "", "g1": "", "b1": "bolt"}
+    rc, out, err = await _cli(admin_api, acme_key, "list", MODEL, "--tenant", "bolt")
+    assert rc != 0 and "only its own tenant" in err and "b1" not in out
 
     # a tenant below the minimum feedback gets no adapter of its own: declined, with the reason recorded
     strict = RetrainWorker(store, registry, settings.model_copy(update={"tenant_min_feedback": 10_000}))
