@@ -113,7 +113,8 @@ class IngestChild:
 def _growth(samples: list[float]) -> tuple[float, float, float]:
     """(warm MiB, end MiB, growth %): warm = median of the second fifth of the run, end = median of the last fifth."""
     if len(samples) < 10:
-        return (samples[0], samples[-1], 0.0) if samples else (0.0, 0.0, 0.0)
+        return (0.0, 0.0, 0.0) if not samples else (
+            round(samples[0], 1), round(samples[-1], 1), round(100 * (samples[-1] - samples[0]) / samples[0], 2))
     n = len(samples)
     warm, end = statistics.median(samples[n // 5: 2 * n // 5]), statistics.median(samples[-n // 5:])
     return round(warm, 1), round(end, 1), round(100 * (end - warm) / warm, 2)
@@ -180,6 +181,7 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
     from schemas.topics import all_topics
     from tests.support.clickhouse_http import shared_chdb_session, shared_endpoint
 
+    work.mkdir(parents=True, exist_ok=True)
     prefix = f"chaos{uuid.uuid4().hex[:6]}."
     database = f"chaos_{uuid.uuid4().hex[:10]}"
     broker.create_topics(all_topics(prefix), partitions=2)
@@ -240,8 +242,8 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
                     fig.faults.append(f"store back at {elapsed:.1f}s")
                 if now >= next_sample:
                     gw_rss.append(me.memory_info().rss / 2**20)
-                    if (r := ingester.rss_mib()) is not None:
-                        ing_rss.append(r)
+                    if (r := ingester.rss_mib()) is not None and outage is False:
+                        ing_rss.append(r)  # after the last fault: the ingester's restart and backlog are behind it
                     next_sample += 1.0
                 while i < elapsed * plan.rate_per_s:
                     t = asyncio.create_task(_one(c, i, plan, key, fig, inference_ids, feedback_ids, latencies))
@@ -267,6 +269,9 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
         if (len(inf) == len(set(inference_ids)) and len(fb) == len(set(feedback_ids))) \
                 or time.monotonic() - t0 > plan.settle_timeout_s:
             break
+        gw_rss.append(me.memory_info().rss / 2**20)
+        if (r := ingester.rss_mib()) is not None:
+            ing_rss.append(r)
         await asyncio.sleep(1.0)
     fig.settle_s = round(time.monotonic() - t0, 1)
     ingester.terminate()
@@ -279,9 +284,173 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
         fig.latency_p50_ms = round(latencies[len(latencies) // 2], 1)
         fig.latency_p99_ms = round(latencies[int(len(latencies) * 0.99) - 1], 1)
     fig.gateway_rss_mib_warm, fig.gateway_rss_mib_end, fig.gateway_rss_growth_pct = _growth(gw_rss)
-    # The ingester restarts mid-run: its growth is measured over its last life (the longest, from mid-run on).
+    # The ingester restarts mid-run and catches up after the store outage: its growth is measured from then on.
     last = [rss for pid, rss in ing_rss if ing_rss and pid == ing_rss[-1][0]]
     fig.ingester_rss_mib_warm, fig.ingester_rss_mib_end, fig.ingester_rss_growth_pct = _growth(last)
+    await view.query(f"DROP DATABASE IF EXISTS {database}")
+    return fig
+
+
+@dataclass
+class CrashFigures:
+    requests_sent: int = 0
+    requests_accepted: int = 0
+    errors_in_flight_at_kill: int = 0  # started before the SIGKILL, failed by it: the only errors allowed
+    refused_while_down: int = 0  # sent while no gateway listened (connection refused), not accepted
+    errors_otherwise: int = 0  # anything else: must be 0
+    error_samples: list[str] = field(default_factory=list)
+    inference_rows_missing: int = 0
+    inference_rows_duplicated: int = 0
+    accepted_before_kill: int = 0  # their events were only in the killed gateway's spool (the broker was down)
+    restart_ready_s: float = 0.0
+    settle_s: float = 0.0
+
+
+class GatewayChild:
+    """`servoloop serve` with an external broker: its events go through its own spool in `data_dir`."""
+
+    def __init__(self, work: Path, model_dir: Path, bootstrap: str, prefix: str, max_tokens: int):
+        from benchmarks.common import free_port
+
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.data_dir = work / "gateway-data"
+        self.config = work / "gateway.yaml"
+        self.config.write_text(yaml.safe_dump({"data_dir": str(self.data_dir), "gateway": {
+            "host": "127.0.0.1", "http_port": self.http_port, "grpc_port": self.grpc_port,
+            "models": [{"name": "tiny", "engine": "transformers", "path": str(model_dir)}],
+            "limits": {"max_output_tokens": max_tokens, "default_max_tokens": max_tokens},
+            "rate_limits": {"requests_per_minute": 0, "tokens_per_minute": 0, "max_concurrent_streams": 0}},
+            "events": {"broker": {"mode": "external", "bootstrap_servers": bootstrap, "topic_prefix": prefix}}}))
+        self.log = work / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("SERVOLOOP_")},
+               "SERVOLOOP_CONFIG": str(self.config)}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([SERVOLOOP, "serve"], stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+
+    def wait_ready(self, timeout_s: float = 240) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited:\n{self.log.read_text(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"gateway not ready:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def run_gateway_crash(plan: ChaosPlan, *, broker: Any, model_dir: Path, work: Path) -> CrashFigures:
+    """SIGKILL a loaded gateway whose broker is down (its accepted events wait in its spool), restart both, and
+    reconcile: every accepted request has exactly one inference row; only requests in flight at the kill failed."""
+    from feedback.store import ChdbStore
+    from gateway.auth import KeyStore
+    from schemas.topics import all_topics
+    from tests.support.clickhouse_http import shared_chdb_session, shared_endpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    prefix = f"crash{uuid.uuid4().hex[:6]}."
+    database = f"crash_{uuid.uuid4().hex[:10]}"
+    broker.create_topics(all_topics(prefix), partitions=2)
+    endpoint, view = shared_endpoint(), ChdbStore(shared_chdb_session(), database)
+    config = work / "ingest.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(work / "ingest-data"), "events": {
+        "broker": {"mode": "external", "bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix},
+        "store": {"kind": "clickhouse", "url": endpoint.url, "database": database},
+        "ingest": {"group_id": f"g-{prefix}", "batch_max_events": 2000, "batch_max_wait_s": 0.2}}}))
+    ingester = IngestChild(config, work / "ingest.log")
+    ingester.start()
+    gateway = GatewayChild(work, model_dir, broker.bootstrap_servers, prefix, plan.max_tokens)
+    _, key = KeyStore(gateway.data_dir / "keys.sqlite").create("crash", ["infer", "feedback"])
+    gateway.start()
+    await asyncio.to_thread(gateway.wait_ready)
+
+    fig = CrashFigures()
+    accepted: list[str] = []
+    d = plan.duration_s
+    kill_at, killed_at, back_at = 0.5 * d, None, None
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(c: httpx.AsyncClient, i: int) -> None:
+        started = time.monotonic()
+        fig.requests_sent += 1
+        body = {"model": "tiny", "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": plan.max_tokens}
+        try:
+            r = await c.post(f"{gateway.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            if r.status_code == 200:
+                fig.requests_accepted += 1
+                accepted.append(r.json()["id"])
+                return
+            error = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as e:
+            error = repr(e)
+        if killed_at is not None and started < killed_at:
+            fig.errors_in_flight_at_kill += 1
+        elif killed_at is not None and (back_at is None or started < back_at) and "ConnectError" in error:
+            fig.refused_while_down += 1
+        else:
+            fig.errors_otherwise += 1
+            if len(fig.error_samples) < 10:
+                fig.error_samples.append(error)
+
+    try:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as c:
+            start = time.monotonic()
+            await asyncio.to_thread(broker.kill)  # from here on, accepted events wait in the gateway's spool
+            i = 0
+            while (now := time.monotonic()) - start < d:
+                if killed_at is None and now - start >= kill_at:
+                    killed_at = time.monotonic()
+                    gateway.kill()
+                    fig.accepted_before_kill = fig.requests_accepted  # their events: only in the killed spool
+                    await asyncio.to_thread(broker.start)
+                    gateway.start()
+                    fig.restart_ready_s = round(await asyncio.to_thread(gateway.wait_ready), 1)
+                    back_at = time.monotonic()
+                while i < (now - start) * plan.rate_per_s:
+                    t = asyncio.create_task(one(c, i))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                    i += 1
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*tasks)
+    finally:
+        if not broker.running:
+            await asyncio.to_thread(broker.start)
+        gateway.terminate()
+
+    t0 = time.monotonic()
+    while True:
+        inf = await _count_by_id(view, "inferences", "request_id", accepted)
+        if len(inf) == len(set(accepted)) or time.monotonic() - t0 > plan.settle_timeout_s:
+            break
+        await asyncio.sleep(1.0)
+    fig.settle_s = round(time.monotonic() - t0, 1)
+    ingester.terminate()
+    fig.inference_rows_missing = len(set(accepted) - set(inf))
+    fig.inference_rows_duplicated = sum(n - 1 for n in inf.values() if n > 1) + len(accepted) - len(set(accepted))
     await view.query(f"DROP DATABASE IF EXISTS {database}")
     return fig
 
@@ -299,11 +468,12 @@ async def _main_chaos(plan: ChaosPlan) -> dict[str, Any]:
         broker = EmbeddedBroker.on_s3(s3, f"b{uuid.uuid4().hex[:12]}", log_path=work / "tansu.log")
         broker.start()
         try:
-            fig = await run_chaos(plan, broker=broker, engine=engine, model_dir=model_dir, work=work)
+            fig = await run_chaos(plan, broker=broker, engine=engine, model_dir=model_dir, work=work / "faults")
+            crash = await run_gateway_crash(plan, broker=broker, model_dir=model_dir, work=work / "crash")
         finally:
             broker.kill()
             await engine.aclose()
-    return {"plan": asdict(plan), "figures": asdict(fig)}
+    return {"plan": asdict(plan), "figures": asdict(fig), "gateway_crash": asdict(crash)}
 
 
 def _fuzz(cases: int) -> dict[str, Any]:
