@@ -19,7 +19,7 @@ from servoloop.settings import Settings
 
 MODEL = "tiny-chat"
 TRAIN_TENANT = "demo"
-HOLDOUT_TENANT = "holdout"
+HOLDOUT_TENANT = "demo"  # held-out users share the tenant (its scoped versions serve them), not the training window
 SATISFACTION_LEVEL = 0.6  # the demo's service level: the trigger fires below this thumbs-up rate
 
 

@@ -8,6 +8,7 @@ model version that served the inference.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,8 @@ from feedback.store import Store
 _SATISFACTION_SQL = """
 SELECT i.model_version AS version, count() AS n, countIf(f.up) AS up
 FROM (SELECT target_id, argMax(thumbs, ts) AS up FROM feedback FINAL
-      WHERE tenant = {tenant:String} AND kind = 'thumbs' AND thumbs IS NOT NULL GROUP BY target_id) AS f
+      WHERE tenant = {tenant:String} AND kind = 'thumbs' AND thumbs IS NOT NULL AND user IN {users:Array(String)}
+      GROUP BY target_id) AS f
 INNER JOIN (SELECT event_id, any(model_version) AS model_version FROM inferences FINAL
             WHERE tenant = {tenant:String} GROUP BY event_id) AS i ON f.target_id = i.event_id
 GROUP BY version"""
@@ -39,9 +41,9 @@ class Satisfaction:
         return {"version": self.version, "thumbs_up": self.up, "rated": self.n, "rate": round(self.rate, 4)}
 
 
-async def satisfaction_by_version(store: Store, tenant: str) -> dict[str, Satisfaction]:
-    """Each served version's thumbs-up share among `tenant`'s rated inferences (the latest thumbs of each)."""
-    table = await store.query(_SATISFACTION_SQL, {"tenant": tenant})
+async def satisfaction_by_version(store: Store, tenant: str, users: Sequence[str]) -> dict[str, Satisfaction]:
+    """Each served version's thumbs-up share among the inferences `users` of `tenant` rated (latest thumbs each)."""
+    table = await store.query(_SATISFACTION_SQL, {"tenant": tenant, "users": list(users)})
     return {r["version"]: Satisfaction(r["version"], int(r["up"]), int(r["n"])) for r in table.to_pylist()}
 
 

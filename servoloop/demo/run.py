@@ -3,12 +3,13 @@
     report = await run_demo(DemoPlan.quick(), settings, seed=7)      # a dict; report["verdict"], ["satisfaction"]
 
 Phases (the demo only plays traffic and watches; every decision is the system's own):
-1. `baseline`: trainers (tenant `demo`) ask, compare and rate; held-out users (tenant `holdout`, thumbs only,
-   never trained on) measure the base model; partway the prompt mix shifts (`drift`). The satisfaction monitor
-   sees the demo tenant's thumbs-up rate under the service level and emits a RetrainTrigger.
-2. `loop`: the retrain worker snapshots the dataset, trains a DPO LoRA in a subprocess and gates it; the demo
-   policy sends a gated candidate to canary (the one step a `servoloop up` operator does by hand); held-out
-   traffic feeds both arms; the canary monitor promotes; every gateway hot-swaps.
+1. `baseline`: trainers (tenant `demo`) ask, compare and rate; partway the prompt mix shifts (`drift`). The
+   satisfaction monitor sees the tenant's thumbs-up rate under the service level and emits a RetrainTrigger.
+2. `loop`: the retrain worker snapshots the dataset (the tenant's feedback up to the trigger), trains a DPO LoRA
+   in a subprocess and gates it, a version scoped to the tenant. Meanwhile held-out users (same tenant, thumbs
+   only, asking only now: outside the dataset's window) measure the base model. The demo policy sends a gated
+   candidate to canary (the one step a `servoloop up` operator does by hand); held-out traffic feeds both
+   arms; the canary monitor promotes; every gateway hot-swaps.
 3. `after`: held-out users on the promoted version.
 4. `poisoned`: a group of users rates in reverse; the monitor triggers again; the gate rejects the candidate.
 """
@@ -154,7 +155,7 @@ async def run_demo(plan: DemoPlan, settings: Settings, *, seed: int = 7, store: 
 
     server = system.server
     keystore = KeyStore(settings.keys_path)
-    keys = {t: keystore.create(t, ["infer", "feedback"], name="demo")[1] for t in (TRAIN_TENANT, HOLDOUT_TENANT)}
+    keys = {t: keystore.create(t, ["infer", "feedback"], name="demo")[1] for t in {TRAIN_TENANT, HOLDOUT_TENANT}}
     admin_key = keystore.create("ops", ["admin"], name="demo dashboard")[1]
     system.gateway.auth.reload()
     admin_key_file = settings.data_dir / "demo-admin-key.txt"
@@ -203,10 +204,11 @@ async def run_demo(plan: DemoPlan, settings: Settings, *, seed: int = 7, store: 
                     await _until(lambda: state.triggers >= 1, deadline, "the first retrain trigger", state)
                     triggered.set()
 
-                await asyncio.gather(trainer_traffic(),
-                                     driver.play(holdout, before_q + after_q, turns=plan.holdout_turns_before),
-                                     wait_trigger())
-                # 2. the loop runs by itself; held-out users keep both canary arms busy
+                await asyncio.gather(trainer_traffic(), wait_trigger())
+                # 2. the loop runs by itself. Held-out users measure the base model meanwhile (after the trigger,
+                # so outside its dataset's window), then keep both canary arms busy.
+                state.phase = "loop: dataset -> DPO LoRA -> gate; held-out users on the base model"
+                await driver.play(holdout, before_q + after_q, turns=plan.holdout_turns_before)
                 state.phase = "loop: dataset -> DPO LoRA -> gate -> canary -> promote"
                 promoted_event = asyncio.Event()
 
@@ -298,7 +300,8 @@ def _compact_lineage(full: dict[str, Any]) -> dict[str, Any]:
 async def _report(plan: DemoPlan, seed: int, store: Store, system: System, state: DemoState, driver: TrafficDriver,
                   t0_ms: int, wall_s: float, promoted: str, poisoned: str, dashboard: str, admin_key_file: Path,
                   report_path: Path | None) -> dict[str, Any]:
-    sat = await satisfaction_by_version(store, HOLDOUT_TENANT)
+    sat = await satisfaction_by_version(store, HOLDOUT_TENANT, [u.user_id for u in population(
+        plan.trainers, plan.holdout, plan.poisoners, seed=seed) if u.group == "holdout"])
     before = sat.get("base")
     after = sat.get(promoted) if promoted else None
     second = _outcome_after(state, 1) or {}

@@ -77,9 +77,10 @@ class Feedback:
 
 
 def population(trainers: int, holdout: int, poisoners: int, *, seed: int, train_tenant: str = "demo",
-               holdout_tenant: str = "holdout") -> list[SimUser]:
-    """Users of the three groups with seeded habits. Held-out users only leave thumbs, in their own tenant
-    (so none of their feedback is trained on); poisoners share the trainers' tenant and rate in reverse."""
+               holdout_tenant: str = "demo") -> list[SimUser]:
+    """Users of the three groups with seeded habits. Held-out users only leave thumbs (the demo plays them
+    after the first trigger, outside its dataset's window, so none of their feedback trains the version they
+    measure); poisoners share the trainers' tenant and rate in reverse."""
     rng = random.Random(seed)
     users = [SimUser(f"t{i}", train_tenant, "trainer", thumbs=rng.uniform(0.6, 1.0), rating=rng.uniform(0.1, 0.5),
                      compare=rng.uniform(0.7, 1.0), correct=rng.uniform(0.2, 0.5)) for i in range(trainers)]

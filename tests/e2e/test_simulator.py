@@ -26,11 +26,11 @@ def test_a_user_likes_its_preferred_style_and_a_poisoner_the_reverse() -> None:
     assert not satisfied(honest, "an answer in no known style")
 
 
-def test_population_keeps_held_out_users_in_their_own_tenant_with_thumbs_only() -> None:
+def test_population_gives_held_out_users_thumbs_only() -> None:
     users = population(5, 3, 2, seed=1)
     assert [u.group for u in users].count("holdout") == 3
-    assert {u.tenant for u in users if u.group == "holdout"} == {"holdout"}
-    assert {u.tenant for u in users if u.group != "holdout"} == {"demo"}
+    assert {u.tenant for u in users} == {"demo"}
+    assert len({u.user_id for u in users}) == 10
     held = [u for u in users if u.group == "holdout"]
     assert all(u.thumbs == 1.0 and u.rating == u.compare == u.correct == 0.0 for u in held)
     assert population(5, 3, 2, seed=1) == users  # seeded
