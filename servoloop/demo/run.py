@@ -97,7 +97,8 @@ async def _watch(system: System, store: Store, state: DemoState, plan: DemoPlan,
             state.outcomes = list(reversed(await outcomes(store)))
             versions = await registry.versions(MODEL)
             state.versions = {v.version_id: v.state for v in versions}
-            active = next((v for v in versions if v.state == "active"), None)
+            # the registry lists the implicit `base` version as active too: an adapter version wins
+            active = next((v for v in versions if v.state == "active" and v.version_id != "base"), None)
             state.active = active.version_id if active else "base"
             canary = next((v for v in versions if v.state == "canary"), None)
             for v in versions:
