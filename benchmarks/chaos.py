@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
@@ -482,7 +483,7 @@ def _fuzz(cases: int) -> dict[str, Any]:
            "tests/reliability/test_fuzz_grpc.py", "tests/reliability/test_fuzz_inputs.py"]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    lines = [json.loads(ln.split("FUZZ ", 1)[1]) for ln in proc.stdout.splitlines() if "FUZZ {" in ln]
     return {"cases_per_target": cases, "passed": proc.returncode == 0, "wall_s": round(time.monotonic() - t0, 1),
             "targets": lines, "tail": proc.stdout.splitlines()[-3:]}
 

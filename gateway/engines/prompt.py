@@ -20,5 +20,13 @@ def render_prompt(tokenizer: Any, request: InferenceRequest) -> str:
 
 
 def encode_prompt(tokenizer: Any, request: InferenceRequest) -> list[int]:
-    """Token ids of the rendered prompt (special tokens are part of the template text already)."""
-    return tokenizer.encode(render_prompt(tokenizer, request), add_special_tokens=False)
+    """Token ids of the rendered prompt (special tokens are part of the template text already).
+
+    Raises InvalidRequest when the prompt renders to no tokens at all (an empty text completion): there is
+    nothing to continue from, and the engine would fail on an empty input instead of answering.
+    """
+    ids = tokenizer.encode(render_prompt(tokenizer, request), add_special_tokens=False)
+    if not ids:
+        raise InvalidRequest("the prompt is empty: it has no tokens to continue from",
+                             param="messages" if request.operation == "chat" else "prompt")
+    return ids

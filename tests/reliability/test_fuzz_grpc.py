@@ -3,6 +3,7 @@ not protobuf at all) against the real gateway: every call ends OK or with a clea
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
@@ -80,10 +81,29 @@ async def test_fuzzed_grpc_messages_never_end_in_a_server_fault(full_gateway: Fu
             except grpc.aio.AioRpcError as e:
                 codes[e.code().name] += 1
                 if e.code() is grpc.StatusCode.UNAVAILABLE:  # clear, but not expected from a healthy gateway
-                    unavailable.append(f"{method}: {e.details()}")
+                    unavailable.append(f"{method} payload={payload.hex()[:400]}: {e.details()}")
                 if e.code() in SERVER_FAULTS or not e.details():
                     faults.append(f"{method} {payload[:80]!r}: {e.code().name} {e.details()}")
-    print({"cases": len(cases), "codes": dict(codes), "unavailable": unavailable[:5]})
+    print("FUZZ " + json.dumps({"target": "grpc_messages", "cases": len(cases), "codes": dict(codes),
+                                "unavailable": unavailable[:5]}))
     assert not faults, "\n".join(faults[:20])
     assert len(cases) >= CASES * 0.95  # hypothesis may stop early only when it runs out of distinct inputs
     assert codes["OK"] > 0 and codes["INVALID_ARGUMENT"] > 0
+
+
+
+def test_a_prompt_with_no_tokens_is_refused_before_the_engine(tiny_model_dir: object):
+    """The engine fails on an empty input tensor (UNAVAILABLE engine_unavailable, seen twice in 1,000 fuzzed gRPC
+    cases): a prompt that renders to no tokens is an invalid request before it gets there."""
+    from transformers import AutoTokenizer
+
+    from gateway.engines.prompt import encode_prompt
+    from gateway.request import InferenceRequest, SamplingParams
+    from schemas.errors import InvalidRequest
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    request = InferenceRequest(model="tiny", operation="text_completion", params=SamplingParams(max_tokens=2), prompt="")
+    with pytest.raises(InvalidRequest, match="no tokens"):
+        encode_prompt(tok, request)
+    assert encode_prompt(tok, InferenceRequest(model="tiny", operation="text_completion",
+                                               params=SamplingParams(max_tokens=2), prompt="hi"))

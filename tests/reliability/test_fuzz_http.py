@@ -102,7 +102,7 @@ async def test_openapi_fuzzing_finds_no_server_error_and_every_refusal_is_a_json
             "/admin/v1/models/{model}/versions/{version}", "/admin/v1/lineage/{inference_id}"} <= paths
     admin_key = full_gateway.key("fuzz", ("infer", "feedback", "admin"))
     counts, statuses, failures = await asyncio.to_thread(fuzz, doc, full_gateway.http, admin_key, CASES)
-    print(json.dumps({"cases": sum(counts.values()), "operations": len(counts),
+    print("FUZZ " + json.dumps({"target": "http_openapi", "cases": sum(counts.values()), "operations": len(counts),
                       "statuses": dict(sorted(statuses.items()))}))
     assert not failures, "\n".join(failures[:20])
     assert sum(counts.values()) >= CASES

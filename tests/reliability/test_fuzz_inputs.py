@@ -73,7 +73,8 @@ async def test_corrupt_event_payloads_become_dead_letters_and_no_good_event_is_l
         dead |= {d.event_id for d in result.dead_letters}
         stored |= set(result.event_ids)
         assert all(d.reason and d.raw is not None for d in result.dead_letters)
-    print({"payloads": len(values), "corrupt": len(batches), "dead_letters": len(dead)})
+    print("FUZZ " + json.dumps({"target": "event_payloads", "cases": len(batches), "payloads": len(values),
+                                "dead_letters": len(dead), "good_lost": len(good_ids - stored)}))
     assert len(batches) >= CASES and received == len(values)
     assert good_ids <= stored  # nothing accepted is lost (a mutation that still decodes is simply stored too)
     assert 0 < len(dead) <= len(batches)
@@ -110,6 +111,7 @@ def test_the_guardrail_policy_answers_every_hostile_input_with_a_verdict():
         seen["n"] += 1
 
     check()
+    print("FUZZ " + json.dumps({"target": "guardrail_inputs", "cases": seen["n"], "crashes": 0}))
     assert seen["n"] >= CASES
 
 
