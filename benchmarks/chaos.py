@@ -58,6 +58,7 @@ class ChaosFigures:
     ratings_failed: int = 0
     inference_rows_missing: int = 0
     inference_rows_duplicated: int = 0
+    missing_samples: list[str] = field(default_factory=list)  # "<id> stream|unary accepted at <s>": to chase a loss
     feedback_rows_missing: int = 0
     feedback_rows_duplicated: int = 0
     faults: list[str] = field(default_factory=list)
@@ -149,6 +150,7 @@ async def _one(c: httpx.AsyncClient, i: int, plan: ChaosPlan, key: str, fig: Cha
     latencies.append((time.perf_counter() - t0) * 1000)
     fig.requests_accepted += 1
     inference_ids.append(rid)
+    _ACCEPTED[rid] = f"{'stream' if stream else 'unary'} accepted at {time.monotonic():.1f}"
     try:
         r = await c.post("/v1/feedback", json={"target_id": rid, "thumbs": "up" if i % 2 else "down"}, headers=auth)
         if r.status_code == 201:
@@ -158,6 +160,9 @@ async def _one(c: httpx.AsyncClient, i: int, plan: ChaosPlan, key: str, fig: Cha
             fig.ratings_failed += 1
     except httpx.HTTPError:
         fig.ratings_failed += 1
+
+
+_ACCEPTED: dict[str, str] = {}  # id -> how and when it was accepted (monotonic s), for the missing samples
 
 
 async def _count_by_id(store: Any, table: str, column: str, ids: list[str]) -> Counter[str]:
@@ -277,6 +282,8 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
     fig.settle_s = round(time.monotonic() - t0, 1)
     ingester.terminate()
     fig.inference_rows_missing = len(set(inference_ids) - set(inf))
+    fig.missing_samples = [f"{i} {_ACCEPTED.get(i, '')} (run started at {start:.1f})"
+                           for i in sorted(set(inference_ids) - set(inf))[:10]]
     fig.inference_rows_duplicated = sum(n - 1 for n in inf.values() if n > 1) + len(inference_ids) - len(set(inference_ids))
     fig.feedback_rows_missing = len(set(feedback_ids) - set(fb))
     fig.feedback_rows_duplicated = sum(n - 1 for n in fb.values() if n > 1)
