@@ -235,10 +235,11 @@ class ModelWatcher:
             cur = self._router.tenant_arms(model, tenant) or TenantArms()
             old = Arms(self._router.base(model), cur.active, cur.canary_share)  # `_route` reuses matching routes
             old_canary = Arms(self._router.base(model), cur.canary, cur.canary_share)
-            active = await self._route(model, want.active, ACTIVE, old) if want.active is not None else None
+            active = await self._route(model, want.active, ACTIVE, old, lazy=True) if want.active is not None else None
             if active is None and want.active is not None:
                 active = cur.active  # could not be loaded: what the tenant had keeps serving
-            canary = await self._route(model, want.canary, CANARY, old_canary) if want.canary is not None else None
+            canary = await self._route(model, want.canary, CANARY, old_canary, lazy=True) \
+                if want.canary is not None else None
             share = want.canary_share if canary is not None else 0.0
             if _same(active, cur.active) and _same(canary, cur.canary) and share == cur.canary_share:
                 continue
@@ -260,8 +261,12 @@ class ModelWatcher:
         if new.canary is not None:
             gauge.labels(model, CANARY, new.canary.version).set(new.canary_share)
 
-    async def _route(self, model: str, arm: Arm | None, arm_name: str, cur: Arms) -> ModelRoute | None:
-        """The route serving `arm` as `arm_name`, loading its adapter first; None when it cannot be served."""
+    async def _route(self, model: str, arm: Arm | None, arm_name: str, cur: Arms, *,
+                     lazy: bool = False) -> ModelRoute | None:
+        """The route serving `arm` as `arm_name`, loading its adapter first; None when it cannot be served.
+
+        `lazy` (tenants' versions): where the engine can, the verified adapter is only registered and loads on the
+        tenant's first request, so many tenants do not all occupy the engine's adapter cache at once."""
         base = self._router.base(model)
         if arm is None:
             return base if arm_name == ACTIVE else None
@@ -281,7 +286,7 @@ class ModelWatcher:
             return None
         try:
             async with asyncio.timeout(self._settings.load_timeout_s):
-                path = await self._load(base, arm)
+                path = await self._load(base, arm, lazy=lazy)
         except Exception as e:
             outcome = "artifact_mismatch" if isinstance(e, ArtifactMismatch) else "failed"
             why = f"{type(e).__name__}: {e}"
@@ -295,13 +300,20 @@ class ModelWatcher:
         self._loaded[key] = _Loaded(path, arm.artifact_sha256)
         return made
 
-    async def _load(self, base: ModelRoute, arm: Arm) -> str:
-        """Fetch and verify the artifact, load it into the engine under the version id, warm it."""
+    async def _load(self, base: ModelRoute, arm: Arm, *, lazy: bool = False) -> str:
+        """Fetch and verify the artifact, load it into the engine under the version id, warm it (`lazy`: only
+        register it, where the engine can, to load on first use)."""
         assert arm.adapter is not None
         t0 = time.monotonic()
         path = await asyncio.to_thread(fetch_verified, arm.adapter_path, arm.artifact_sha256, self._cache_dir)
         t1 = time.monotonic()
         engine = base.engine
+        register = getattr(engine, "register_adapter", None)
+        if lazy and register is not None:
+            await register(arm.adapter, str(path))
+            log.info("hot swap: %s/%s registered (fetched and verified in %.0f ms); it loads on first use",
+                     base.name, arm.version, (t1 - t0) * 1000)
+            return str(path)
         await engine.load_adapter(arm.adapter, str(path))
         t2 = time.monotonic()
         warm = InferenceRequest(model=base.name, operation="text_completion", prompt="Hello",
