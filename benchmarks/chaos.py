@@ -61,6 +61,8 @@ class ChaosFigures:
     missing_samples: list[str] = field(default_factory=list)  # "<id> stream|unary accepted at <s>": to chase a loss
     feedback_rows_missing: int = 0
     feedback_rows_duplicated: int = 0
+    sink_rejected: dict[str, int] = field(default_factory=dict)  # events the gateway's sink refused (must be empty)
+    sink_pending_at_close: int = 0  # events still in the spool when the gateway stopped (stay on disk)
     faults: list[str] = field(default_factory=list)
     settle_s: float = 0.0
     achieved_rate_per_s: float = 0.0
@@ -266,6 +268,8 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
             if (what == "broker" and not broker.running) or (what == "ingester" and ingester.proc.poll() is not None):
                 await asyncio.to_thread(act)
         await server.stop()
+        await sink.wait_delivered(60)  # the broker has everything the gateway accepted, or it is counted here
+        fig.sink_rejected, fig.sink_pending_at_close = dict(sink.rejected), sink.pending
         await sink.aclose()
 
     t0 = time.monotonic()

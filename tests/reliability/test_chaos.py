@@ -28,6 +28,7 @@ async def test_faults_under_load_lose_and_duplicate_nothing_and_fail_no_request(
     assert len(fig.faults) == 6, fig.faults  # every fault was injected, and undone
     assert fig.requests_failed == 0, fig.failure_samples
     assert fig.requests_accepted >= 0.9 * PLAN.duration_s * PLAN.rate_per_s, report
+    assert not fig.sink_rejected and fig.sink_pending_at_close == 0, report
     assert fig.ratings_failed == 0 and fig.ratings_accepted == fig.requests_accepted, report
     assert (fig.inference_rows_missing, fig.inference_rows_duplicated) == (0, 0), report
     assert (fig.feedback_rows_missing, fig.feedback_rows_duplicated) == (0, 0), report
