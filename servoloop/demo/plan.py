@@ -50,14 +50,14 @@ class DemoPlan:
         return DemoPlan("full", trainers=40, holdout=20, poisoners=15, drift_after_turns=150,
                         holdout_turns_before=120, holdout_turns_after=120, min_samples=300,
                         canary_min_samples=40, canary_min_feedback=30, canary_share=0.5, monitor_interval_s=5.0,
-                        epochs=4.0, eval_pairs=100, win_prompts=48, win_samples=2, timeout_s=900.0)
+                        epochs=4.0, eval_pairs=100, win_prompts=48, win_samples=2, timeout_s=2400.0)
 
     @staticmethod
     def quick() -> DemoPlan:
         return DemoPlan("quick", trainers=16, holdout=10, poisoners=8, drift_after_turns=60,
                         holdout_turns_before=60, holdout_turns_after=60, min_samples=160,
                         canary_min_samples=20, canary_min_feedback=15, canary_share=0.5, monitor_interval_s=5.0,
-                        epochs=6.0, eval_pairs=48, win_prompts=24, win_samples=2, timeout_s=900.0)
+                        epochs=6.0, eval_pairs=48, win_prompts=24, win_samples=2, timeout_s=1500.0)
 
     def scaled(self, users: int | None) -> DemoPlan:
         """The plan with `users` trainers (the other groups in proportion); None keeps it."""
@@ -81,7 +81,9 @@ def policy(plan: DemoPlan) -> dict[str, Any]:
             # The users' satisfaction below the service level: retrain on their preferences (DPO).
             {"name": "satisfaction_low", "metric": "thumbs_up_rate", "compare": "threshold",
              "threshold": SATISFACTION_LEVEL, "min_samples": plan.min_samples, "tenants": [TRAIN_TENANT],
-             "action": {"type": "retrain", "recipe": "dpo", "data_window": "30m"}},
+             # The window reaches back over the baseline phase for the first trigger; the poisoned phase's
+             # trigger, minutes later, sees mostly the feedback since the promotion.
+             "action": {"type": "retrain", "recipe": "dpo", "data_window": "8m"}},
             # The prompt mix moving away from the last minutes' (request features; Evidently report): alert.
             {"name": "request_drift", "kind": "drift", "metric": "dataset_drift", "tenants": [TRAIN_TENANT],
              "window": {"current": "40s", "baseline": "2m"},
