@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from feedback.store import Store
+from feedback.store.base import in_ids
 from feedback.store.columns import from_arrow, select_list
 from schemas.events import BudgetAlert, BudgetEvent, BudgetPeriod, period_bounds
 
@@ -111,6 +112,6 @@ class StoreBudgetSource:
 
     async def stored(self, event_ids: Sequence[str], since_ms: int) -> Sequence[str]:
         table = await self._store.query(f"SELECT DISTINCT event_id FROM inferences WHERE {_SINCE} "
-                                        "AND event_id IN {ids:Array(String)}", {"since_ms": since_ms,
+                                        f"AND event_id IN {in_ids('ids')}", {"since_ms": since_ms,
                                                                                  "ids": list(event_ids)})
         return table.column("event_id").to_pylist()

@@ -39,6 +39,7 @@ import json
 from typing import Any
 
 from feedback.store import Store
+from feedback.store.base import in_ids
 from retrain.registry import get_version, model_rows, parse_lineage
 from schemas.errors import NotFound
 
@@ -84,7 +85,7 @@ async def source_feedback(store: Store, model: str, dataset: dict[str, Any], *, 
     """The feedback rows a dataset was built from: `{"source", "count", "rows"}` (rows capped at `limit`)."""
     ids = [i for i in dataset.get("feedback_ids") or [] if isinstance(i, str)]
     if ids:
-        where, params = "f.event_id IN {ids:Array(String)}", {"ids": ids}
+        where, params = f"f.event_id IN {in_ids('ids')}", {"ids": ids}
         source, join = "feedback_ids", ""
     elif isinstance(dataset.get("window_start_ms"), int) and isinstance(dataset.get("window_end_ms"), int):
         where = ("f.ts >= fromUnixTimestamp64Milli({start:Int64}, 'UTC') AND f.ts < fromUnixTimestamp64Milli("

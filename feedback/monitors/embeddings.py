@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from feedback.store.base import Store
+from feedback.store.base import Store, in_ids
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
@@ -111,7 +111,7 @@ async def cached_embeddings(store: Store, event_ids: Sequence[str], *,
         return {}
     table = await store.query(
         f"SELECT event_id, any(embedding) AS embedding FROM {TABLE} "
-        "WHERE embedding_model = {model:String} AND event_id IN {ids:Array(String)} GROUP BY event_id",
+        f"WHERE embedding_model = {{model:String}} AND event_id IN {in_ids('ids')} GROUP BY event_id",
         {"model": model, "ids": list(event_ids)})
     vectors = _matrix(table.column("embedding"), dim)
     return dict(zip(table.column("event_id").to_pylist(), vectors, strict=True))

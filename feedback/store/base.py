@@ -67,6 +67,16 @@ class Store(Protocol):
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
+
+def in_ids(param: str) -> str:
+    """The right side of `x IN ...` for an Array(String) parameter that may be long (thousands of ids).
+
+    A subquery over the array, not the array itself: ClickHouse (chDB 25.x) took 96 s to evaluate
+    `event_id IN {ids:Array(String)}` with 100k ids against 140k rows, and 0.1 s as `IN (SELECT arrayJoin(...))`
+    (10k ids: the same either way).
+    """
+    return f"(SELECT arrayJoin({{{param}:Array(String)}}))"
+
 def identifier(name: str) -> str:
     """`name` if it is a plain SQL identifier (safe to place in SQL); raise StoreError otherwise."""
     if not _IDENTIFIER.match(name):
