@@ -25,6 +25,9 @@ class RetrainSettings(BaseModel):
     use_embeddings: bool = True
     train_grace_s: float = Field(60.0, ge=0, description="on top of the recipe timeout before the job is killed")
     min_pairs: int = Field(16, ge=1, description="fewer training records than this: skip, do not train")
+    auto_canary_share: float = Field(0.0, ge=0.0, le=1.0, description="share of traffic a candidate that passed "
+                                     "the gate gets as a canary at once (0: it waits for an operator); the canary "
+                                     "monitor then promotes or rolls it back")
     tenant_min_feedback: int = Field(0, ge=0, description="feedback events a tenant needs in the window before it "
                                      "gets an adapter of its own; below it the tenant's trigger is declined (0: no "
                                      "minimum beyond min_pairs)")

@@ -269,9 +269,21 @@ class RetrainWorker:
         if not result.passed:
             await self.registry.reject(trigger.model, version.version_id, reasons=list(result.reasons),
                                        actor="eval-gate", evidence=result.as_dict())
+        elif self.settings.auto_canary_share > 0:
+            await self._start_canary(trigger.model, version.version_id)
         return RetrainOutcome(trigger.event_id, trigger.model, "registered" if result.passed else "rejected",
                               version.version_id, result.reasons, _brief(dataset), _brief_eval(result.as_dict()),
                               str(job_dir))
+
+    async def _start_canary(self, model: str, version_id: str) -> None:
+        """`auto_canary_share`: the gated candidate goes to canary now. If the registry refuses (another canary
+        is live in its scope), it stays a candidate for an operator, and the refusal is logged."""
+        share = self.settings.auto_canary_share
+        try:
+            await self.registry.start_canary(model, version_id, share=share, actor=self.actor,
+                                             reason=f"passed the gate: canary at {share:.0%} (retrain.auto_canary_share)")
+        except ServoloopError as e:
+            log.warning("retrain: %s stays a candidate: %s", version_id, e)
 
     async def _current_adapter(self, parent: Any) -> Path | None:
         if parent is None or not parent.adapter_path:

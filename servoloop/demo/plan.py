@@ -126,6 +126,6 @@ def demo_settings(plan: DemoPlan, data_dir: Path, *, model_dir: Path, http_port:
         events={"broker": {"mode": "embedded" if broker else "none"}, "ingest": {"batch_max_wait_s": 0.2}},
         monitors={"policy_path": str(policy_path), "interval_s": plan.monitor_interval_s},
         retrain={"poll_interval_s": 1.0, "recipes": {"dpo": str(recipe_path)}, "use_embeddings": False,
-                 "base_models": {MODEL: str(model_dir)}, "min_pairs": 16},
+                 "base_models": {MODEL: str(model_dir)}, "min_pairs": 16, "auto_canary_share": plan.canary_share},
         grading={"enabled": False},
     )

@@ -7,9 +7,9 @@ Phases (the demo only plays traffic and watches; every decision is the system's 
    satisfaction monitor sees the tenant's thumbs-up rate under the service level and emits a RetrainTrigger.
 2. `loop`: the retrain worker snapshots the dataset (the tenant's feedback up to the trigger), trains a DPO LoRA
    in a subprocess and gates it, a version scoped to the tenant. Meanwhile held-out users (same tenant, thumbs
-   only, asking only now: outside the dataset's window) measure the base model. The demo policy sends a gated
-   candidate to canary (the one step a `servoloop up` operator does by hand); held-out traffic feeds both
-   arms; the canary monitor promotes; every gateway hot-swaps.
+   only, asking only now: outside the dataset's window) measure the base model. The retrain worker sends the
+   gated candidate to canary (`retrain.auto_canary_share`); held-out traffic feeds both arms; the canary
+   monitor promotes; every gateway hot-swaps.
 3. `after`: held-out users on the promoted version.
 4. `poisoned`: a group of users rates in reverse; the monitor triggers again; the gate rejects the candidate.
 """
@@ -36,8 +36,6 @@ from servoloop.demo.report import render_text, satisfaction_by_version, timeline
 from servoloop.demo.simulator import TOPICS_AFTER, TOPICS_BEFORE, TrafficDriver, population, question_pool
 from servoloop.settings import Settings
 from servoloop.up import System, all_in_one
-
-CANARY_ACTOR = "demo-policy"
 
 
 class DemoFailed(ServoloopError):
@@ -87,7 +85,7 @@ def _line(state: DemoState, driver: TrafficDriver) -> str:
 
 
 async def _watch(system: System, store: Store, state: DemoState, plan: DemoPlan, stop: asyncio.Event) -> None:
-    """Poll the store and the registry: the loop's progress; send gated candidates to canary (the demo policy)."""
+    """Poll the store and the registry: the loop's progress (the demo only watches)."""
     registry = system.registry
     assert registry is not None
     while not stop.is_set():
@@ -101,12 +99,9 @@ async def _watch(system: System, store: Store, state: DemoState, plan: DemoPlan,
             active = next((v for v in versions if v.state == "active" and v.version_id != "base"), None)
             state.active = active.version_id if active else "base"
             canary = next((v for v in versions if v.state == "canary"), None)
-            for v in versions:
-                if v.state == "candidate" and canary is None:
-                    await registry.start_canary(MODEL, v.version_id, share=plan.canary_share, actor=CANARY_ACTOR,
-                                                reason="demo policy: a gated candidate goes to canary")
-                    state.notes.append(f"canary started: {v.version_id[:12]} at {plan.canary_share:.0%}")
-                    break
+            note = f"canary: {canary.version_id[:12]} at {canary.canary_share:.0%}" if canary else ""
+            if note and note not in state.notes:
+                state.notes.append(note)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
 

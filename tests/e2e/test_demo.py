@@ -37,7 +37,7 @@ async def test_quick_demo_closes_the_loop_and_the_gate_rejects_the_poisoned_cand
     promoted = report["promoted"]
     assert [e for e in events if e[0] == "trigger"], events
     assert ("trained (registered)", promoted, "retrain-worker") in events
-    assert ("canary", promoted, "demo-policy") in events
+    assert ("canary", promoted, "retrain-worker") in events  # retrain.auto_canary_share: the system's own step
     assert ("active", promoted, "canary-monitor") in events or any(
         e[0] == "active" and e[1] == promoted for e in events)
     assert ("rejected", report["poisoned"], "eval-gate") in events

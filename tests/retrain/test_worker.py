@@ -152,7 +152,7 @@ async def test_a_worker_stopped_mid_job_records_no_outcome_and_the_next_one_resu
     await write_events(store, [trigger])
     registry = StoreRegistry(store, tmp_path / "artifacts")
     settings = RetrainSettings(work_dir=tmp_path / "work", base_models={"tiny-chat": str(tiny_model_dir)},
-                               poll_interval_s=0.2, use_embeddings=False)
+                               poll_interval_s=0.2, use_embeddings=False, auto_canary_share=0.25)
     job_dir = tmp_path / "work" / "jobs" / trigger.event_id
     task = asyncio.create_task(RetrainWorker(store, registry, settings).run(asyncio.Event()))
     try:
@@ -173,3 +173,5 @@ async def test_a_worker_stopped_mid_job_records_no_outcome_and_the_next_one_resu
     assert outcome.outcome == "registered", outcome
     summary = json.loads((Path(outcome.job_dir) / "adapter" / "training_summary.json").read_text())
     assert summary["resumed_from"] == resumable.name  # continued where the stopped job left off
+    version = await registry.get("tiny-chat", outcome.version_id)  # retrain.auto_canary_share: straight to canary
+    assert version.state == "canary" and version.canary_share == 0.25, version
