@@ -29,6 +29,7 @@ from feedback.dashboard.api import (
     ActionsUnavailable,
     Authenticate,
     _AdminRoute,
+    _json,
     is_operator,
     parse_name,
     require_admin,
@@ -47,11 +48,6 @@ def budgets_extension(store: Store, authenticate: Authenticate, *, publish: Call
     """A gateway HTTP extension adding the budget routes (`publish`: the event sink, for setting budgets)."""
     router = build_budgets_router(store, authenticate, publish=publish, operator_tenants=operator_tenants)
     return lambda app: app.include_router(router)
-
-
-def _json(value: object, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(value), status_code=status, media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
 
 
 def parse_budget(data: object) -> dict[str, Any]:

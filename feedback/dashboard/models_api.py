@@ -32,9 +32,11 @@ from starlette.responses import Response
 from feedback.dashboard.api import (
     MAX_BODY,
     MAX_REASON,
+    OPERATOR_TENANTS,
     ActionsUnavailable,
     Authenticate,
     _AdminRoute,
+    _json,
     parse_name,
 )
 from feedback.store import Store
@@ -54,7 +56,7 @@ class OtherTenant(PermissionDenied):
     code = "other_tenant"
 
 
-OPERATORS = ("ops",)  # the default of gateway.auth.operator_tenants
+OPERATORS = OPERATOR_TENANTS
 
 
 def models_extension(store: Store, authenticate: Authenticate, *, publish: Callable[[Event], None] | None = None,
@@ -62,11 +64,6 @@ def models_extension(store: Store, authenticate: Authenticate, *, publish: Calla
     """A gateway HTTP extension adding the registry's admin routes (`publish`: the event sink, for requests)."""
     router = build_models_router(store, authenticate, publish=publish, operator_tenants=operator_tenants)
     return lambda app: app.include_router(router)
-
-
-def _json(value: object, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(value), status_code=status, media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
 
 
 def build_models_router(store: Store, authenticate: Authenticate, *, publish: Callable[[Event], None] | None = None,

@@ -15,11 +15,10 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
-from feedback.dashboard.api import Authenticate, _AdminRoute, parse_name
+from feedback.dashboard.api import OPERATOR_TENANTS, Authenticate, _AdminRoute, _json, parse_name
 from feedback.store import Store
 from retrain.lineage import version_lineage
 from retrain.release.cards import render_card, write_card
@@ -29,7 +28,7 @@ from schemas.errors import InvalidRequest, PermissionDenied
 
 log = logging.getLogger(__name__)
 
-OPERATORS = ("ops",)
+OPERATORS = OPERATOR_TENANTS
 
 
 def release_extension(store: Store, authenticate: Authenticate, *,
@@ -37,11 +36,6 @@ def release_extension(store: Store, authenticate: Authenticate, *,
     """A gateway HTTP extension adding the release routes (card, changelog)."""
     router = build_release_router(store, authenticate, operator_tenants=operator_tenants)
     return lambda app: app.include_router(router)
-
-
-def _json(value: object, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(value), status_code=status, media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
 
 
 def build_release_router(store: Store, authenticate: Authenticate, *,

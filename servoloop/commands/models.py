@@ -34,19 +34,13 @@ from schemas.errors import (
     ServoloopError,
     Unauthenticated,
 )
+from servoloop.commands.options import ConfigOpt, DirectOpt, JsonOpt, KeyOpt, UrlOpt
 
 app = typer.Typer(help="Model versions: list, show lineage, promote, roll back, canary, reject, export, card, "
                        "changelog, archive, gc, reproduce, retire.",
                   no_args_is_help=True)
 console = Console(stderr=True)
 
-UrlOpt = Annotated[str, typer.Option("--url", envvar="SERVOLOOP_URL",
-                                     help="the admin API of the running `servoloop up` (HTTP base URL)")]
-KeyOpt = Annotated[str, typer.Option("--key", envvar="SERVOLOOP_ADMIN_KEY", help="an API key with the admin scope")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file (or $SERVOLOOP_CONFIG)")]
-DirectOpt = Annotated[bool, typer.Option("--direct", help="use the ClickHouse server of the settings directly "
-                                                          "(events.store.kind: clickhouse), not the admin API")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 

@@ -18,17 +18,10 @@ import typer
 from rich.console import Console
 
 from schemas.errors import FailedPrecondition
+from servoloop.commands.options import ConfigOpt, DirectOpt, JsonOpt, KeyOpt, UrlOpt
 
 console = Console(stderr=True)
 
-# the same options as servoloop/commands/models.py (module-level: typer resolves the annotations by name)
-UrlOpt = Annotated[str, typer.Option("--url", envvar="SERVOLOOP_URL",
-                                     help="the admin API of the running `servoloop up` (HTTP base URL)")]
-KeyOpt = Annotated[str, typer.Option("--key", envvar="SERVOLOOP_ADMIN_KEY", help="an API key with the admin scope")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file (or $SERVOLOOP_CONFIG)")]
-DirectOpt = Annotated[bool, typer.Option("--direct", help="use the ClickHouse server of the settings directly "
-                                                          "(events.store.kind: clickhouse), not the admin API")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="why (recorded with the step)")]
 WaitOpt = Annotated[float, typer.Option("--wait", help="seconds to wait for the registry's answer")]
 DEFAULT_URL = "http://127.0.0.1:8000"
