@@ -49,7 +49,7 @@ demo: install model
 	$(BIN)/servoloop demo --report demo-report.json --keep-running
 
 test: install model
-	@set +e; $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@set +e; $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 lint: install
