@@ -3,19 +3,22 @@ OpenAI-protocol upstream for the remote engine."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from feedback.store import Store
 from gateway.auth import KeyStore
 from gateway.engines import Engine
 from gateway.engines.remote import RemoteEngine
 from gateway.server import Gateway, GatewayServer
 from gateway.service import Outcome
-from gateway.settings import GatewaySettings, ModelSettings, RateLimitSettings
-from schemas.events import Event
+from gateway.settings import GatewaySettings, HotSwapSettings, ModelSettings, RateLimitSettings
+from schemas.events import Event, ModelEvent
 from tests.support.openai_upstream import RunningUpstream, UpstreamBehaviour
 
 
@@ -59,6 +62,35 @@ async def start_gateway(settings: GatewaySettings, keystore: KeyStore, engines: 
 def settings_for(models: list[ModelSettings], **kw: object) -> GatewaySettings:
     return GatewaySettings(models=models, rate_limits=RateLimitSettings(requests_per_minute=0, tokens_per_minute=0,
                                                                         max_concurrent_streams=0), **kw)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def store_following_gateway(keystore: KeyStore, model_dir: Path, engine: Engine, store: Store,
+                                  cache_dir: Path, *, model: str = "tiny", events: object = None,
+                                  extend: Callable[[Gateway], None] | None = None) -> AsyncIterator[RunningGateway]:
+    """A gateway serving `model` on the shared `engine` that follows the registry's rows in `store` by polling
+    (as `servoloop up` wires it), events to `events` when given; `extend` adds HTTP routes before it starts.
+    On exit it stops and unloads every adapter it loaded, leaving the shared engine as it was."""
+    from servoloop.up import _model_events
+
+    settings = settings_for([ModelSettings(name=model, path=str(model_dir))],
+                            hotswap=HotSwapSettings(poll_interval_s=0.1, drain_timeout_s=5.0))
+    gw = Gateway(settings, keystore, engines={model: engine}, events=events)
+
+    async def rows() -> list[ModelEvent]:
+        return await _model_events(store)
+
+    gw.follow_models(cache_dir=cache_dir, poll=rows)
+    if extend is not None:
+        extend(gw)
+    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
+    await server.start()
+    try:
+        yield RunningGateway(server, keystore)
+    finally:
+        await server.stop()
+        for name in list(getattr(engine, "_adapters", {})):
+            await engine.unload_adapter(name)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,10 @@ from feedback.store import Store
 from gateway.auth import KeyStore
 from gateway.canary import Arm, ModelRouting, routing_from_events
 from gateway.engines import Engine
-from gateway.server import Gateway, GatewayServer
-from gateway.settings import HotSwapSettings, ModelSettings
 from retrain.registry import StoreRegistry
 from schemas.events import Event, ModelEvent
 from servoloop.up import _model_events
-from tests.gateway.conftest import RunningGateway, settings_for
+from tests.gateway.conftest import RunningGateway, store_following_gateway
 from tests.gateway.hotswap_support import Adapter
 
 
@@ -53,20 +51,9 @@ async def test_the_fold_of_the_registrys_rows_follows_every_lifecycle_step(
 @pytest.fixture
 async def polling_gateway(keystore: KeyStore, tiny_model_dir: Path, transformers_engine: Engine, store: Store,
                           tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    settings = settings_for([ModelSettings(name="tiny", path=str(tiny_model_dir))],
-                            hotswap=HotSwapSettings(poll_interval_s=0.1, drain_timeout_s=5.0))
-    gw = Gateway(settings, keystore, engines={"tiny": transformers_engine})
-
-    async def rows() -> list[ModelEvent]:
-        return await _model_events(store)
-
-    gw.follow_models(cache_dir=tmp_path / "adapters", poll=rows)
-    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
-    await server.start()
-    yield RunningGateway(server, keystore)
-    await server.stop()
-    for name in list(getattr(transformers_engine, "_adapters", {})):
-        await transformers_engine.unload_adapter(name)
+    async with store_following_gateway(keystore, tiny_model_dir, transformers_engine, store,
+                                       tmp_path / "adapters") as running:
+        yield running
 
 
 async def _version(gw: RunningGateway, key: str) -> str:

@@ -15,33 +15,19 @@ from feedback.store import Store
 from gateway.auth import KeyStore
 from gateway.engines import Engine
 from gateway.pins import pinned_states, split_pinned
-from gateway.server import Gateway, GatewayServer
-from gateway.settings import HotSwapSettings, ModelSettings
 from retrain.registry import StoreRegistry
 from retrain.release.retire import retire_version
-from schemas.events import ModelEvent
 from servoloop.up import _model_events
-from tests.gateway.conftest import RunningGateway, settings_for
+from tests.gateway.conftest import RunningGateway, store_following_gateway
 from tests.gateway.hotswap_support import Adapter
 
 
 @pytest.fixture
 async def gateway(keystore: KeyStore, tiny_model_dir: Path, transformers_engine: Engine, store: Store,
                   tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    settings = settings_for([ModelSettings(name="tiny", path=str(tiny_model_dir))],
-                            hotswap=HotSwapSettings(poll_interval_s=0.1, drain_timeout_s=5.0))
-    gw = Gateway(settings, keystore, engines={"tiny": transformers_engine})
-
-    async def rows() -> list[ModelEvent]:
-        return await _model_events(store)
-
-    gw.follow_models(cache_dir=tmp_path / "adapters", poll=rows)
-    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
-    await server.start()
-    yield RunningGateway(server, keystore)
-    await server.stop()
-    for name in list(getattr(transformers_engine, "_adapters", {})):
-        await transformers_engine.unload_adapter(name)
+    async with store_following_gateway(keystore, tiny_model_dir, transformers_engine, store,
+                                       tmp_path / "adapters") as running:
+        yield running
 
 
 async def _ask(gw: RunningGateway, key: str, model: str) -> httpx.Response:
