@@ -48,19 +48,34 @@ async def run_until_signalled(start: Callable[[], Awaitable[None]], stop: Callab
 
 
 async def serve_gateway(settings: Settings, *, on_ready: Callable[[GatewayServer], None] | None = None) -> None:
-    """Run one gateway (HTTP + gRPC) until SIGINT/SIGTERM (`servoloop serve`).
+    """Run one gateway (HTTP + gRPC) until SIGINT/SIGTERM (`servoloop serve`): see `replica`."""
+    system = replica(settings, on_ready=on_ready)
+    await run_until_signalled(system.start, system.stop)
+
+
+def replica(settings: Settings, *, on_ready: Callable[[GatewayServer], None] | None = None) -> System:
+    """One gateway replica of a multi-process deployment (`servoloop serve`), as a `System`.
 
     With an external broker its events go there through its own spool; otherwise (the broker and the
-    store belong to a `servoloop up` process) it serves without an event pipeline and says so.
+    store belong to a `servoloop up` process) it serves without an event pipeline and says so. With a
+    ClickHouse server as the store (`events.store.kind: clickhouse`) it also reads the store, as a client:
+    spend budgets are enforced, feedback on inferences other replicas served is accepted, and the admin
+    API answers. The store's owner alone (`servoloop up`, or the monitor and retrain workers) runs the
+    monitors, the registry and the workers; a replica never does. An embedded chDB store belongs to one
+    process, so a replica over it runs without budgets and says so.
     """
     pipeline = None
     if settings.events.broker.mode == "external":
+        reads_store = settings.events.store.kind == "clickhouse"
         pipeline = lambda registry: EventPipeline(settings.events, data_dir=settings.data_dir,  # noqa: E731
-                                                  registry=registry, ingest=False, with_store=False)
+                                                  registry=registry, ingest=False, with_store=reads_store)
+        if settings.gateway.budgets.enabled and not reads_store:
+            log.warning("servoloop serve: spend budgets are not enforced: they are read from the store, and an "
+                        "embedded chDB store belongs to another process (use events.store.kind: clickhouse)")
     else:
         log.warning("servoloop serve: events.broker.mode is %r, so this gateway emits no events; use an external "
                     "broker for multi-process deployments (or `servoloop up`)", settings.events.broker.mode)
-    await _serve(settings, pipeline, on_ready)
+    return System(settings, pipeline, on_ready=on_ready, owner=False)
 
 
 async def serve_all(settings: Settings, *, on_ready: Callable[[GatewayServer], None] | None = None) -> None:
@@ -92,13 +107,15 @@ class System:
     """Every component of one serving process: `await start()`, then its handles, then `await stop()`.
 
     With a pipeline that owns a store, the process also runs the monitors, the registry (and its request
-    worker), the retrain worker and the graders, as `servoloop up` does.
+    worker), the retrain worker and the graders, as `servoloop up` does; `owner=False` (a `replica`) reads
+    the store but runs none of them.
     """
 
     def __init__(self, settings: Settings, make_pipeline: Callable[[CollectorRegistry], EventPipeline] | None, *,
                  on_ready: Callable[[GatewayServer], None] | None = None,
-                 engines: dict[str, Engine] | None = None) -> None:
+                 engines: dict[str, Engine] | None = None, owner: bool = True) -> None:
         self.settings = settings
+        self.owner = owner
         self.metrics = GatewayMetrics()  # one registry: the gateway's /metrics shows the sink, spool and ingester too
         self.pipeline = make_pipeline(self.metrics.registry) if make_pipeline is not None else None
         self.on_ready = on_ready
@@ -111,7 +128,7 @@ class System:
         self.grading: GradingWorker | None = None
         self._grade_exporters: list[GradeExporter] = []  # grades to OTLP / Langfuse (grading.export)
         self._close_exporters: Callable[[], Awaitable[None]] | None = None
-        if settings.grading.enabled and make_pipeline is not None:  # a bad export setting fails before anything starts
+        if settings.grading.enabled and make_pipeline is not None and owner:  # a bad export setting fails before anything starts
             self._grade_exporters, self._close_exporters = grade_exporters(settings)
         self.retrain_worker: RetrainWorker | None = None
         self._retrain_stop = asyncio.Event()
@@ -122,6 +139,7 @@ class System:
         settings, pipeline, metrics, report_dir = self.settings, self.pipeline, self.metrics, self.report_dir
         if pipeline is not None:
             await pipeline.start()
+        if pipeline is not None and self.owner:
             if pipeline.store is not None and pipeline.sink is not None and settings.monitors.enabled:
                 # The store's owner runs the monitors; results and triggers travel through the sink like every event.
                 self.scheduler = Scheduler(pipeline.store, settings.monitors, sink_publisher(pipeline.sink),
