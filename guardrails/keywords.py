@@ -26,6 +26,21 @@ def _is_word(c: str) -> bool:
     return c.isalnum()
 
 
+# ASCII word characters (`_is_word`) kept, every other byte a space ("?" included, which stands for any
+# non-ASCII character once encoded with "replace").
+_WORD_BYTES = bytes(c if c < 128 and chr(c).isalnum() else ord(" ") for c in range(256))
+
+
+def word_view(text: str) -> str:
+    """" " + `text` with each character but ASCII letters and digits read as a space: offsets shift by one.
+
+    A term starts a word of an ASCII `text` exactly where " " + `word_view`'s reading of the term occurs
+    and the term itself does (see `KeywordAnchors`); a non-ASCII letter reads as a space here, so there the
+    character before an occurrence is checked too.
+    """
+    return " " + text.encode("ascii", "replace").translate(_WORD_BYTES).decode("ascii")
+
+
 class KeywordAnchors:
     """Whole-word starts of terms (case-insensitive) in the folded text, each term in a named group so
     several rules can share one automaton pass."""
@@ -40,23 +55,47 @@ class KeywordAnchors:
                 key = fold(term.strip())
                 if key:
                     keys.setdefault(key, set()).add(group)
+        # Searched: each term as `word_view` reads it, after the space that marks a word start. Nearly every
+        # character of a text then fails at the root, which has one child (pyahocorasick looks a character
+        # up in a node's children one by one: a root with forty children costs three times as much per
+        # character). `auto`, the terms themselves, answers prefix questions for streams (`pending`).
+        marked: dict[str, list[tuple[str, int, frozenset[str], bool]]] = {}
         for key, names in keys.items():
             self.auto.add_word(key, (len(key), frozenset(names)))
             self.maxlen = max(self.maxlen, len(key))
             firsts.add(key[0])
+            # (term, length, groups, whether the view may blur it: a term with other characters than
+            # ASCII letters and digits is confirmed in the folded text)
+            marked.setdefault(word_view(key), []).append(
+                (key, len(key), frozenset(names), not (key.isascii() and key.isalnum())))
         self.firsts = frozenset(firsts)
         self.empty = self.maxlen == 0
+        self._marked = ahocorasick.Automaton()
+        for key, terms in marked.items():
+            self._marked.add_word(key, tuple(terms))
         if not self.empty:
             self.auto.make_automaton()
+            self._marked.make_automaton()
         self._start_chars = frozenset(c for c in map(chr, range(128)) if fold(c) in self.firsts)
 
     def _found(self, view: TextView) -> list[tuple[int, int, frozenset[str]]]:
+        """(start, end, groups) of every term starting a word of the folded text at or after `view.start`,
+        in order of end (longest first at one end): what the plain automaton finds, less non-word starts."""
         found = view.memo.get(self)
         if found is None:
-            f = view.folded
-            found = [] if self.empty else [
-                (end - length + 1, end + 1, names) for end, (length, names) in self.auto.iter(f, view.start)
-                if not (end - length + 1 > 0 and _is_word(f[end - length]))]
+            found = []
+            if not self.empty:
+                f = view.folded
+                marked = view.memo.get(word_view)
+                if marked is None:
+                    marked = view.memo[word_view] = word_view(f)
+                exact = f.isascii()
+                # a key ending at `end` in the marked view is a term at f[end - length:end]
+                for end, terms in self._marked.iter(marked, view.start):  # type: ignore[arg-type]
+                    for term, length, names, blurred in terms:
+                        s = end - length
+                        if (not blurred or f.startswith(term, s)) and (exact or s == 0 or not _is_word(f[s - 1])):
+                            found.append((s, end, names))
             view.memo[self] = found
         return found  # type: ignore[return-value]
 

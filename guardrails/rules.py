@@ -84,7 +84,8 @@ class TextView:
     def shape(self) -> bytes | None:
         """The text's byte shape (see _SHAPE), or None for non-ASCII text (no shape prefilter applies)."""
         if not self._shaped:
-            self._shape = self.text.encode("ascii").translate(_SHAPE) if self.text.isascii() else None
+            ascii = self.ascii
+            self._shape = None if ascii is None else ascii.translate(_SHAPE)
             self._shaped = True
         return self._shape
 
@@ -101,8 +102,9 @@ class TextView:
         ASCII (where the two agree on \\w, \\d and case) and holds none of \\x1c-\\x1f (which only `re`
         counts as \\s)."""
         if self._re_safe is None:
-            ascii = self.ascii
-            self._re_safe = ascii is not None and not any(c in ascii for c in _RE_UNSAFE)
+            shape, ascii = self.shape, self.ascii  # \x1c-\x1f are controls: a shape without "c" has none
+            self._re_safe = shape is not None and ascii is not None and \
+                (b"c" not in shape or not any(c in ascii for c in _RE_UNSAFE))
         return self._re_safe
 
     @property
@@ -111,7 +113,8 @@ class TextView:
         a shape pattern that allows "n" wherever the real pattern allows a non-ASCII character finds a
         superset of the real pattern's match starts (see guardrails/candidates.py)."""
         if self._loose is None:
-            self._loose = self.text.encode("ascii", "replace").translate(_LOOSE_SHAPE)
+            ascii = self.ascii
+            self._loose = (ascii if ascii is not None else self.text.encode("ascii", "replace")).translate(_LOOSE_SHAPE)
         return self._loose
 
     def contains(self, probe: re.Pattern[str]) -> bool:
@@ -124,7 +127,8 @@ class TextView:
     @property
     def has_digit(self) -> bool:
         if self._digit is None:
-            self._digit = (_HAS_DIGIT_RE if self.re_safe else _HAS_DIGIT).search(self.text) is not None
+            shape = self.shape  # ASCII digits are the "d"s of the shape; other texts: a Unicode \d search
+            self._digit = b"d" in shape if shape is not None else _HAS_DIGIT.search(self.text) is not None
         return self._digit
 
     def may_contain(self, shapes: tuple[bytes, ...]) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
+from collections.abc import Iterable
 from pathlib import Path
 
 import ahocorasick
@@ -46,6 +47,14 @@ def _positions(text: str, literals: tuple[str, ...]) -> list[int]:
     return sorted(found)
 
 
+def _mask(bits: Iterable[int]) -> int:
+    """The integer with exactly the bits `bits` set (sets of small integers as one machine-friendly value)."""
+    out = 0
+    for b in bits:
+        out |= 1 << b
+    return out
+
+
 def _quoted(text: str, start: int, end: int) -> bool:
     """True when the match opens right after a quote that closes before (or just after) its end."""
     if start == 0 or text[start - 1] not in _QUOTES:
@@ -62,14 +71,13 @@ class InjectionDetector:
     def __init__(self, path: Path | None = None, *, decode_depth: int = 2):
         self.version, self.patterns, _ = load_patterns(path)
         self.decode_depth = decode_depth
-        # Trigger words (anywhere): which patterns could match at all. Each (pattern, group) is one integer;
-        # a pattern is gated in when its set of group ids is a subset of the ids seen.
+        # Trigger words (anywhere): which patterns could match at all. Each (pattern, group) is one bit; a
+        # pattern is gated in when the bits of its groups are all among the bits seen.
         gid: dict[tuple[int, int], int] = {}
         for i, p in enumerate(self.patterns):
             for g in range(len(p.groups)):
                 gid[(i, g)] = len(gid)
-        self._required = tuple((i, frozenset(gid[(i, g)] for g in range(len(p.groups))))
-                               for i, p in enumerate(self.patterns))
+        self._required = tuple(_mask(gid[(i, g)] for g in range(len(p.groups))) for i, p in enumerate(self.patterns))
         # One automaton over the boundary view (ASCII punctuation read as spaces, a space in front) finds both
         # kinds of key: a trigger anywhere (one holding punctuation or spaces is confirmed in the text
         # itself, since the view blurs them), a head only where it starts a word.
@@ -85,23 +93,32 @@ class InjectionDetector:
         for i, p in enumerate(self.patterns):
             for head in p.heads:
                 heads.setdefault(" " + head.translate(_BOUNDARY), set()).add(i)
-        # Per key: (head patterns, key length, group ids of the triggers it is, patterns searched around it,
-        # triggers to confirm as (word, group ids, patterns searched around it)).
+        # Per key, by the integer the automaton yields for it: the patterns it is a head of, its length, the
+        # trigger group ids it is (a bit mask), the patterns searched around it, and the triggers to confirm
+        # as (word, group id mask, patterns searched around it). Integers keep the per-hit work small: most
+        # hits are common head words ("the", "how") that only matter once their pattern is gated in.
         plain: dict[str, tuple[set[int], set[int]]] = {}
-        blurred: dict[str, list[tuple[str, frozenset[int], tuple[int, ...]]]] = {}
+        blurred: dict[str, list[tuple[str, int, tuple[int, ...]]]] = {}
         for word, (ids, windowed) in words.items():
             key = word.translate(_BOUNDARY)
             if any(c.isascii() and not c.isalnum() for c in word):
-                blurred.setdefault(key, []).append((word, frozenset(ids), tuple(sorted(windowed))))
+                blurred.setdefault(key, []).append((word, _mask(ids), tuple(sorted(windowed))))
             else:
                 got = plain.setdefault(key, (set(), set()))
                 got[0].update(ids)
                 got[1].update(windowed)
+        keys = sorted(heads.keys() | plain.keys() | blurred.keys())
+        self._heads = tuple(tuple(sorted(heads.get(key, ()))) for key in keys)
+        self._head_mask = tuple(_mask(heads.get(key, ())) for key in keys)
+        self._length = tuple(len(key) for key in keys)
+        self._trigger_mask = tuple(_mask(plain.get(key, ((), ()))[0]) for key in keys)
+        self._windowed = tuple(tuple(sorted(plain.get(key, ((), ()))[1])) for key in keys)
+        self._blurred = tuple(tuple(blurred.get(key, ())) for key in keys)
+        # keys whose every hit needs a look: searched-around triggers and triggers to confirm
+        self._special = frozenset(k for k in range(len(keys)) if self._windowed[k] or self._blurred[k])
         self._keys = ahocorasick.Automaton()
-        for key in heads.keys() | plain.keys() | blurred.keys():
-            ids, windowed = plain.get(key, ((), ()))
-            self._keys.add_word(key, (frozenset(heads.get(key, ())), len(key), frozenset(ids),
-                                      tuple(sorted(windowed)), tuple(blurred.get(key, ()))))
+        for k, key in enumerate(keys):
+            self._keys.add_word(key, k)
         self._keys.make_automaton()
 
     def _search(self, i: int, text: str, ends: list[int]) -> re.Match[str] | None:
@@ -141,30 +158,42 @@ class InjectionDetector:
         """Pattern index -> its first match in one view; a pattern is tried only when all its groups occur."""
         view = " " + (text.encode("ascii").translate(_BOUNDARY_BYTES).decode("ascii") if text.isascii()
                       else text.translate(_BOUNDARY))
-        # (key end in `view`, value); in `text` a trigger ends at `end - 1` and a head starts at `end - length + 1`
+        # (key end in `view`, key); in `text` a trigger ends at `end - 1` and a head starts at `end - length + 1`
         hits = list(self._keys.iter(view))
-        seen: set[int] = set().union(*[v[2] for _end, v in hits if v[2]])
-        first_group_ends: dict[int, list[int]] = {}
-        for end, (_h, length, _ids, windowed, blurred) in [hit for hit in hits if hit[1][3] or hit[1][4]]:
-            for i in windowed:
-                first_group_ends.setdefault(i, []).append(end - 1)
-            for word, ids, around in blurred:
-                if end >= length and text.startswith(word, end - length):
-                    seen |= ids
-                    for i in around:
-                        first_group_ends.setdefault(i, []).append(end - 1)
-        gated = {i for i, required in self._required if required <= seen}
         found: dict[int, re.Match[str]] = {}
+        if not hits:
+            return found
+        distinct = {k for _end, k in hits}
+        trigger_mask, length = self._trigger_mask, self._length
+        seen = 0
+        for k in distinct:
+            seen |= trigger_mask[k]
+        first_group_ends: dict[int, list[int]] = {}
+        if not self._special.isdisjoint(distinct):
+            windowed, blurred = self._windowed, self._blurred
+            for end, k in hits:
+                if k not in self._special:
+                    continue
+                for i in windowed[k]:
+                    first_group_ends.setdefault(i, []).append(end - 1)
+                n = length[k]
+                for word, ids, around in blurred[k]:
+                    if end >= n and text.startswith(word, end - n):
+                        seen |= ids
+                        for i in around:
+                            first_group_ends.setdefault(i, []).append(end - 1)
+        gated = [i for i, required in enumerate(self._required) if required & seen == required]
         if not gated:
             return found
+        gated_mask = _mask(gated)
         starts: dict[int, list[int]] = {}
-        for end, value in hits:
-            head_ids = value[0]
-            if head_ids and not gated.isdisjoint(head_ids):
-                for i in head_ids:
-                    if i in gated:
-                        starts.setdefault(i, []).append(end - value[1] + 1)
-        for i in sorted(gated):
+        head_mask, heads = self._head_mask, self._heads
+        for end, k in hits:
+            if head_mask[k] & gated_mask:
+                for i in heads[k]:
+                    if gated_mask >> i & 1:
+                        starts.setdefault(i, []).append(end - length[k] + 1)
+        for i in gated:
             pattern = self.patterns[i]
             if pattern.heads:
                 for s in starts.get(i, ()):
