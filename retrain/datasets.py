@@ -148,13 +148,13 @@ WHERE event_id IN {{ids:Array(String)}}{tenant}{model}"""
 _FLAGGED_SQL = """
 SELECT {columns}
 FROM inferences FINAL
-WHERE {window}{tenant}{model} AND output_action IN ('block', 'redact')
+WHERE {window}{tenant}{model} AND NOT shadow AND output_action IN ('block', 'redact')
 ORDER BY ts, event_id"""
 # Safe answers to the prompts the guardrails flagged: same user text (exact, normalised in Python after).
 _SAFE_SQL = """
 SELECT {columns}
 FROM inferences FINAL
-WHERE {window}{tenant}{model} AND output_action = 'allow' AND status = 'ok' AND response != ''
+WHERE {window}{tenant}{model} AND NOT shadow AND output_action = 'allow' AND status = 'ok' AND response != ''
   AND lowerUTF8(trimBoth({prompt_text})) IN {{texts:Array(String)}}
 ORDER BY ts, event_id"""
 

@@ -223,7 +223,7 @@ async def latency_cost(store: Store, span: Span, *, model: str | None = None,
                quantilesExact(0.5, 0.95, 0.99)(latency_ms) AS latency,
                quantilesExact(0.5, 0.95)(ttft_ms) AS ttft,
                sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out
-        FROM inferences FINAL WHERE {_TS}{_eq("model", model)}{_eq("tenant", tenant)}
+        FROM inferences FINAL WHERE {_TS}{_eq("model", model)}{_eq("tenant", tenant)} AND NOT shadow
         GROUP BY model, t ORDER BY model, t""", span.params(model=model, tenant=tenant))
     series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:

@@ -136,7 +136,7 @@ async def version_stats(store: Store, *, start_ms: int, end_ms: int, tenant: str
         WITH
         w AS (
             SELECT event_id, tenant, model, model_version, status, latency_ms, ttft_ms, tokens_in, tokens_out
-            FROM inferences FINAL WHERE {where}
+            FROM inferences FINAL WHERE {where} AND NOT shadow
         ),
         fb AS (
             SELECT tenant, target_id,
