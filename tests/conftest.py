@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL_DIR = Path(os.environ.get("SERVOLOOP_TEST_MODEL", REPO / ".servoloop" / "models" / "tiny-chat"))
 ARTIFACTS = REPO / "tests" / "artifacts"
 
+# OpenMP threads spin while they wait by default: on shared cores that slows every torch user in the test process
+# (the engines, the eval gate) 5-10x while a training subprocess or another job runs beside it (retrain/train.py).
+# Passive waits cost nothing on an idle machine. Set before any test module imports torch (nothing above does);
+# subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:

@@ -16,10 +16,8 @@ from feedback.settings import EventSettings, IngestSettings
 from feedback.store import Store
 from gateway.auth import KeyStore
 from gateway.engines import Engine
-from gateway.server import Gateway, GatewayServer
-from gateway.settings import HotSwapSettings, ModelSettings
-from servoloop.up import _model_events
-from tests.gateway.conftest import RunningGateway, settings_for
+from gateway.server import Gateway
+from tests.gateway.conftest import RunningGateway, store_following_gateway
 
 MODEL = "tiny-chat"
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the seeded feedback window
@@ -33,22 +31,14 @@ async def serving(keystore: KeyStore, tiny_model_dir: Path, transformers_engine:
     pipeline = EventPipeline(EventSettings(broker={"mode": "none"}, ingest=IngestSettings(batch_max_wait_s=0.1)),
                              data_dir=tmp_path / "events", store=store)
     await pipeline.start()
-    settings = settings_for([ModelSettings(name=MODEL, path=str(tiny_model_dir))],
-                            hotswap=HotSwapSettings(poll_interval_s=0.1, drain_timeout_s=5.0))
-    gw = Gateway(settings, keystore, engines={MODEL: transformers_engine}, events=pipeline.sink)
 
-    async def rows() -> list:  # type: ignore[type-arg]
-        return await _model_events(store)
+    def registry_routes(gw: Gateway) -> None:
+        gw.http_extensions.append(models_extension(store, gw.auth.authenticate, publish=pipeline.sink.publish))
 
-    gw.follow_models(cache_dir=tmp_path / "adapters", poll=rows)
-    gw.http_extensions.append(models_extension(store, gw.auth.authenticate, publish=pipeline.sink.publish))
-    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
-    await server.start()
-    yield RunningGateway(server, keystore)
-    await server.stop()
+    async with store_following_gateway(keystore, tiny_model_dir, transformers_engine, store, tmp_path / "adapters",
+                                       model=MODEL, events=pipeline.sink, extend=registry_routes) as running:
+        yield running
     await pipeline.aclose()
-    for name in list(getattr(transformers_engine, "_adapters", {})):  # leave the shared engine as it was
-        await transformers_engine.unload_adapter(name)
 
 
 async def ask(gw: RunningGateway, key: str, content: str = "How do I reset my password?") -> httpx.Response:
