@@ -68,6 +68,8 @@ _LEET = str.maketrans({"0": "o", "1": "i", "2": "z", "3": "e", "4": "a", "5": "s
 _SHAPE = bytes(ord("a") if 97 <= c <= 122 else ord(" ") if chr(c) in " .-_*/|'" else ord("#") for c in range(256))
 # Four lone letters in a row, evenly spaced by one to three separators: one of three literal shapes.
 _SPACED_SHAPES = (b" a a a a", b" a  a  a  a", b" a   a   a   a")
+# ... searched as one `re` pattern: `bytes.find` is slow for these on text that is mostly "a" and " "
+_SPACED_PROBE = re.compile(b"|".join(_SPACED_SHAPES))
 _NON_ASCII_RUN = regex.compile(r"[^\x00-\x7f]+")
 _SPACED = re.compile(r"(?<![a-z])[a-z](?:[ .\-_*/|']{1,6}[a-z](?![a-z])){3,}")
 _SEPARATOR_RUN = re.compile(r"[ .\-_*/|']+")
@@ -215,7 +217,7 @@ def _spaced_runs(text: str, shape: bytes) -> list[re.Match[str]]:
 def despace(text: str) -> MappedText | None:
     """Join letter-spaced words ("i g n o r e  a i i") in a skeleton; None if there are none."""
     shape = f" {text} ".encode("ascii", "replace").translate(_SHAPE)
-    if not any(probe in shape for probe in _SPACED_SHAPES):
+    if _SPACED_PROBE.search(shape) is None:
         return None
     found = _spaced_runs(text, shape)
     if not found:

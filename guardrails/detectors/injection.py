@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Iterable
+from functools import reduce
+from operator import itemgetter, or_
 from pathlib import Path
 
 import ahocorasick
@@ -32,6 +34,7 @@ _QUOTES = "'\"`"
 # Word characters of the skeleton; everything else becomes a space in the view heads are looked up in.
 _BOUNDARY = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
 _BOUNDARY_BYTES = bytes(c if c >= 128 or chr(c).isalnum() else ord(" ") for c in range(256))
+_KEY = itemgetter(1)  # the key of an automaton hit (end, key)
 # A pattern without heads is searched from this far before to this far after its first-group triggers.
 WINDOW_BEFORE, WINDOW_AFTER = 120, 360
 
@@ -116,6 +119,8 @@ class InjectionDetector:
         self._blurred = tuple(tuple(blurred.get(key, ())) for key in keys)
         # keys whose every hit needs a look: searched-around triggers and triggers to confirm
         self._special = frozenset(k for k in range(len(keys)) if self._windowed[k] or self._blurred[k])
+        self._blurred_keys = frozenset(k for k in range(len(keys)) if self._blurred[k])
+        self._windowed_patterns = _mask(i for i, p in enumerate(self.patterns) if not p.heads)
         self._keys = ahocorasick.Automaton()
         for k, key in enumerate(keys):
             self._keys.add_word(key, k)
@@ -163,29 +168,35 @@ class InjectionDetector:
         found: dict[int, re.Match[str]] = {}
         if not hits:
             return found
-        distinct = {k for _end, k in hits}
-        trigger_mask, length = self._trigger_mask, self._length
-        seen = 0
-        for k in distinct:
-            seen |= trigger_mask[k]
+        distinct = set(map(_KEY, hits))
+        length = self._length
+        seen = reduce(or_, map(self._trigger_mask.__getitem__, distinct), 0)
+        blurred = self._blurred
+        confirm = self._blurred_keys.intersection(distinct)
+        if confirm:  # triggers with punctuation or spaces: seen only where the text itself holds them
+            for end, k in hits:
+                if k in confirm:
+                    n = length[k]
+                    for word, ids, _around in blurred[k]:
+                        if end >= n and text.startswith(word, end - n):
+                            seen |= ids
+        gated = [i for i, required in enumerate(self._required) if required & seen == required]
+        if not gated:
+            return found
+        gated_mask = _mask(gated)
         first_group_ends: dict[int, list[int]] = {}
-        if not self._special.isdisjoint(distinct):
-            windowed, blurred = self._windowed, self._blurred
+        if gated_mask & self._windowed_patterns:  # the trigger ends that gated head-less patterns need
+            windowed = self._windowed
             for end, k in hits:
                 if k not in self._special:
                     continue
                 for i in windowed[k]:
                     first_group_ends.setdefault(i, []).append(end - 1)
                 n = length[k]
-                for word, ids, around in blurred[k]:
-                    if end >= n and text.startswith(word, end - n):
-                        seen |= ids
+                for word, _ids, around in blurred[k]:
+                    if around and end >= n and text.startswith(word, end - n):
                         for i in around:
                             first_group_ends.setdefault(i, []).append(end - 1)
-        gated = [i for i, required in enumerate(self._required) if required & seen == required]
-        if not gated:
-            return found
-        gated_mask = _mask(gated)
         starts: dict[int, list[int]] = {}
         head_mask, heads = self._head_mask, self._heads
         for end, k in hits:
