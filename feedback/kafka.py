@@ -1,8 +1,13 @@
 """Kafka producers behind the sink's `Downstream` seam: confluent-kafka (default, librdkafka) and kafka-python.
 
-Both are idempotent with acks=all, so a record retried inside the client is written once and in order per
-partition; a batch is confirmed only when every record of it was acknowledged by the broker. Also the consumer
-settings the ingester uses (tuned so a group forms in seconds, not tens of seconds).
+Both produce with acks=all and retries, and a batch is confirmed only when every record of it was acknowledged by
+the broker: delivery is at-least-once, and the store deduplicates by event id. The producers are deliberately NOT
+idempotent: tansu (the embedded broker, 0.6.0) records an idempotent producer's sequence numbers in its metadata
+object before it writes the record batch itself, so a broker killed between those two writes answers the client's
+retry with DUPLICATE_SEQUENCE_NUMBER, which Kafka clients take as "already written" and report as delivered: the
+batch is lost though acknowledged (measured: hundreds of records per twelve SIGKILLs; tests/reliability/test_chaos.py).
+Without idempotence such a retry is simply written again (a duplicate, harmless). Also the consumer settings the
+ingester uses (tuned so a group forms in seconds, not tens of seconds).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ log = logging.getLogger(__name__)
 def producer_config(
     bootstrap_servers: str, *, compression: str = "lz4", linger_ms: int = 5, delivery_timeout_s: float = 30.0
 ) -> dict[str, Any]:
-    """librdkafka producer settings: idempotent, acks=all, batched, compressed, quick to reconnect."""
+    """librdkafka producer settings: acks=all, retried, batched, compressed, quick to reconnect; not idempotent
+    (a retry answered DUPLICATE_SEQUENCE_NUMBER would count as delivered; see the module docstring)."""
     return {
         "bootstrap.servers": bootstrap_servers,
         "client.id": "servoloop-sink",
         "acks": "all",
-        "enable.idempotence": True,
+        "enable.idempotence": False,
         "linger.ms": linger_ms,
         "compression.type": compression,
         "message.timeout.ms": int(delivery_timeout_s * 1000),
@@ -144,8 +150,8 @@ class ConfluentDownstream:
         # librdkafka fails every record by message.timeout.ms at the latest: the margin is a safety net.
         left = await asyncio.to_thread(producer.flush, self._timeout + 5)
         if left or errors.first is not None:
-            # A fresh producer for the retry: after a delivery timeout librdkafka bumps the idempotent
-            # producer's epoch, and tansu then answers PRODUCER_FENCED to every later request.
+            # A fresh producer for the retry: nothing of the failed attempt lingers in librdkafka's queue (and
+            # were idempotence switched on by `config`, a timed-out producer's bumped epoch would be fenced by tansu).
             self._shutdown(flush_s=0)
             reason = f"{left} records unconfirmed" if left else errors.first.str()  # type: ignore[union-attr]
             raise DownstreamUnavailable(f"kafka delivery failed: {reason}")
@@ -179,7 +185,7 @@ class KafkaPythonDownstream:
             "bootstrap_servers": bootstrap_servers.split(","),
             "client_id": "servoloop-sink",
             "acks": "all",
-            "enable_idempotence": True,
+            "enable_idempotence": False,  # see the module docstring: at-least-once, deduplicated by event id
             "linger_ms": linger_ms,
             "compression_type": None if compression == "none" else compression,
             "delivery_timeout_ms": int(delivery_timeout_s * 1000),
