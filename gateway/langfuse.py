@@ -19,9 +19,12 @@ import contextlib
 import logging
 import random
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from gateway.service import Outcome
@@ -95,7 +98,7 @@ class LangfuseScores:
     """
 
     def __init__(self, settings: LangfuseSettings, index: TraceIndex, *, workers: int = 4,
-                 backoff_s: float = 0.5, max_backoff_s: float = 30.0):
+                 backoff_s: float = 0.5, max_backoff_s: float = 30.0, registry: CollectorRegistry | None = None):
         assert settings.host
         self._settings = settings
         self._index = index
@@ -105,6 +108,13 @@ class LangfuseScores:
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
         self.stats = {"queued": 0, "sent": 0, "dropped": 0, "failed": 0, "unlinked": 0, "retries": 0}
+        if registry is not None:
+            registry.register(_ScoresCollector(self))
+
+    @property
+    def depth(self) -> int:
+        """Scores waiting in the queue (bounded by tracing.langfuse.score_queue_size)."""
+        return self._queue.qsize()
 
     def __call__(self, event: FeedbackEvent) -> None:
         try:
@@ -175,3 +185,21 @@ class LangfuseScores:
         self.stats["failed"] += 1
         log.error("Langfuse score for trace %s dropped after %d attempts", body["traceId"],
                   self._settings.score_retries + 1)
+
+
+class _ScoresCollector:
+    """The score queue's depth and bound, and what became of the scores (servoloop_langfuse_*)."""
+
+    def __init__(self, scores: LangfuseScores):
+        self._scores = scores
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._scores
+        yield GaugeMetricFamily("servoloop_langfuse_score_queue_depth", "Langfuse scores waiting to be posted",
+                                value=s.depth)
+        yield GaugeMetricFamily("servoloop_langfuse_score_queue_capacity", "Bound of the Langfuse score queue",
+                                value=s._queue.maxsize)
+        c = CounterMetricFamily("servoloop_langfuse_scores", "Langfuse scores by outcome", labels=["outcome"])
+        for outcome, n in s.stats.items():
+            c.add_metric([outcome], n)
+        yield c

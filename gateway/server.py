@@ -105,7 +105,7 @@ class Gateway:
             if t.langfuse.host and t.langfuse.scores:
                 index = TraceIndex(t.langfuse.trace_index_size)
                 self.service.add_observer(index)
-                self.scores = LangfuseScores(t.langfuse, index)
+                self.scores = LangfuseScores(t.langfuse, index, registry=self.metrics.registry)
                 self.feedback_observers.append(self.scores)
         # The Feedback API: which tenant owns which inference (set `inference_owners.lookup` to consult the
         # store beyond this gateway's recent inferences), and the core both front ends call.

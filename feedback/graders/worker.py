@@ -24,12 +24,13 @@ import functools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from feedback.graders.base import Embedder, Grader, GraderUnavailable
 from feedback.graders.export import GradeExporter
@@ -124,6 +125,25 @@ class _Budget:
         if n:
             self._spent.append((now_s, n))
 
+    @property
+    def depth(self) -> int:
+        """Entries in the rolling hour's deque (one per grading batch; aged ones go on the next `left`)."""
+        return len(self._spent)
+
+
+class _BudgetCollector:
+    """Per grader, the depth of its budget deque (servoloop_grading_budget_queue_depth)."""
+
+    def __init__(self, budgets: dict[str, _Budget]):
+        self._budgets = budgets
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("servoloop_grading_budget_queue_depth",
+                              "Grading batches remembered for the rolling hour's budget", labels=["grader"])
+        for name, budget in list(self._budgets.items()):
+            g.add_metric([name], budget.depth)
+        yield g
+
 
 class _Recent:
     """Ids graded lately (bounded), until the store surely holds their grades."""
@@ -193,6 +213,7 @@ class GradingWorker:
         self.lag = Histogram("servoloop_grading_lag_seconds", "time from an inference to its grade", ["grader"],
                              registry=registry, buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
         self.graded_total = Counter("servoloop_grades", "grades published", ["grader", "label"], registry=registry)
+        registry.register(_BudgetCollector(self._budgets))
         self.last_report: GradingReport | None = None
         self.errors: dict[str, str] = {}  # the last failure of each grader still failing (scheduled runs)
         self.cycles = 0

@@ -21,7 +21,7 @@ QUEUES: dict[tuple[str, str], tuple[str, str | None]] = {
          "at most max_concurrency of them at once", "servoloop_active_streams"),
     ("gateway/shadow.py", "asyncio.Queue(p.queue_size)"): ("shadow policy queue_size", "servoloop_shadow_queue_depth"),
     ("gateway/langfuse.py", "asyncio.Queue(settings.score_queue_size)"):
-        ("tracing.langfuse.score_queue_size (newer scores dropped when full)", None),
+        ("tracing.langfuse.score_queue_size (newer scores dropped when full)", "servoloop_langfuse_score_queue_depth"),
     ("gateway/engines/http1.py", "self._idle: deque[_Connection] = deque()"):
         ("idle connections <= max_connections (a semaphore of that size guards every connection)", None),
     ("feedback/sink.py", "self._delivered_batches: deque[list[int]] = deque()"):
@@ -29,7 +29,8 @@ QUEUES: dict[tuple[str, str], tuple[str, str | None]] = {
     ("feedback/spool.py", "self._mem: deque[SpoolRecord] = deque()"):
         ("spool memory + disk <= max_bytes (appends refused beyond)", "servoloop_spool_memory_bytes"),
     ("feedback/graders/worker.py", "self._spent: deque[tuple[float, int]] = deque()"):
-        ("entries of the last hour only (popped as they age), each a grading batch within per_hour", None),
+        ("entries of the last hour only (popped as they age), each a grading batch within per_hour",
+         "servoloop_grading_budget_queue_depth"),
 }
 
 
@@ -53,7 +54,8 @@ def test_every_queue_in_the_product_is_listed_with_its_bound():
 
 def test_every_listed_metric_exists_and_the_bounded_ones_say_how():
     sources = "\n".join((REPO / p).read_text() for p in ("gateway/metrics.py", "gateway/shadow.py", "feedback/sink.py",
-                                                          "feedback/spool.py"))
+                                                          "feedback/spool.py", "gateway/langfuse.py",
+                                                          "feedback/graders/worker.py"))
     for (path, _), (bound, metric) in QUEUES.items():
         assert bound, path
         if metric is not None:
@@ -62,3 +64,40 @@ def test_every_listed_metric_exists_and_the_bounded_ones_say_how():
     for (path, text), _ in QUEUES.items():
         if "asyncio.Queue(" in text and "transformers" not in path:
             assert re.search(r"asyncio\.Queue\([^)]+\)", text), (path, text)
+
+
+async def test_the_langfuse_score_queue_reports_its_depth_and_bound():
+    """Scores queued while no worker runs show in the gateway's registry; the queue refuses beyond its bound."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.langfuse import LangfuseScores, TraceIndex
+    from gateway.settings import LangfuseSettings
+    from schemas.events import FeedbackEvent
+
+    registry = CollectorRegistry()
+    index = TraceIndex(100)
+    scores = LangfuseScores(LangfuseSettings(host="http://127.0.0.1:9", score_queue_size=3), index, registry=registry)
+    index._ids.update({f"i{n}": f"{n:032x}" for n in range(5)})
+    for n in range(5):
+        scores(FeedbackEvent(tenant="t", target_id=f"i{n}", kind="thumbs", thumbs=True))
+    assert registry.get_sample_value("servoloop_langfuse_score_queue_depth") == 3
+    assert registry.get_sample_value("servoloop_langfuse_score_queue_capacity") == 3
+    assert registry.get_sample_value("servoloop_langfuse_scores_total", {"outcome": "dropped"}) == 2
+
+
+async def test_the_grading_budget_deque_reports_its_depth_per_grader():
+    """Each grading batch spent against a grader's hourly budget is one entry, shown per grader; aged ones go."""
+    from prometheus_client import CollectorRegistry
+
+    from feedback.graders.settings import GradingSettings
+    from feedback.graders.worker import GradingWorker, _Budget
+
+    registry = CollectorRegistry()
+    worker = GradingWorker(None, lambda e: None, GradingSettings(), graders={}, registry=registry)  # type: ignore[arg-type]
+    budget = worker._budgets.setdefault("judge", _Budget(100))
+    for t in (0.0, 10.0, 4000.0):
+        budget.spend(t, 5)
+    depth = {"grader": "judge"}
+    assert registry.get_sample_value("servoloop_grading_budget_queue_depth", depth) == 3
+    assert budget.left(4000.0) == 95  # the two entries older than an hour are dropped
+    assert registry.get_sample_value("servoloop_grading_budget_queue_depth", depth) == 1
