@@ -438,8 +438,8 @@ def build_admin_router(store: Store, authenticate: Authenticate, *, publish: Cal
     return router
 
 
-async def _reason(request: Request) -> str:
-    """The optional `reason` of an action request body (`{"reason": "..."}`; an empty body is fine)."""
+async def json_body(request: Request, *, example: str = "") -> object:
+    """The request's JSON body (an empty body reads as `{}`), refused past MAX_BODY bytes, before or while reading."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise InvalidRequest(f"the body is larger than {MAX_BODY} bytes", param="body")
@@ -449,11 +449,16 @@ async def _reason(request: Request) -> str:
         if len(body) > MAX_BODY:
             raise InvalidRequest(f"the body is larger than {MAX_BODY} bytes", param="body")
     if not body.strip():
-        return ""
+        return {}
     try:
-        data = msgspec.json.decode(body)
+        return msgspec.json.decode(body)
     except msgspec.DecodeError:
-        raise InvalidRequest("the body must be a JSON object such as {\"reason\": \"...\"}", param="body") from None
+        raise InvalidRequest(f"the body must be a JSON object{example}", param="body") from None
+
+
+async def _reason(request: Request) -> str:
+    """The optional `reason` of an action request body (`{"reason": "..."}`; an empty body is fine)."""
+    data = await json_body(request, example=' such as {"reason": "..."}')
     if not isinstance(data, dict) or set(data) - {"reason"}:
         raise InvalidRequest("the body may hold only 'reason'", param="body")
     reason = data.get("reason", "")

@@ -17,13 +17,11 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from feedback.budgets import budget_status
 from feedback.dashboard.api import (
-    MAX_BODY,
     MAX_REASON,
     OPERATOR_TENANTS,
     ActionsUnavailable,
@@ -31,6 +29,7 @@ from feedback.dashboard.api import (
     _AdminRoute,
     _json,
     is_operator,
+    json_body,
     parse_name,
     require_admin,
     visible_tenant,
@@ -103,16 +102,7 @@ def build_budgets_router(store: Store, authenticate: Authenticate, *, publish: C
         if not is_operator(principal, operator_tenants):
             raise PermissionDenied(f"only an operator's admin key (tenant {', '.join(sorted(operator_tenants))}) "
                                    "sets budgets")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY:
-                raise InvalidRequest(f"the body is larger than {MAX_BODY} bytes", param="body")
-        try:
-            data = msgspec.json.decode(raw or b"{}")
-        except msgspec.DecodeError:
-            raise InvalidRequest("the body must be a JSON object", param="body") from None
-        fields = parse_budget(data)
+        fields = parse_budget(await json_body(request))
         if publish is None:
             raise ActionsUnavailable("budgets cannot be set in this process (no event sink)", param="body")
         event = BudgetEvent(actor=principal.key_id, **fields)

@@ -25,18 +25,17 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from feedback.dashboard.api import (
-    MAX_BODY,
     MAX_REASON,
     OPERATOR_TENANTS,
     ActionsUnavailable,
     Authenticate,
     _AdminRoute,
     _json,
+    json_body,
     parse_name,
 )
 from feedback.store import Store
@@ -172,15 +171,7 @@ async def own_feedback_only(store: Store, lineage: dict[str, Any], tenant: str |
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            raise InvalidRequest(f"the body is larger than {MAX_BODY} bytes", param="body")
-    try:
-        data = msgspec.json.decode(raw or b"{}")
-    except msgspec.DecodeError:
-        raise InvalidRequest("the body must be a JSON object", param="body") from None
+    data = await json_body(request)
     if not isinstance(data, dict) or set(data) - {"version", "action", "reason", "share"}:
         raise InvalidRequest("the body may hold only 'version', 'action', 'reason' and 'share'", param="body")
     if data.get("action") not in REQUESTABLE:
