@@ -216,8 +216,9 @@ class PatternRule:
         text = view.text
         if self.requires_nonascii and text.isascii():
             return False
-        if self.requires and not any(r in text for r in self.requires):
-            return False
+        requires = self.requires
+        if requires and (requires[0] not in text if len(requires) == 1 else not any(r in text for r in requires)):
+            return False  # (one literal, the common case, tested without a generator)
         if self.requires_lower and not any(r in view.folded for r in self.requires_lower):
             return False
         if self.requires_digit and not view.has_digit:
