@@ -33,7 +33,12 @@ class ModelSettings(BaseModel):
                                       "(default: max_loaded_adapters; at least max_loras)")
     max_loaded_adapters: int = Field(32, ge=1, description="adapters an engine keeps loaded; beyond it the least "
                                      "recently used one is evicted and loads again on its next request")
-    max_concurrency: int = Field(4, ge=1, description="transformers engine: generations run at once")
+    max_concurrency: int = Field(16, ge=1, description="transformers engine: requests admitted at once (rows "
+                                 "of the running batch and those waiting for the next)")
+    max_batch: int = Field(16, ge=1, description="transformers engine: rows in one batched generate (rows may "
+                           "name different adapters)")
+    batch_window_ms: float = Field(3.0, ge=0, le=1000, description="transformers engine: how long the oldest "
+                                   "waiting request waits for others to batch with while the model is idle")
 
     @model_validator(mode="after")
     def _engine_has_what_it_needs(self) -> ModelSettings:

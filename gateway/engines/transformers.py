@@ -1,12 +1,14 @@
-"""Transformers + PEFT engine: generation in worker threads, streamed back to the event loop.
+"""Transformers + PEFT engine: batched generation on one model thread, streamed back to the event loop.
 
-The fallback where vLLM is not installed. Requests run concurrently up to `max_concurrency`; PEFT's
-active adapter is model-wide state, so requests are grouped by adapter (`AdapterGate`): requests for
-the same adapter run together, a request for another waits until those finish.
+The fallback where vLLM is not installed. Up to `max_concurrency` requests are admitted at once; those arriving
+together are batched (`gateway/engines/batching.py`): one left-padded `generate()` of up to `max_batch` rows, each
+row with its own adapter through PEFT's mixed-adapter batches (`adapter_names=[...]`, `"__base__"` for the base
+model), so requests of twenty tenants run together instead of taking turns. Every row streams its own tokens
+and stops on its own max_tokens, stop strings, end of sequence or cancellation; the batch ends with its last row.
 
-Many adapters stay loaded in the one PEFT model (`load_adapter(name)`, `set_adapter`), at most
-`max_loaded_adapters` (an `AdapterCache`: least recently used out, loaded again on its next request). A load
-or an eviction takes the model alone for its few milliseconds, like an adapter switch.
+Many adapters stay loaded in the one PEFT model (`load_adapter(name)`), at most `max_loaded_adapters` (an
+`AdapterCache`: least recently used out, loaded again on its next request). A load or an eviction is a job on
+the model thread between batches: it never changes the model under a running batch.
 """
 
 from __future__ import annotations
@@ -15,60 +17,20 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from typing import Any
 
 from gateway.engines import collect
 from gateway.engines.adapters import AdapterCache
+from gateway.engines.batching import Batcher, BatchStats, Row
 from gateway.engines.prompt import encode_prompt
-from gateway.request import Chunk, InferenceRequest, SamplingParams, Usage
+from gateway.request import Chunk, InferenceRequest, Usage
 from gateway.settings import ModelSettings
 from schemas.errors import EngineUnavailable, NotFound
 
 log = logging.getLogger(__name__)
-_DONE = object()
-
-
-class AdapterGate:
-    """Lets requests of one adapter run together and makes others wait for the switch.
-
-    Fair: once a request for another adapter (or an adapter load) waits, newcomers for the running adapter
-    queue behind it, so a steady stream of one version can never starve a hot swap or the other canary arm.
-    """
-
-    def __init__(self) -> None:
-        self._active: str | None = None
-        self._running = 0
-        self._waiting: Counter[str | None] = Counter()  # adapter -> requests waiting for it
-        self._cond = asyncio.Condition()
-
-    def _may_enter(self, adapter: str | None) -> bool:
-        if self._running == 0:
-            return True
-        return self._active == adapter and sum(self._waiting.values()) == self._waiting[adapter]
-
-    @asynccontextmanager
-    async def use(self, adapter: str | None) -> AsyncIterator[None]:
-        async with self._cond:
-            if not self._may_enter(adapter):
-                self._waiting[adapter] += 1
-                try:
-                    await self._cond.wait_for(lambda: self._may_enter(adapter))
-                finally:
-                    self._waiting[adapter] -= 1
-                    if not self._waiting[adapter]:
-                        del self._waiting[adapter]
-            self._active = adapter
-            self._running += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
+BASE = "__base__"  # PEFT's row name for the base model in a mixed-adapter batch
 
 
 class IncrementalText:
@@ -122,8 +84,8 @@ class IncrementalText:
 
 class TransformersEngine:
     kind = "transformers"
-    # load_adapter runs one forward pass through the new adapter while it holds the model alone, so a hot swap
-    # needs no separate warm-up generation (which would wait for a turn of the adapter gate under load).
+    # load_adapter runs one forward pass through the new adapter on the model thread, so a hot swap needs no
+    # separate warm-up generation.
     warms_adapters_on_load = True
 
     def __init__(self, settings: ModelSettings):
@@ -133,9 +95,9 @@ class TransformersEngine:
         self._path = settings.path
         self._model: Any = None
         self._tokenizer: Any = None
-        self._pool = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="tf-generate")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tf-load")  # start-up only
         self._slots = asyncio.Semaphore(settings.max_concurrency)
-        self._gate = AdapterGate()
+        self._batcher: Batcher | None = None
         self.adapter_cache = AdapterCache(settings.max_loaded_adapters, self._cache_load, self._cache_evict)
         self._model_lock = threading.Lock()  # guards PEFT wrapping and adapter loading against generation
         self._adapter_layers_on = True  # PEFT's state after wrapping or loading: adapter layers enabled
@@ -145,8 +107,14 @@ class TransformersEngine:
         """Registered adapters, name -> path (loaded now or on their next request)."""
         return self.adapter_cache.registered_paths()
 
+    def batch_stats(self) -> BatchStats:
+        """Batches run so far, rows served, the largest batch (zeros before start)."""
+        return self._batcher.stats() if self._batcher else BatchStats(0, 0, 0, 0)
+
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+        self._batcher = Batcher(self._run_batch, self._closed_row, max_batch=self._settings.max_batch,
+                                window_s=self._settings.batch_window_ms / 1000)
 
     def _load(self) -> None:
         import peft  # noqa: F401  (imported now, at start-up: the first hot swap would otherwise pay ~0.2 s for it)
@@ -163,9 +131,13 @@ class TransformersEngine:
         configured = model.generation_config.eos_token_id
         configured = [configured] if isinstance(configured, int) else list(configured or [])
         self._eos_ids = frozenset(i for i in [*configured, self._tokenizer.eos_token_id] if i is not None)
+        eos = next(iter(sorted(self._eos_ids)), 0)
+        self._pad_id = eos if self._tokenizer.pad_token_id is None else self._tokenizer.pad_token_id
         log.info("transformers engine loaded %s", self._path)
 
     async def aclose(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def count_prompt_tokens(self, request: InferenceRequest) -> int:
@@ -175,7 +147,7 @@ class TransformersEngine:
         return await collect(self.stream(request, adapter=adapter))
 
     async def stream(self, request: InferenceRequest, *, adapter: str | None = None) -> AsyncIterator[Chunk]:
-        if self._model is None:
+        if self._model is None or self._batcher is None:
             raise EngineUnavailable("transformers engine is not started")
         if adapter is not None and not self.adapter_cache.registered(adapter):
             raise NotFound(f"adapter {adapter!r} is not loaded", param="model")
@@ -188,94 +160,93 @@ class TransformersEngine:
                 yield chunk
 
     async def _stream(self, request: InferenceRequest, adapter: str | None) -> AsyncIterator[Chunk]:
+        assert self._batcher is not None
         ids = encode_prompt(self._tokenizer, request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
 
         def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        async with self._slots, self._gate.use(adapter):
-            job = loop.run_in_executor(self._pool, self._generate, ids, request.params, adapter, cancel, emit)
+        row = Row(ids, request.params, adapter, emit)
+        async with self._slots:
             try:
-                while (item := await queue.get()) is not _DONE:
+                self._batcher.submit(row)
+            except RuntimeError as e:
+                raise EngineUnavailable("transformers engine is closed") from e
+            try:
+                while isinstance(item := await queue.get(), str):
                     yield Chunk(item)
-                finish, n_out = await job
+                if isinstance(item, BaseException):
+                    raise item
+                finish, n_out = item
                 yield Chunk("", finish, Usage(len(ids), n_out))
             finally:
-                cancel.set()
-                if not job.done():  # let the worker see the flag and return its thread to the pool
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(job)
+                row.cancel.set()  # a no-op once finished; otherwise the row stops emitting (and the batch, if last)
 
-    def _generate(
-        self, ids: list[int], params: SamplingParams, adapter: str | None, cancel: threading.Event,
-        emit: Callable[[Any], None],
-    ) -> tuple[str, int]:
-        """Runs in a worker thread: generate, pushing text deltas through `emit`."""
+    def _closed_row(self, row: Row) -> None:
+        row.emit(EngineUnavailable("transformers engine is closed"))
+
+    def _run_batch(self, rows: list[Row]) -> None:
+        """On the model thread: one batched generate for `rows`, each finished through its own `emit`."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
 
+        loaded = getattr(self._model, "peft_config", None) or {}
+        for row in [r for r in rows if r.adapter is not None and r.adapter not in loaded]:
+            row.emit(NotFound(f"adapter {row.adapter!r} is not loaded", param="model"))  # unloaded while queued
+            rows.remove(row)
+        if not rows:
+            return
         tok = self._tokenizer
-        text = IncrementalText(lambda t: tok.decode(t, skip_special_tokens=True), params.stop)
         eos_ids = self._eos_ids
-        eos = next(iter(eos_ids), None)
+        states = [_RowState(row, IncrementalText(lambda t: tok.decode(t, skip_special_tokens=True), row.params.stop))
+                  for row in rows]
 
-        class Streamer(BaseStreamer):
-            prompt_seen = False
-            last: int | None = None
+        class Rows(StoppingCriteria):
+            """Each step's new token per row: streamed to its request; returns which rows are finished."""
 
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:  # generate() first hands over the prompt
-                    self.prompt_seen = True
-                    return
-                new = value.reshape(-1).tolist()
-                self.last = new[-1] if new else self.last
-                if delta := text.add([t for t in new if t not in eos_ids]):
-                    emit(delta)
-
-            def end(self) -> None:
-                if delta := text.flush():
-                    emit(delta)
-
-        class Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancel.is_set() or text.stopped, dtype=torch.bool)
+                for state, token in zip(states, input_ids[:, -1].tolist(), strict=True):
+                    state.add(token, eos_ids)
+                return torch.tensor([s.done for s in states], dtype=torch.bool)
 
-        streamer = Streamer()
-        kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "do_sample": params.temperature > 0,
-                                  "min_new_tokens": params.min_tokens}
+        params = rows[0].params  # every row shares its batch key: sampling and min_tokens are the same
+        kwargs: dict[str, Any] = {"max_new_tokens": max(r.params.max_tokens for r in rows),
+                                  "do_sample": params.temperature > 0, "min_new_tokens": params.min_tokens}
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
-            if params.seed is not None:
+            if params.seed is not None:  # a seeded row runs alone (batch_key)
                 torch.manual_seed(params.seed)
+        adapters = {r.adapter for r in rows}
+        if len(adapters) > 1:  # rows of different adapters: PEFT picks each row's adapter per layer
+            kwargs["adapter_names"] = [r.adapter or BASE for r in rows]
+        width = max(len(r.ids) for r in rows)
+        input_ids = torch.tensor([[self._pad_id] * (width - len(r.ids)) + r.ids for r in rows])
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows])
         try:
-            self._select_adapter(adapter)
+            self._select_adapter(next((a for a in adapters if a is not None), None) if len(adapters) > 1
+                                 else next(iter(adapters)))
             with torch.inference_mode():
-                input_ids = torch.tensor([ids])
-                self._model.generate(
-                    input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([Stop()]),
-                    pad_token_id=eos if tok.pad_token_id is None else tok.pad_token_id,
-                    eos_token_id=sorted(eos_ids), **kwargs,
-                )
+                self._model.generate(input_ids, attention_mask=mask, pad_token_id=self._pad_id,
+                                     stopping_criteria=StoppingCriteriaList([Rows()]),
+                                     eos_token_id=sorted(eos_ids), **kwargs)
         except Exception as e:
-            emit(_DONE)
-            raise EngineUnavailable(f"generation failed: {type(e).__name__}: {e}") from e
-        emit(_DONE)
-        hit_eos = streamer.last in eos_ids
-        n_out = text.n_tokens + (1 if hit_eos else 0)
-        finish = "stop" if text.stopped or hit_eos or cancel.is_set() else "length"
-        return finish, n_out
+            error = EngineUnavailable(f"generation failed: {type(e).__name__}: {e}")
+            for state in states:
+                if not state.done:
+                    state.done = True
+                    state.row.emit(error)
+            return
+        for state in states:
+            state.finish()  # rows generate() ended for them (its own length limit)
 
     def _select_adapter(self, adapter: str | None) -> None:
         """Put the model in `adapter`'s state (None: adapter layers off), if it is not already.
 
-        Model-wide and idempotent: the gate lets only requests of one adapter run at a time, so they all want
-        the same state. (A per-request `disable_adapter()` context would be wrong here: the first of two
-        concurrent base requests to finish would switch the adapter back on under the other.)
+        Model-wide, and only ever called on the model thread: a batch of one adapter runs PEFT's plain path; a
+        mixed batch names its rows' adapters itself and only needs the adapter layers on.
         """
         model = self._model
         if not hasattr(model, "peft_config"):
@@ -306,13 +277,19 @@ class TransformersEngine:
             await self.adapter_cache.unregister(name)
         self.adapter_cache.register(name, path)
 
+    async def _on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        if self._batcher is None:
+            raise EngineUnavailable("transformers engine is not started")
+        try:
+            return await asyncio.wrap_future(self._batcher.run_job(fn))
+        except RuntimeError as e:
+            raise EngineUnavailable(f"transformers engine: {e}") from e
+
     async def _cache_load(self, name: str, path: str) -> None:
-        async with self._gate.use(f"\0load:{name}"):  # no generation runs while the model changes
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._load_and_warm, name, path)
+        await self._on_model_thread(lambda: self._load_and_warm(name, path))  # between batches, never during one
 
     async def _cache_evict(self, name: str) -> None:
-        async with self._gate.use(f"\0unload:{name}"):
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._unload_adapter, name)
+        await self._on_model_thread(lambda: self._unload_adapter(name))  # after every row queued before it
 
     def _load_and_warm(self, name: str, path: str) -> None:
         import torch
@@ -330,7 +307,7 @@ class TransformersEngine:
                 self._model.delete_adapter(name)
             if isinstance(self._model, PeftModel):
                 self._model.load_adapter(path, adapter_name=name)
-                self._model.base_model.enable_adapter_layers()  # a known state; the next request sets its own
+                self._model.base_model.enable_adapter_layers()  # a known state; the next batch sets its own
             else:
                 self._model = PeftModel.from_pretrained(self._model, path, adapter_name=name).eval()
             self._adapter_layers_on = True
@@ -344,3 +321,39 @@ class TransformersEngine:
             if not self._model.peft_config:  # none left: PEFT would still name the deleted one active; unwrap
                 self._model = self._model.unload().eval()
                 self._adapter_layers_on = True
+
+
+class _RowState:
+    """One row's progress through its batch: detokenised text, tokens counted, and whether it is finished."""
+
+    def __init__(self, row: Row, text: IncrementalText) -> None:
+        self.row = row
+        self.text = text
+        self.hit_eos = False
+        self.done = False
+
+    def add(self, token: int, eos_ids: frozenset[int]) -> None:
+        """The row's next token (padding once the row is finished, then ignored)."""
+        if self.done:
+            return
+        if self.row.cancel.is_set():
+            self.done = True  # nobody listens: no end to send
+            return
+        if token in eos_ids:
+            self.hit_eos = True
+        elif delta := self.text.add([token]):
+            self.row.emit(delta)
+        if self.hit_eos or self.text.stopped or self.n_out >= self.row.params.max_tokens:
+            self.finish()
+
+    @property
+    def n_out(self) -> int:
+        return self.text.n_tokens + (1 if self.hit_eos else 0)
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if delta := self.text.flush():
+            self.row.emit(delta)
+        self.row.emit(("stop" if self.text.stopped or self.hit_eos else "length", self.n_out))

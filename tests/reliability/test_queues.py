@@ -19,6 +19,9 @@ QUEUES: dict[tuple[str, str], tuple[str, str | None]] = {
     ("gateway/engines/transformers.py", "queue: asyncio.Queue[Any] = asyncio.Queue()"):
         ("per request: at most max_tokens + 1 items (the limit RequestLimits.max_output_tokens enforces); "
          "at most max_concurrency of them at once", "servoloop_active_streams"),
+    ("gateway/engines/batching.py", "self._queue: deque[Row | _Job] = deque()"):
+        ("rows admitted by the engine's max_concurrency semaphore, plus one adapter load/evict job per adapter "
+         "cache operation awaiting it", None),
     ("gateway/shadow.py", "asyncio.Queue(p.queue_size)"): ("shadow policy queue_size", "servoloop_shadow_queue_depth"),
     ("gateway/langfuse.py", "asyncio.Queue(settings.score_queue_size)"):
         ("tracing.langfuse.score_queue_size (newer scores dropped when full)", "servoloop_langfuse_score_queue_depth"),
