@@ -103,7 +103,7 @@ class PreparedBatch:
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while a batch is converted (threads may nest this).
 
     A batch allocates several container objects per event and none of them form cycles; the collector's
@@ -140,7 +140,7 @@ def prepare_batch(values: Sequence[bytes | None],
     """
     if source is not None and len(source) != len(values):
         raise InvalidRequest(f"source has {len(source)} entries for {len(values)} values")
-    with _collector_paused():
+    with collector_paused():
         good, dead = decode_batch(values, source)
         return PreparedBatch(len(values), _tables([*good, *dead]) if good or dead else [], tuple(dead),
                              tuple(e.event_id for e in good))
