@@ -182,7 +182,7 @@ def _whitespace_bounded_literals(rule: object) -> tuple[str, tuple[str, ...]] | 
     in the folded text) and no match can hold a space, tab, newline or carriage return; else None."""
     if not isinstance(rule, PatternRule) or rule._stop is None:
         return None
-    if rule.requires_digit or rule.requires_nonascii or rule.requires_re is not None:
+    if rule.requires_digit or rule.requires_nonascii:  # (a `requires_re` leaves the literals necessary)
         return None
     if not all(rule._stop.fullmatch(c) for c in " \n\t\r"):
         return None

@@ -8,6 +8,7 @@ rules for SSNs, `ipaddress` for IPs, digit counts for phones, calendar checks fo
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import regex
 
@@ -238,6 +239,7 @@ def _dob(m: regex.Match[str]) -> tuple[str, float] | None:
     return ("DATE_OF_BIRTH", 0.85) if date_ok(m.group("v")) else None
 
 
+_TWO_COLONS = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _FILE_TLDS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "css", "js", "ts", "py",
                         "json", "yaml", "yml", "txt", "md", "html", "pdf", "zip"})
 
@@ -309,7 +311,8 @@ def rules() -> tuple[PatternRule | AnchoredRule, ...]:
             r"[^\d\n+]{0,12}(?P<v>\+?\d[\d ().\-]{5,18}\d)(?![\d\-])")),
         AnchoredRule(NAME, "IP_ADDRESS", digits, validate=_ipv4, requires=(".",), requires_shape=clusters, pattern=(
             r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w]|\.\d)")),
-        PatternRule(NAME, "IP_ADDRESS", validate=_ipv6, requires=(":",), pattern=(
+        # Two of its colons lie at most four hex digits apart: one cheap `re` search skips prose with colons.
+        PatternRule(NAME, "IP_ADDRESS", validate=_ipv6, requires=(":",), requires_re=_TWO_COLONS, pattern=(
             r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
             r"(?![\w:]|\.\w)")),
         AnchoredRule(NAME, "DATE_OF_BIRTH", words, group="dob", validate=_dob, pattern=(
