@@ -5,8 +5,12 @@
    (realistic size: a short chat and answer) at a fixed rate for `--duration` seconds. Every 250 ms the store is
    asked how many rows are visible; the publish time of the newest visible event gives the end-to-end lag at
    that moment. Reports the sustained rate at which events became visible and lag p50/p99/max, then checks
-   with FINAL that every event arrived exactly once.
-2. Request-path cost: the gateway's event observer (`gateway.events.EventEmitter` over the real durable sink)
+   with FINAL that every event arrived exactly once. The distributed run also reports the CPU each process
+   spent per event (producer, broker, ingester): on a 2-core machine the three share the same cores.
+2. Ingester capacity: the ingester alone (consumer group + chDB) draining a topic pre-filled with
+   `--capacity-events` events, no producer competing: events/s and CPU per event, so the producer side is
+   measured separately from the consumer side.
+3. Request-path cost: the gateway's event observer (`gateway.events.EventEmitter` over the real durable sink)
    timed per request on realistic outcomes; and the same with no pipeline (the observer absent), so the
    difference is what emission adds to a request.
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -30,6 +35,11 @@ from benchmarks.common import pct, write_result
 from feedback.pipeline import EventPipeline
 from feedback.settings import EventSettings, IngestSettings
 from schemas.events import InferenceEvent, Message
+
+# How long the ingester waits for a batch to fill: at 50k events/s, 0.5 s batches are ~25k events. Each chDB
+# insert costs ~30-40 ms of CPU whatever its size (measured: 10 rows 27-41 ms, 12.5k rows 42-85 ms), so 0.25 s
+# batches spent twice that per event; 0.5 s is IngestSettings' default and keeps lag p99 well under 2 s.
+BATCH_WAIT_S = 0.5
 
 PROMPT = "What is the capital of France? Answer in one short sentence, please."
 ANSWER = "Sure! The capital of France is Paris, a city on the Seine known for its museums."
@@ -72,7 +82,7 @@ async def produce_main(bootstrap: str, rate: float, duration: float, spool: Path
     await task
     await sink.wait_delivered(120)
     await sink.aclose()
-    print(json.dumps({"published": published[0]}), flush=True)
+    print(json.dumps({"published": published[0], "cpu_s": time.process_time()}), flush=True)
 
 
 async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology: str) -> dict:
@@ -80,7 +90,7 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
     `embedded`: everything in this one process, as `servoloop up` runs it (the sink retains until stored)."""
     from feedback.broker import EmbeddedBroker
 
-    ingest = IngestSettings(batch_max_events=50_000, batch_max_wait_s=0.25)
+    ingest = IngestSettings(batch_max_events=50_000, batch_max_wait_s=BATCH_WAIT_S)
     broker = None
     producer = None
     if topology == "distributed":
@@ -120,6 +130,7 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
         tasks.append(asyncio.create_task(_produce_at(sink.publish, rate, stop, published)))
     started = time.monotonic()
     last_print = started
+    cpu0, broker_cpu0 = time.process_time(), _process_cpu_s(broker.pid if broker else None)
     while time.monotonic() - started < duration:
         await asyncio.sleep(1.0)
         if time.monotonic() - last_print >= 10 and visible_series:
@@ -127,9 +138,11 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
             print(f"  {time.monotonic() - started:5.0f} s: visible {visible_series[-1][1]}, "
                   f"lag {lags_s[-1] if lags_s else float('nan'):.2f} s", flush=True)
     stop.set()
+    producer_cpu_s = None
     if producer is not None:
         out, _ = await producer.communicate()
-        published[0] = json.loads(out.decode().strip().splitlines()[-1])["published"]
+        report = json.loads(out.decode().strip().splitlines()[-1])
+        published[0], producer_cpu_s = report["published"], report["cpu_s"]
     await asyncio.gather(*tasks)
     deadline = time.monotonic() + 120
     final = unique = 0
@@ -139,12 +152,17 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
         if unique >= published[0]:
             break
         await asyncio.sleep(0.5)
+    ingester_cpu_s = time.process_time() - cpu0
+    broker_cpu_s = _process_cpu_s(broker.pid if broker else None) - broker_cpu0
     await pipeline.aclose()
     if broker is not None:
         broker.stop()
     # sustained rate: rows that became visible during the run (after its first second), per second
     window = [(t, v) for t, v in visible_series if t - started >= 1.0]
     visible_rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
+    cpu: dict[str, float | None] = {"ingester": ingester_cpu_s, "producer": producer_cpu_s, "broker": broker_cpu_s}
+    if topology == "embedded":  # one process: producer, sink and ingester together (its tansu child not counted)
+        cpu = {"process": ingester_cpu_s}
     return {
         "topology": topology, "offered_events_per_s": rate, "duration_s": duration, "published_events": published[0],
         "visible_events_per_s": round(visible_rate, 1),
@@ -152,7 +170,66 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
         "lag_max_s": round(max(lags_s), 3) if lags_s else None,
         "final_rows": final, "final_distinct_event_ids": unique,
         "lost_events": published[0] - unique, "duplicate_rows": final - unique,
+        "cpu_us_per_event": {k: round(v / max(1, published[0]) * 1e6, 2) if v is not None else None
+                             for k, v in cpu.items()},
     }
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a running process (0 when there is none)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def ingest_capacity(events: int, tmp: Path) -> dict:
+    """The ingester alone: a real consumer group into chDB draining `events` pre-filled records (no producer
+    running meanwhile), the pipeline's own batch step. Events/s from the first record read to the last stored."""
+    from confluent_kafka import Producer
+
+    from feedback.broker import EmbeddedBroker
+    from feedback.ingest import Ingester
+    from feedback.kafka import producer_config
+    from feedback.store import ChdbStore, ingest_batch, migrate
+    from schemas.events import encode_event
+
+    topic = "servoloop.inferences"
+    with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
+        broker.create_topics([topic])
+        producer = Producer(producer_config(broker.bootstrap_servers))
+        now_ms = int(time.time() * 1000)
+        for i in range(events):
+            while True:
+                try:
+                    producer.produce(topic, encode_event(make_event(i, now_ms)), f"tenant-{i % 8}".encode())
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        producer.flush(120)
+        del producer  # closed now, not when the broker is already gone (librdkafka would log the disconnect)
+        store = ChdbStore.open(tmp / "chdb")
+        await migrate(store)
+
+        async def handle(values: list[bytes], source: list) -> object:  # type: ignore[type-arg]
+            return await ingest_batch(store, values, source=source)
+
+        ingester = Ingester(broker.bootstrap_servers, [topic], handle,
+                            settings=IngestSettings(batch_max_events=50_000, batch_max_wait_s=BATCH_WAIT_S))
+        await ingester.start()
+        started = cpu0 = None
+        while ingester.ingested < events:
+            await asyncio.sleep(0.01)
+            if started is None and ingester.consumed:
+                started, cpu0 = time.monotonic(), time.process_time()
+        assert started is not None and cpu0 is not None
+        wall, cpu = time.monotonic() - started, time.process_time() - cpu0
+        await ingester.stop()
+        r = await store.query("SELECT count() AS n, uniqExact(event_id) AS u FROM inferences FINAL")
+        await store.aclose()
+    return {"events": events, "events_per_s": round(events / wall, 1), "cpu_us_per_event": round(cpu / events * 1e6, 2),
+            "batches": ingester.batches, "final_rows": int(r.column("n")[0].as_py()),
+            "final_distinct_event_ids": int(r.column("u")[0].as_py())}
 
 
 def _outcomes(count: int) -> list:  # type: ignore[type-arg]
@@ -238,6 +315,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of sustained load")
     ap.add_argument("--quick", action="store_true", help="10 s smoke run")
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--capacity-events", type=int, default=500_000,
+                    help="events pre-filled for the ingester-capacity run (0 skips it)")
     ap.add_argument("--topology", choices=["distributed", "embedded", "both"], default="both")
     ap.add_argument("--produce", metavar="BOOTSTRAP", help=argparse.SUPPRESS)  # the producer subprocess
     ap.add_argument("--spool", type=Path, help=argparse.SUPPRESS)
@@ -246,6 +325,7 @@ def main() -> None:
         asyncio.run(produce_main(a.produce, a.rate, a.duration, a.spool))
         return
     duration = 10.0 if a.quick else a.duration
+    capacity_events = min(a.capacity_events, 100_000) if a.quick else a.capacity_events
     out: dict = {"targets": {"visible_events_per_s": 50_000, "lag_p99_s": 2.0, "added_us_per_request": 30.0}}
     with tempfile.TemporaryDirectory(prefix="servoloop-bench-ingest-") as tmp:
         cost = request_path_cost(Path(tmp) / "cost")
@@ -253,13 +333,18 @@ def main() -> None:
               f"{cost['request_path_us_p99']} µs; {cost['events_per_request']} events); CPU with background shipping "
               f"{cost['process_cpu_us_per_request_with_shipping']} µs per request", flush=True)
         out["request_path"] = cost
+        if capacity_events > 0 and not a.skip_ingest:
+            cap = asyncio.run(ingest_capacity(capacity_events, Path(tmp) / "capacity"))
+            print(f"ingester capacity: {cap['events_per_s']} events/s draining {cap['events']} events, "
+                  f"{cap['cpu_us_per_event']} µs CPU per event", flush=True)
+            out["ingest_capacity"] = cap
         topologies = [] if a.skip_ingest else ["distributed", "embedded"] if a.topology == "both" else [a.topology]
         for topology in topologies:
             print(f"sustained ingest ({topology}): {a.rate:.0f} events/s offered for {duration:.0f} s", flush=True)
             ingest = asyncio.run(sustained_ingest(a.rate, duration, Path(tmp) / topology, topology=topology))
             print(f"  visible {ingest['visible_events_per_s']} events/s, lag p50 {ingest['lag_p50_s']} s, "
-                  f"p99 {ingest['lag_p99_s']} s; lost {ingest['lost_events']}, duplicates {ingest['duplicate_rows']}",
-                  flush=True)
+                  f"p99 {ingest['lag_p99_s']} s; lost {ingest['lost_events']}, duplicates {ingest['duplicate_rows']}; "
+                  f"CPU µs per event {ingest['cpu_us_per_event']}", flush=True)
             out[f"ingest_{topology}"] = ingest
     print(f"wrote {write_result('ingest', out)}")
 

@@ -7,6 +7,7 @@ last one runs the whole path into the real store (`feedback.store.ingest_batch` 
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +126,7 @@ async def test_batches_never_exceed_the_size_bound(broker: EmbeddedBroker, prefi
     await ing.stop()
     assert max(len(b) for b in store.batches) <= 128
     assert store.values == [b"%d" % i for i in range(1000)]  # one partition: in order
+    assert gc.isenabled()  # consuming pauses the cyclic collector only for the duration of each fetch
 
 
 async def test_a_failing_store_is_retried_and_nothing_is_committed_until_it_succeeds(

@@ -304,3 +304,37 @@ async def test_a_closed_store_refuses_work_as_unavailable() -> None:
 async def test_an_unreachable_server_is_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await ClickHouseStore.connect("http://127.0.0.1:1", "x", connect_timeout=1)
+
+
+def test_the_collector_pause_nests_across_threads_and_restores_the_state_it_found() -> None:
+    """The ingester's consumer thread and the batch conversion pause the cyclic collector independently: it runs
+    again only when the last pause ends, and a collector that was off before stays off."""
+    import gc
+    import threading
+
+    from feedback.store.writer import collector_paused
+
+    assert gc.isenabled()
+    inner_entered, release = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        with collector_paused():
+            inner_entered.set()
+            release.wait(5)
+
+    with collector_paused():
+        t = threading.Thread(target=other_thread)
+        t.start()
+        assert inner_entered.wait(5)
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread's pause still holds
+    release.set()
+    t.join(5)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
