@@ -240,6 +240,7 @@ def _dob(m: regex.Match[str]) -> tuple[str, float] | None:
 
 
 _TWO_COLONS = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_AREA_CODE = re.compile(r"\([2-9]\d\d\)")  # in every "(555) 123-4567": prose in parentheses is skipped
 _FILE_TLDS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "css", "js", "ts", "py",
                         "json", "yaml", "yml", "txt", "md", "html", "pdf", "zip"})
 
@@ -297,7 +298,7 @@ def rules() -> tuple[PatternRule | AnchoredRule, ...]:
         PatternRule(NAME, "PHONE_NUMBER", validate=_phone, requires=("+",), pattern=(
             r"\+(?<![\w+\-.]\+)[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}(?:[ .\-]?\d{1,5}){0,5}"
             r"(?![\d\-]|\.\d)")),
-        PatternRule(NAME, "PHONE_NUMBER", validate=_phone, requires=("(",), pattern=(
+        PatternRule(NAME, "PHONE_NUMBER", validate=_phone, requires=("(",), requires_re=_AREA_CODE, pattern=(
             r"\((?<![\w+\-.]\()[2-9]\d{2}\)[ .\-]?[2-9]\d{2}[ .\-]\d{4}(?![\d\-]|\.\d)")),
         AnchoredRule(NAME, "PHONE_NUMBER", digits, validate=_phone, requires_shape=clusters, pattern=(
             r"\d(?<![\w+\-.]\d)(?:(?<=1)[ .\-](?:\([2-9]\d{2}\)[ .\-]?|[2-9]\d{2}[ .\-])|(?<=[2-9])\d{2}[ .\-])"
