@@ -32,7 +32,7 @@ import aiohttp
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import free_port, pct, wait_http, write_result
+from benchmarks.common import free_port, pct, process_cpu_s, wait_http, write_result
 from schemas.pb import inference_pb2 as pb
 from schemas.pb import inference_pb2_grpc as pb_grpc
 
@@ -70,12 +70,6 @@ async def open_loop(send: Callable[[], Awaitable[bool]], rate: float, duration: 
     return {"offered_rps": rate, "achieved_rps": round(len(latencies) / wall, 1), "requests": n,
             "failures": failures, "latencies": latencies,
             "schedule_lag_ms": round((sent_by - start - (n - 1) / rate) * 1000, 2)}
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pooled(runs: list[dict], rate: float) -> dict:
@@ -140,9 +134,9 @@ async def measure_unary(upstream_url: str, gateways: list[GatewayUnderTest], key
             cpu: dict[str, float] = {name: 0.0 for name, _, _ in targets}
             for _ in range(rounds):
                 for name, send, pid in targets:
-                    before = _cpu_s(pid) if pid else 0.0
+                    before = process_cpu_s(pid) if pid else 0.0
                     runs[name].append(await open_loop(send, rate, duration / rounds))
-                    cpu[name] += (_cpu_s(pid) - before) if pid else 0.0
+                    cpu[name] += (process_cpu_s(pid) - before) if pid else 0.0
                     await asyncio.sleep(0.3)
             results = {name: _pooled(r, rate) for name, r in runs.items()}
             d = results["direct"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import pct, write_result
+from benchmarks.common import pct, process_cpu_s, write_result
 from feedback.pipeline import EventPipeline
 from feedback.settings import EventSettings, IngestSettings
 from schemas.events import InferenceEvent, Message
@@ -130,7 +129,7 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
         tasks.append(asyncio.create_task(_produce_at(sink.publish, rate, stop, published)))
     started = time.monotonic()
     last_print = started
-    cpu0, broker_cpu0 = time.process_time(), _process_cpu_s(broker.pid if broker else None)
+    cpu0, broker_cpu0 = time.process_time(), (process_cpu_s(broker.pid) if broker and broker.pid else 0.0)
     while time.monotonic() - started < duration:
         await asyncio.sleep(1.0)
         if time.monotonic() - last_print >= 10 and visible_series:
@@ -153,7 +152,7 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
             break
         await asyncio.sleep(0.5)
     ingester_cpu_s = time.process_time() - cpu0
-    broker_cpu_s = _process_cpu_s(broker.pid if broker else None) - broker_cpu0
+    broker_cpu_s = (process_cpu_s(broker.pid) if broker and broker.pid else 0.0) - broker_cpu0
     await pipeline.aclose()
     if broker is not None:
         broker.stop()
@@ -173,14 +172,6 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
         "cpu_us_per_event": {k: round(v / max(1, published[0]) * 1e6, 2) if v is not None else None
                              for k, v in cpu.items()},
     }
-
-
-def _process_cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of a running process (0 when there is none)."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def ingest_capacity(events: int, tmp: Path) -> dict:
