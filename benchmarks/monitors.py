@@ -81,7 +81,8 @@ async def main_async(a: argparse.Namespace) -> dict:
               "seed_s": round(time.perf_counter() - t0, 1)}
     print(f"seeded {seeded['inference_rows']} inferences, {seeded['feedback_rows']} feedback in {seeded['seed_s']} s",
           flush=True)
-    policy = load_policy(None) if a.drift_rows is None else drift_policy(tmp, a.drift_rows, a.drift_prompts)
+    policy = (load_policy(None) if a.drift_rows is None
+              else drift_policy(tmp, a.drift_rows, a.drift_prompts, a.drift_stat_rows))
     monitors = default_monitors(tmp / "reports")
     published: list = []
 
@@ -107,6 +108,9 @@ async def main_async(a: argparse.Namespace) -> dict:
         **seeded, "policy": "bundled (feedback/monitors/default_policy.yaml)" + (
             "" if a.drift_rows is None else f", drift max_rows={a.drift_rows} max_embeddings={a.drift_prompts}"),
         "drift_max_rows_per_window": a.drift_rows or 5000, "drift_max_prompts_per_window": a.drift_prompts or 2000,
+        # rows per window that the per-column tests read (DriftSettings.stat_rows): a uniform subsample
+        "drift_stat_rows_per_window": min(a.drift_rows or 5000, 20_000 if a.drift_stat_rows is None
+                                          else a.drift_stat_rows or a.drift_rows or 5000),
         "monitor_entries": len(policy.active), "results_per_cycle": len(last.results),
         "warmup_cycle_s": round(warm_s, 2), "cycle_s": [round(x, 2) for x in timings],
         "cycle_median_s": round(statistics.median(timings), 2) if timings else None,
@@ -115,12 +119,17 @@ async def main_async(a: argparse.Namespace) -> dict:
     }
 
 
-def drift_policy(tmp: Path, rows: int, prompts: int | None) -> PolicyFile:
-    """The bundled policy with the drift monitors' per-window sample sizes raised (default: 5,000 rows, 2,000 prompts)."""
+def drift_policy(tmp: Path, rows: int, prompts: int | None, stat_rows: int | None = None) -> PolicyFile:
+    """The bundled policy with the drift monitors' per-window sample sizes raised (default: 5,000 rows, 2,000 prompts).
+
+    `stat_rows`: rows of the sample the per-column tests read (None: DriftSettings' default, 20,000; 0: all).
+    """
     doc = yaml.safe_load(bundled_policy_text())
     for entry in doc["monitors"]:
         if entry.get("kind") == "drift":
             entry["params"] = {**entry.get("params", {}), "max_rows": rows, "max_embeddings": prompts or 2000}
+            if stat_rows is not None:
+                entry["params"]["stat_rows"] = stat_rows or None
     path = tmp / "policy.yaml"
     path.write_text(yaml.safe_dump(doc))
     return load_policy(path)
@@ -133,6 +142,8 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--drift-rows", type=int, default=None, help="rows sampled per window by the drift monitors")
     ap.add_argument("--drift-prompts", type=int, default=None, help="prompts embedded per window by the drift monitors")
+    ap.add_argument("--drift-stat-rows", type=int, default=None,
+                    help="rows per window the per-column drift tests read (default 20,000; 0: all --drift-rows)")
     ap.add_argument("--out", default="monitors", help="result name (benchmarks/results/<out>.json)")
     a = ap.parse_args()
     out = asyncio.run(main_async(a))
