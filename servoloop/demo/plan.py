@@ -44,6 +44,7 @@ class DemoPlan:
     win_prompts: int
     win_samples: int
     timeout_s: float  # the whole run; past it the demo stops and reports what it has
+    data_window: str = "8m"  # what a retrain trigger's dataset reaches back over (see `policy`)
 
     @staticmethod
     def full() -> DemoPlan:
@@ -54,10 +55,16 @@ class DemoPlan:
 
     @staticmethod
     def quick() -> DemoPlan:
-        return DemoPlan("quick", trainers=16, holdout=10, poisoners=8, drift_after_turns=60,
-                        holdout_turns_before=60, holdout_turns_after=60, min_samples=160,
-                        canary_min_samples=20, canary_min_feedback=15, canary_share=0.5, monitor_interval_s=5.0,
-                        epochs=6.0, eval_pairs=48, win_prompts=24, win_samples=2, timeout_s=1500.0)
+        # CI size. Fewer thumbs before the first trigger (~90 training pairs; 8 epochs at 2e-3, ~48 steps, as the
+        # measured 29 % -> 80 % in `recipe`: 6 epochs reached only +38 points), a 2-minute data window (it covers
+        # the ~1-2 min baseline for the first trigger; minutes later the poisoned trigger's dataset is the poisoned
+        # feedback, not the trainers' good baseline pairs: measured win-rates 0.21 and 0.35 instead of 0.45-0.53
+        # against the 0.55 bound, and a smaller second training), monitors every 3 s. Seed 7: +51.7 points, 440 s
+        # on 2 cores under a load of 11-15 (the previous sizes: 850 s under 15-22).
+        return DemoPlan("quick", trainers=16, holdout=10, poisoners=8, drift_after_turns=45,
+                        holdout_turns_before=45, holdout_turns_after=45, min_samples=120,
+                        canary_min_samples=20, canary_min_feedback=15, canary_share=0.5, monitor_interval_s=3.0,
+                        epochs=8.0, eval_pairs=48, win_prompts=24, win_samples=2, timeout_s=1500.0, data_window="2m")
 
     def scaled(self, users: int | None) -> DemoPlan:
         """The plan with `users` trainers (the other groups in proportion); None keeps it."""
@@ -83,7 +90,7 @@ def policy(plan: DemoPlan) -> dict[str, Any]:
              "threshold": SATISFACTION_LEVEL, "min_samples": plan.min_samples, "tenants": [TRAIN_TENANT],
              # The window reaches back over the baseline phase for the first trigger; the poisoned phase's
              # trigger, minutes later, sees mostly the feedback since the promotion.
-             "action": {"type": "retrain", "recipe": "dpo", "data_window": "8m"}},
+             "action": {"type": "retrain", "recipe": "dpo", "data_window": plan.data_window}},
             # The prompt mix moving away from the last minutes' (request features; Evidently report): alert.
             {"name": "request_drift", "kind": "drift", "metric": "dataset_drift", "tenants": [TRAIN_TENANT],
              "window": {"current": "40s", "baseline": "2m"},
