@@ -7,6 +7,8 @@ clients, each sending `--requests` / concurrency greedy requests of `--max-token
 every request names adapter 0 (one tenant); scenario `mixed`: request i names adapter i mod N (every tenant at
 once, interleaved). A warm-up pass loads every adapter first; then each scenario is measured. Target: mixed
 throughput >= 70% of single. Each engine runs in its own child process (vLLM's environment stays its own).
+The Transformers engine batches concurrent requests (`--max-batch` rows per generate, rows of different adapters
+together through PEFT's mixed-adapter batches; `--batch-window-ms`); vLLM batches on its own.
 
     .venv/bin/python benchmarks/multi_adapter.py            # full run, both engines (several minutes)
     .venv/bin/python benchmarks/multi_adapter.py --quick    # smoke run: few requests
@@ -61,7 +63,8 @@ async def run_engine(kind: str, args: argparse.Namespace, adapters: list[Path]) 
 
     settings = ModelSettings(name="tiny", path=str(args.model), engine=kind, dtype="float32", max_model_len=512,
                              max_loras=args.max_loras, max_lora_rank=max(8, args.rank),
-                             max_loaded_adapters=max(len(adapters), 1), max_concurrency=args.concurrency)
+                             max_loaded_adapters=max(len(adapters), 1), max_concurrency=args.concurrency,
+                             max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
     t0 = time.monotonic()
     if kind == "vllm":
         from gateway.engines.vllm import VLLMEngine
@@ -98,10 +101,13 @@ async def run_engine(kind: str, args: argparse.Namespace, adapters: list[Path]) 
                 latencies.append(lat)
                 tokens += n
 
+        batches = engine.batch_stats().batches if hasattr(engine, "batch_stats") else None
         t = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(args.concurrency)))
         wall = time.perf_counter() - t
-        return {"requests": len(pick), "wall_s": round(wall, 3), "requests_per_s": round(len(pick) / wall, 2),
+        if batches is not None:  # Transformers: how many generate() calls served the scenario
+            batches = engine.batch_stats().batches - batches
+        return {"batches": batches, "requests": len(pick), "wall_s": round(wall, 3), "requests_per_s": round(len(pick) / wall, 2),
                 "tokens_per_s": round(tokens / wall, 1), "p50_ms": round(pct(latencies, 50) * 1000, 1),
                 "p99_ms": round(pct(latencies, 99) * 1000, 1), "distinct_adapters": len(set(pick))}
 
@@ -115,7 +121,9 @@ async def run_engine(kind: str, args: argparse.Namespace, adapters: list[Path]) 
     await engine.aclose()
     ratio = mixed["requests_per_s"] / single["requests_per_s"]
     return {"engine": kind, "start_s": round(started_s, 1), "adapters": len(names), "max_loras": args.max_loras,
-            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "warm_up": warm, "single": single,
+            "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+            "max_batch": args.max_batch if kind == "transformers" else None,
+            "batch_window_ms": args.batch_window_ms if kind == "transformers" else None, "warm_up": warm, "single": single,
             "mixed": mixed, "mixed_over_single": round(ratio, 3), "target_met": ratio >= 0.7, "cache": after}
 
 
@@ -141,6 +149,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=400, help="per scenario")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=16, help="Transformers: rows in one batched generate")
+    p.add_argument("--batch-window-ms", type=float, default=3.0, help="Transformers: batching window")
     p.add_argument("--model", type=Path, default=MODEL_DIR)
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--adapter-dir", help=argparse.SUPPRESS)
@@ -156,7 +166,8 @@ def main() -> None:
         for kind in [k.strip() for k in args.engines.split(",") if k.strip()]:
             cmd = [sys.executable, __file__, "--one", kind, "--adapter-dir", tmp, "--rank", str(args.rank),
                    "--max-loras", str(args.max_loras), "--concurrency", str(args.concurrency),
-                   "--requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--model", str(args.model)]
+                   "--requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--model", str(args.model),
+                   "--max-batch", str(args.max_batch), "--batch-window-ms", str(args.batch_window_ms)]
             env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                    "TOKENIZERS_PARALLELISM": "false"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)

@@ -2,8 +2,9 @@
 
 The fallback where vLLM is not installed. Up to `max_concurrency` requests are admitted at once; those arriving
 together are batched (`gateway/engines/batching.py`): one left-padded `generate()` of up to `max_batch` rows, each
-row with its own adapter through PEFT's mixed-adapter batches (`adapter_names=[...]`, `"__base__"` for the base
-model), so requests of twenty tenants run together instead of taking turns. Every row streams its own tokens
+row with its own adapter (stacked LoRA weights and batched matmuls, `gateway/engines/lora_batch.py`; PEFT's own
+mixed-adapter batches, `adapter_names=[...]`, for adapter kinds that does not cover), so requests of twenty
+tenants run together instead of taking turns. Every row streams its own tokens
 and stops on its own max_tokens, stop strings, end of sequence or cancellation; the batch ends with its last row.
 
 Many adapters stay loaded in the one PEFT model (`load_adapter(name)`), at most `max_loaded_adapters` (an
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from gateway.engines import collect
+from gateway.engines import collect, lora_batch
 from gateway.engines.adapters import AdapterCache
 from gateway.engines.batching import Batcher, BatchStats, Row
 from gateway.engines.prompt import encode_prompt
@@ -100,6 +101,7 @@ class TransformersEngine:
         self._batcher: Batcher | None = None
         self.adapter_cache = AdapterCache(settings.max_loaded_adapters, self._cache_load, self._cache_evict)
         self._model_lock = threading.Lock()  # guards PEFT wrapping and adapter loading against generation
+        self._mixed = lora_batch.MixedLoRA()  # stacked adapter weights for batches of several adapters
         self._adapter_layers_on = True  # PEFT's state after wrapping or loading: adapter layers enabled
 
     @property
@@ -220,15 +222,19 @@ class TransformersEngine:
             if params.seed is not None:  # a seeded row runs alone (batch_key)
                 torch.manual_seed(params.seed)
         adapters = {r.adapter for r in rows}
-        if len(adapters) > 1:  # rows of different adapters: PEFT picks each row's adapter per layer
+        per_row: Any = contextlib.nullcontext()
+        select = next(iter(adapters))
+        if len(adapters) > 1 and lora_batch.supported(self._model):  # rows of different adapters, batched bmm
+            per_row, select = self._mixed.rows(self._model, [r.adapter for r in rows]), None
+        elif len(adapters) > 1:  # PEFT picks each row's adapter per layer (slower: a loop over the adapters)
             kwargs["adapter_names"] = [r.adapter or BASE for r in rows]
+            select = next(a for a in adapters if a is not None)
         width = max(len(r.ids) for r in rows)
         input_ids = torch.tensor([[self._pad_id] * (width - len(r.ids)) + r.ids for r in rows])
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows])
         try:
-            self._select_adapter(next((a for a in adapters if a is not None), None) if len(adapters) > 1
-                                 else next(iter(adapters)))
-            with torch.inference_mode():
+            self._select_adapter(select)
+            with torch.inference_mode(), per_row:
                 self._model.generate(input_ids, attention_mask=mask, pad_token_id=self._pad_id,
                                      stopping_criteria=StoppingCriteriaList([Rows()]),
                                      eos_token_id=sorted(eos_ids), **kwargs)
@@ -246,7 +252,8 @@ class TransformersEngine:
         """Put the model in `adapter`'s state (None: adapter layers off), if it is not already.
 
         Model-wide, and only ever called on the model thread: a batch of one adapter runs PEFT's plain path; a
-        mixed batch names its rows' adapters itself and only needs the adapter layers on.
+        mixed batch runs with the adapter layers off and adds each row's LoRA term itself (`lora_batch`), or
+        names its rows' adapters to PEFT and only needs the adapter layers on.
         """
         model = self._model
         if not hasattr(model, "peft_config"):
@@ -303,6 +310,7 @@ class TransformersEngine:
         from peft import PeftModel
 
         with self._model_lock:
+            self._mixed.invalidate()
             if name in (getattr(self._model, "peft_config", None) or {}):
                 self._model.delete_adapter(name)
             if isinstance(self._model, PeftModel):
@@ -317,6 +325,7 @@ class TransformersEngine:
 
     def _unload_adapter(self, name: str) -> None:
         with self._model_lock:
+            self._mixed.invalidate()
             self._model.delete_adapter(name)
             if not self._model.peft_config:  # none left: PEFT would still name the deleted one active; unwrap
                 self._model = self._model.unload().eval()

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway.engines import lora_batch
 from gateway.engines.batching import batch_key
 from gateway.engines.transformers import TransformersEngine
 from gateway.request import ChatMessage, Chunk, InferenceRequest, SamplingParams
@@ -24,8 +26,20 @@ ADAPTERS = ("a", "b", "c")
 
 @pytest.fixture(scope="module")
 def loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """`a`, `b`: rank 4 on q/v; `c`: rank 8 on q/k/v/o (the stacked weights pad ranks and absent layers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     root = tmp_path_factory.mktemp("batching-loras")
-    return {name: str(make_lora(tiny_model_dir, root / name, 40 + i).path) for i, name in enumerate(ADAPTERS)}
+    out = {name: str(make_lora(tiny_model_dir, root / name, 40 + i).path) for i, name in enumerate(ADAPTERS[:2])}
+    torch.manual_seed(42)
+    wide = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    wide.save_pretrained(root / "c")
+    out["c"] = str(root / "c")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +135,28 @@ async def test_an_adapter_unloaded_under_running_rows_waits_for_them_and_then_re
         await engine.generate(_request(PROMPTS[0]), adapter="b")
     await engine.load_adapter("b", loras["b"])
     assert (await engine.generate(_request(PROMPTS[0]), adapter="b")).text == expected
+
+
+async def test_stacked_lora_rows_compute_what_peft_computes_per_row(engine: TransformersEngine) -> None:
+    import torch
+
+    model: Any = engine._model
+    assert lora_batch.supported(model)
+    adapters = ["a", None, "c", "b", "c"]
+    ids = torch.tensor([(engine._tokenizer.encode(p, add_special_tokens=False) * 4)[:4] for p in PROMPTS + PROMPTS[:1]])
+
+    def both() -> tuple[Any, Any]:
+        with torch.inference_mode():
+            engine._select_adapter("a")  # PEFT's mixed batches need the adapter layers on
+            peft = model(input_ids=ids, adapter_names=[a or "__base__" for a in adapters]).logits
+            engine._select_adapter(None)
+            with lora_batch.MixedLoRA().rows(model, adapters):
+                stacked = model(input_ids=ids).logits
+        return peft, stacked
+
+    peft, stacked = await engine._on_model_thread(both)
+    assert torch.allclose(peft, stacked, atol=1e-5)
+    assert not torch.allclose(stacked[0], stacked[1], atol=1e-3)  # the adapters change the logits
 
 
 def test_only_compatible_sampling_shares_a_batch() -> None:
