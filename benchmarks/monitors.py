@@ -5,7 +5,8 @@ The store is chDB in a temporary directory, seeded in ClickHouse itself (INSERT 
 4 tenants and 2 versions, 50 prompt templates, 1 % errors, some guardrail findings; `--feedback` ratings
 (thumbs, ratings, corrections, preferences) on them. A first cycle fills the prompt-embedding cache (the
 drift monitor samples ≤ 2,000 prompts per window); the timed cycles then run with embeddings precomputed,
-as in steady state. Target: ≤ 5 s per cycle.
+as in steady state. Target: ≤ 5 s per cycle. With `--drift-rows` above 20,000 the per-column tests read a
+uniform 20,000-row subsample of each window's sample (DriftSettings.stat_rows; `--drift-stat-rows 0`: all).
 
     .venv/bin/python benchmarks/monitors.py                          # 1M inferences, 100k feedback, 3 cycles
     .venv/bin/python benchmarks/monitors.py --inferences 100000 --feedback 10000 --cycles 1   # smoke run
@@ -106,7 +107,8 @@ async def main_async(a: argparse.Namespace) -> dict:
     await store.aclose()
     return {
         **seeded, "policy": "bundled (feedback/monitors/default_policy.yaml)" + (
-            "" if a.drift_rows is None else f", drift max_rows={a.drift_rows} max_embeddings={a.drift_prompts}"),
+            "" if a.drift_rows is None else f", drift max_rows={a.drift_rows} max_embeddings={a.drift_prompts}"
+                                            f" stat_rows={a.drift_stat_rows if a.drift_stat_rows is not None else 20_000}"),
         "drift_max_rows_per_window": a.drift_rows or 5000, "drift_max_prompts_per_window": a.drift_prompts or 2000,
         # rows per window that the per-column tests read (DriftSettings.stat_rows): a uniform subsample
         "drift_stat_rows_per_window": min(a.drift_rows or 5000, 20_000 if a.drift_stat_rows is None

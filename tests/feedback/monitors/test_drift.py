@@ -21,6 +21,7 @@ from feedback.monitors.drift import (
     novel_prompts,
     prune_reports,
     results_by_metric,
+    tabular_drift,
 )
 from feedback.monitors.embeddings import PromptEmbedder, backfill_embeddings
 from feedback.monitors.request_features import Group, feature_frames, sample_window
@@ -215,6 +216,50 @@ async def test_window_features_guess_script_and_language_and_read_chat_user_turn
     assert frame.loc["en", "prompt_chars"] == len(texts["en"]) and sample.rows == len(texts)
 
 
+async def test_column_tests_read_the_first_stat_rows_of_the_sample(store: Store, tmp_path: Path) -> None:
+    await write_events(store, events(prompts(COOKING, N, 1), REFERENCE[0], seed=1)
+                       + events(prompts(COOKING, N, 2), CURRENT[0], seed=2))
+    settings = {"embeddings": False, "html_report": False, "max_rows": 1000}
+
+    results = await DriftDetector(DriftSettings(**settings, stat_rows=120)).detect(  # type: ignore[arg-type]
+        store, reference=REFERENCE, current=CURRENT)
+    every = await DriftDetector(DriftSettings(**settings, stat_rows=None)).detect(  # type: ignore[arg-type]
+        store, reference=REFERENCE, current=CURRENT)
+
+    tested = results_by_metric(results)[("m", "", DATASET_METRIC)]
+    assert msgspec.json.decode(tested.details)["sampled"] == [120, 120] and tested.sample_size == N
+    assert msgspec.json.decode(results_by_metric(every)[("m", "", DATASET_METRIC)].details)["sampled"] == [N, N]
+
+
+def request_frame(n: int, rng: np.random.Generator, *, shift: float = 0.0) -> pd.DataFrame:
+    """Request features shaped like the real ones (lengths, token counts, language, guardrail action)."""
+    langs = np.array(["en", "es", "fr", "de", "zh"])
+    weights = np.array([0.6 - shift, 0.15, 0.1, 0.1, 0.05 + shift])
+    chars = rng.lognormal(4.0 + shift, 0.6, n).round()
+    return pd.DataFrame({"prompt_chars": chars, "tokens_in": (chars / 4).round(),
+                         "tokens_out": rng.integers(20, 400, n).astype(float),
+                         "language": rng.choice(langs, n, p=weights / weights.sum()),
+                         "input_action": rng.choice(["allow", "redact", "block"], n, p=[0.96, 0.03, 0.01])})
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_column_tests_on_a_20k_subsample_decide_as_on_100k_rows(shift: float) -> None:
+    rng = np.random.default_rng(7)
+    reference, current = request_frame(100_000, rng), request_frame(40_000, rng, shift=shift)
+    numerical, categorical = ["prompt_chars", "tokens_in", "tokens_out"], ["language", "input_action"]
+    settings = DriftSettings()
+
+    full = tabular_drift(reference, current, numerical, categorical, settings, None)
+    sub = tabular_drift(reference[:20_000], current[:20_000], numerical, categorical, settings, None)
+
+    drifted = {c: v["drifted"] for c, v in full.columns.items()}
+    assert drifted == {c: v["drifted"] for c, v in sub.columns.items()}
+    assert (full.drifted_share >= 0.5) == (sub.drifted_share >= 0.5) == (shift > 0)
+    assert drifted["tokens_out"] is False and drifted["prompt_chars"] is (shift > 0)
+    for c, v in full.columns.items():
+        assert sub.columns[c]["score"] == pytest.approx(v["score"], abs=0.03)
+
+
 def test_feature_frames_one_hot_finding_types_and_drop_constant_columns() -> None:
     ref = pd.DataFrame({"prompt_chars": [1, 2], "temperature": [0.7, 0.7], "script": ["latin", "latin"],
                         "guardrail_types": [["email"], []]})
@@ -282,6 +327,6 @@ def test_novel_prompts_scores_a_bounded_sample_of_distinct_prompts() -> None:
     texts = ["a", "a", "b", "odd one", "c", "d", "e"]
 
     found = novel_prompts(reference, current, texts, k=2, sample=4)  # the first 4 distinct: a, b, odd one, c
-    assert [p["prompt"] for p in found][0] == "odd one"
+    assert found[0]["prompt"] == "odd one"
     assert len(found) == 2 and {p["prompt"] for p in found} <= {"a", "b", "odd one", "c"}
     assert novel_prompts(reference, current, texts, k=2, sample=2)[0]["prompt"] in {"a", "b"}  # "odd one" unscored
