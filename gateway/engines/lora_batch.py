@@ -7,6 +7,10 @@ loop costs more than the model. Here each LoRA layer's adapters are stacked once
 gathers its rows' slices once, and a forward hook adds `(x @ A_row^T) @ B_row^T * scale_row` to the base
 layer's output: the batched form of what PEFT computes per adapter (the punica/S-LoRA idea, on CPU tensors).
 
+Memory: the stacks hold every loaded adapter once more (zero-padded), and a batch's gathered slices take
+rows x rank x (in + out) values per LoRA layer: small for this engine's CPU-sized models, and bounded by
+`max_batch` and `max_loaded_adapters`.
+
 Only plain LoRA on linear layers qualifies (`supported`); anything else (DoRA and other variants, embedding or
 convolution LoRA, fan-in-fan-out weights) uses PEFT's `adapter_names` path instead.
 """
