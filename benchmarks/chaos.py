@@ -313,6 +313,7 @@ class CrashFigures:
     error_samples: list[str] = field(default_factory=list)
     inference_rows_missing: int = 0
     inference_rows_duplicated: int = 0
+    missing_samples: list[str] = field(default_factory=list)  # "<id> answered <s> before|after the kill"
     accepted_before_kill: int = 0  # their events were only in the killed gateway's spool (the broker was down)
     restart_ready_s: float = 0.0
     settle_s: float = 0.0
@@ -401,6 +402,7 @@ async def run_gateway_crash(plan: ChaosPlan, *, broker: Any, model_dir: Path, wo
 
     fig = CrashFigures()
     accepted: list[str] = []
+    answered_at: dict[str, float] = {}  # id -> when its answer arrived (monotonic s)
     d = plan.duration_s
     kill_at, killed_at, back_at = 0.5 * d, None, None
     tasks: set[asyncio.Task[None]] = set()
@@ -414,6 +416,7 @@ async def run_gateway_crash(plan: ChaosPlan, *, broker: Any, model_dir: Path, wo
             if r.status_code == 200:
                 fig.requests_accepted += 1
                 accepted.append(r.json()["id"])
+                answered_at[accepted[-1]] = time.monotonic()
                 return
             error = f"{r.status_code} {r.text[:200]}"
         except httpx.HTTPError as e:
@@ -462,6 +465,9 @@ async def run_gateway_crash(plan: ChaosPlan, *, broker: Any, model_dir: Path, wo
     fig.settle_s = round(time.monotonic() - t0, 1)
     ingester.terminate()
     fig.inference_rows_missing = len(set(accepted) - set(inf))
+    for i in sorted(set(accepted) - set(inf), key=answered_at.__getitem__)[:10]:
+        dt = answered_at[i] - (killed_at or answered_at[i])
+        fig.missing_samples.append(f"{i} answered {abs(dt):.2f}s {'before' if dt <= 0 else 'after'} the kill")
     fig.inference_rows_duplicated = sum(n - 1 for n in inf.values() if n > 1) + len(accepted) - len(set(accepted))
     await view.query(f"DROP DATABASE IF EXISTS {database}")
     return fig
