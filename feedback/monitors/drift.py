@@ -339,10 +339,15 @@ class DriftDetector:
             label = re.sub(r"[^0-9A-Za-z._-]+", "_", f"{group.model}-{group.model_version or 'all'}")
             report_path = self.report_dir / f"drift-{label}-{cur_range.end_ms}-{uuid.uuid4().hex[:8]}.html"
 
-        # One after the other: both are CPU-bound, and overlapping them measured no faster on 2 cores.
-        out = await self._tabular_results(ref, cur, report_path, result) if s.tabular else []
-        if s.embeddings:
-            out += await self._embedding_result(store, ref, cur, str(report_path or ""), result)
+        # Side by side: the embedding cache read runs on chDB's threads (no GIL) while Evidently's column
+        # tests hold the interpreter, and each check's compute is single-threaded.
+        async def nothing() -> list[MonitorResult]:
+            return []
+
+        tabular, embedded = await asyncio.gather(
+            self._tabular_results(ref, cur, report_path, result) if s.tabular else nothing(),
+            self._embedding_result(store, ref, cur, str(report_path or ""), result) if s.embeddings else nothing())
+        out = tabular + embedded
         if report_path is not None:
             await asyncio.to_thread(prune_reports, report_path.parent, s.reports_kept)
         return out
