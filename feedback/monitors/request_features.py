@@ -59,8 +59,9 @@ def _group_filter(group: Group) -> tuple[str, dict[str, ParamValue]]:
     return sql, params
 
 
+# Served requests only: a shadow replay repeats a served prompt for a candidate and was served to nobody.
 _WINDOW = ("ts >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC') "
-           "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')")
+           "AND ts < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC') AND NOT shadow")
 
 
 async def window_groups(store: Store, current: TimeRange, *, per_version: bool, model: str | None = None,

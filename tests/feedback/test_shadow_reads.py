@@ -1,10 +1,12 @@
 """Shadow replays (`InferenceEvent.shadow`, served to nobody) stay out of what describes served traffic: the
 dashboard's request and latency series, the per-version statistics, and the guardrail-flagged answers a
-training dataset is built from. Real chDB."""
+training dataset is built from, and the requests drift compares. Real chDB."""
 
 from __future__ import annotations
 
 from feedback.dashboard.reads import Span, latency_cost
+from feedback.monitors.base import TimeRange
+from feedback.monitors.request_features import Group, sample_window, window_groups
 from feedback.store import Store, version_stats, write_events
 from retrain.datasets import DatasetFilters, read_rows
 from schemas.events import InferenceEvent, Message
@@ -39,3 +41,9 @@ async def test_shadow_rows_are_not_served_traffic(store: Store) -> None:
     rows = await read_rows(store, DatasetFilters(start_ms=T0, end_ms=T0 + MINUTE, tenant="acme",
                                                  sources=("guardrail",), use_embeddings=False))
     assert sorted(rows.inferences) == sorted(s.event_id for s in served)
+
+    window = TimeRange(start_ms=T0, end_ms=T0 + MINUTE)
+    assert await window_groups(store, window, per_version=True) == [Group("m", "v1")]
+    sample = await sample_window(store, window, Group("m"), rows=100, prompts=100)
+    assert sample.rows == 3 and len(sample.frame) == 3
+    assert sorted(sample.prompts.event_ids) == sorted(s.event_id for s in served)
