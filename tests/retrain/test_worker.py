@@ -38,20 +38,16 @@ def _trigger(tenant: str, **params: object) -> RetrainTrigger:
                           window_start_ms=DEMO_T0, window_end_ms=DEMO_T0 + 86_400_000, params=json.dumps(params))
 
 
-def _lenient_recipe(path: Path, *, grades: bool = True) -> Path:
-    """A short DPO run with a gate that records its figures without enforcing them. `grades=False`: the smallest
-    gate (a few pairs and prompts, no online graders), for tests about the job rather than its figures."""
-    gate = {"min_preference_accuracy": 0.0, "min_accuracy_gain": -1.0, "min_win_rate": 0.0,
-            "max_safety_regression": 100, "max_perplexity_ratio": 100.0, "eval_pairs": 24, "win_prompts": 8,
-            "win_samples": 1,
-            # the online graders measure both versions' answers (lenient: recorded, not enforced)
-            "grades": {"enabled": True, "max_toxicity_rate": 1.0, "max_hallucination_increase": None,
-                       "min_judge_score_delta": None, "min_pairwise_upper": None}}
-    if not grades:
-        gate |= {"eval_pairs": 8, "win_prompts": 2, "max_new_tokens": 4, "grades": {"enabled": False}}
+def _lenient_recipe(path: Path) -> Path:
     path.write_text(yaml.safe_dump({
         "method": "dpo", "epochs": 1, "batch_size": 16, "learning_rate": 0.001, "max_length": 32,
-        "loss_type": ["sigmoid", "sft"], "save_steps": 50, "gate": gate}))
+        "loss_type": ["sigmoid", "sft"], "save_steps": 50,
+        "gate": {"min_preference_accuracy": 0.0, "min_accuracy_gain": -1.0, "min_win_rate": 0.0,
+                 "max_safety_regression": 100, "max_perplexity_ratio": 100.0, "eval_pairs": 24, "win_prompts": 8,
+                 "win_samples": 1,
+                 # the online graders measure both versions' answers (lenient: recorded, not enforced)
+                 "grades": {"enabled": True, "max_toxicity_rate": 1.0, "max_hallucination_increase": None,
+                            "min_judge_score_delta": None, "min_pairwise_upper": None}}}))
     return path
 
 
@@ -150,8 +146,7 @@ async def test_a_worker_stopped_mid_job_records_no_outcome_and_the_next_one_resu
     store: Store, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     await _seed(store, "resume", reverse=False)
-    recipe = yaml.safe_load(_lenient_recipe(tmp_path / "r.yaml", grades=False).read_text())
-    recipe |= {"save_steps": 2, "epochs": 2}
+    recipe = yaml.safe_load(_lenient_recipe(tmp_path / "r.yaml").read_text()) | {"save_steps": 2, "epochs": 2}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     trigger = _trigger("resume", recipe=str(tmp_path / "r.yaml"))
     await write_events(store, [trigger])
