@@ -56,15 +56,17 @@ class DemoPlan:
     @staticmethod
     def quick() -> DemoPlan:
         # CI size. Fewer thumbs before the first trigger (~90 training pairs; 8 epochs at 2e-3, ~48 steps, as the
-        # measured 29 % -> 80 % in `recipe`: 6 epochs reached only +38 points), a 2-minute data window (it covers
-        # the ~1-2 min baseline for the first trigger; minutes later the poisoned trigger's dataset is the poisoned
-        # feedback, not the trainers' good baseline pairs: measured win-rates 0.21 and 0.35 instead of 0.45-0.53
-        # against the 0.55 bound, and a smaller second training), monitors every 3 s. Seed 7: +51.7 points, 440 s
-        # on 2 cores under a load of 11-15 (the previous sizes: 850 s under 15-22).
+        # measured 29 % -> 80 % in `recipe`: 6 epochs reached only +38 points), a 90 s data window (it covers the
+        # baseline for the first trigger: 23 s on an idle machine, 60-100 s on a loaded one; the poisoned trigger,
+        # 2-5 minutes later, then trains on the poisoned feedback, not the trainers' good baseline pairs: win-rates
+        # 0.21 and 0.35 against the 0.55 bound under load, where 2 minutes still reached the baseline on an idle
+        # machine: 0.48, 90 s: 0.31; the previous 8 minutes: 0.45-0.53), monitors every 3 s. Seed 7: +51.7 to +62.3
+        # points; the test 179 s on an idle machine, 493 s under a load of 11-15 (the previous sizes: 894 s under
+        # 15-22).
         return DemoPlan("quick", trainers=16, holdout=10, poisoners=8, drift_after_turns=45,
                         holdout_turns_before=45, holdout_turns_after=45, min_samples=120,
                         canary_min_samples=20, canary_min_feedback=15, canary_share=0.5, monitor_interval_s=3.0,
-                        epochs=8.0, eval_pairs=48, win_prompts=24, win_samples=2, timeout_s=1500.0, data_window="2m")
+                        epochs=8.0, eval_pairs=48, win_prompts=24, win_samples=2, timeout_s=1500.0, data_window="90s")
 
     def scaled(self, users: int | None) -> DemoPlan:
         """The plan with `users` trainers (the other groups in proportion); None keeps it."""

@@ -17,13 +17,13 @@ import pytest
 from feedback.store import Store
 from servoloop.demo import DemoPlan, demo_settings, run_demo
 
-# Measured with seed 7 on the quick plan: +51.7 points (39.4 % -> 91.0 %), the poisoned candidate's win-rate 0.35 and
-# 0.21 in two runs against the gate's 0.55. The bound keeps a wide margin under it and stays above the issue's
+# Measured with seed 7 on the quick plan: +51.7 to +62.3 points (e.g. 31.8 % -> 92.6 %), the poisoned candidate's
+# win-rate 0.21-0.35 against the gate's 0.55. The bound keeps a wide margin under it and stays above the issue's
 # acceptance level of 20 points.
 IMPROVEMENT_PP = 30.0
 
 
-@pytest.mark.timeout(1800)  # 7.5 min measured on 2 cores under a load of 11-15 (the demo itself gives up at 25)
+@pytest.mark.timeout(1800)  # 3 min on an idle 2-core machine, 8 under a load of 11-15 (the demo gives up at 25)
 async def test_quick_demo_closes_the_loop_and_the_gate_rejects_the_poisoned_candidate(
         store: Store, tiny_model_dir: Path, tmp_path: Path) -> None:
     plan = DemoPlan.quick()
