@@ -157,6 +157,21 @@ async def measure_unary(upstream_url: str, gateways: list[GatewayUnderTest], key
     return rows
 
 
+def settle(pids: list[int], *, idle_share: float = 0.05, quiet_s: float = 2.0, timeout_s: float = 120.0) -> float:
+    """Wait until every process in `pids` has used under `idle_share` of a core for `quiet_s`; returns the wait.
+
+    The streaming comparison follows the 1000 req/s overload: a gateway still working through it would be
+    measured against an engine that is not.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        before = [process_cpu_s(p) for p in pids]
+        time.sleep(quiet_s)
+        if all(process_cpu_s(p) - b < idle_share * quiet_s for p, b in zip(pids, before, strict=True)):
+            break
+    return round(time.monotonic() - t0, 1)
+
+
 async def measure_streaming(model_dir: Path, engine_kind: str, gw_http: str, key: str, streams: int,
                             max_tokens: int, rounds: int) -> dict:
     """Tokens/s of the engine alone (in this process) vs the same requests through the gateway process.
@@ -237,6 +252,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / ".servoloop/models/tiny-chat"))
     ap.add_argument("--quick", action="store_true", help="short smoke run")
     ap.add_argument("--no-streaming", action="store_true", help="skip the streaming comparison")
+    ap.add_argument("--out", default="gateway_overhead", help="results file name (benchmarks/results/<out>.json)")
     a = ap.parse_args()
     rates = [int(r) for r in a.rates.split(",")]
     duration = 3.0 if a.quick else a.duration
@@ -276,16 +292,19 @@ gateway:
         procs.append(proc)
         gateways.append(GatewayUnderTest(name, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc.pid))
     try:
-        for gw, proc in zip(gateways, procs[1:]):
+        for gw, proc in zip(gateways, procs[1:], strict=True):
             wait_http(f"{gw.http}/readyz", 300, proc)
         wait_http(f"http://127.0.0.1:{up_port}/v1/models", 30, upstream)
         key = subprocess.run([str(BIN / "servoloop"), "keys", "create", "--tenant", "bench"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         time.sleep(1.5)  # the gateways pick up the new key
         rows = asyncio.run(measure_unary(f"http://127.0.0.1:{up_port}/v1", gateways, key, rates, duration, a.rounds))
+        settled_s = 0.0 if a.no_streaming else settle([gw.pid for gw in gateways] + [upstream.pid])
         streaming = {} if a.no_streaming else asyncio.run(measure_streaming(
             Path(a.model), engine, gateways[1].http, key, a.streams, a.stream_tokens,
             2 if a.quick else a.stream_rounds))
+        if streaming:
+            streaming["settled_before_s"] = settled_s
         if streaming:
             print(f"streaming ({engine}, {a.streams} streams): engine alone {streaming['engine_alone_tokens_per_s']} tok/s,"
                   f" through the guarded gateway {streaming['through_gateway_tokens_per_s']} tok/s "
@@ -295,7 +314,7 @@ gateway:
             proc.terminate()
         for proc in procs:
             proc.wait(30)
-    out = write_result("gateway_overhead", {
+    out = write_result(a.out, {
         "upstream_latency_ms": a.upstream_latency_ms, "duration_s_per_rate": duration, "unary": rows,
         "streaming": streaming,
         "gateways": {"gateway": "auth + rate limits", "guarded": "auth + rate limits + default guardrail policy"},
