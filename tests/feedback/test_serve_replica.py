@@ -17,8 +17,6 @@ from feedback.broker import EmbeddedBroker
 from feedback.monitors.settings import MonitorSettings, PriceSettings
 from feedback.settings import EventSettings
 from feedback.store import Store, write_events
-from feedback.store.chdb import ChdbStore
-from feedback.store.migrate import migrate
 from gateway.auth import KeyStore
 from gateway.settings import BudgetSettings, GatewaySettings, ModelSettings, RateLimitSettings
 from retrain.settings import RetrainSettings
@@ -26,7 +24,7 @@ from schemas.events import BudgetEvent, InferenceEvent
 from servoloop.settings import Settings
 from servoloop.up import System, replica
 from tests.gateway.conftest import upstream  # noqa: F401
-from tests.support.clickhouse_http import shared_chdb_session, shared_endpoint
+from tests.support.clickhouse_http import shared_endpoint
 from tests.support.openai_upstream import RunningUpstream
 
 CHAT = {"model": "remote", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -51,23 +49,13 @@ def _settings(tmp_path: Path, bootstrap: str, database: str, *, store_kind: str 
 
 
 @pytest.fixture
-async def owner_store() -> AsyncIterator[Store]:
-    """The store as its owner sees it (chDB in this process); the replica reaches the same database over HTTP."""
-    s = ChdbStore(shared_chdb_session(), f"r_{uuid.uuid4().hex[:12]}")
-    await migrate(s)
-    yield s
-    await s.query(f"DROP DATABASE IF EXISTS {s.database}")
-    await s.aclose()
-
-
-@pytest.fixture
 async def started(tmp_path: Path, broker: EmbeddedBroker, upstream: RunningUpstream,  # noqa: F811
-                  owner_store: Store) -> AsyncIterator[Callable[..., Awaitable[System]]]:
+                  store: Store) -> AsyncIterator[Callable[..., Awaitable[System]]]:
     upstream.behaviour.tokens = 8
-    systems: list[System] = []
+    systems: list[System] = []  # `store` is this process's chDB; the replica reaches the same database over HTTP
 
     async def start(**kw: str) -> System:
-        settings = _settings(tmp_path, broker.bootstrap_servers, owner_store.database, **kw)
+        settings = _settings(tmp_path, broker.bootstrap_servers, store.database, **kw)
         settings.gateway.models[0].url = upstream.url
         system = replica(settings)
         await system.start()
@@ -88,7 +76,7 @@ async def _until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
 
 
 async def test_a_replica_enforces_budgets_read_from_a_clickhouse_store(started: Callable[..., Awaitable[System]],
-                                                                      owner_store: Store, tmp_path: Path) -> None:
+                                                                      store: Store, tmp_path: Path) -> None:
     system = await started()
     # the store owner's work is not a replica's, even with monitors, retraining and grading switched on
     assert system.scheduler is None and system.registry is None and system.retrain_worker is None
@@ -100,7 +88,7 @@ async def test_a_replica_enforces_budgets_read_from_a_clickhouse_store(started: 
     gw.auth.reload()
 
     # written by the store's owner (the admin API of `servoloop up` does this through the ingester)
-    await write_events(owner_store, [BudgetEvent(scope="tenant", subject="rep-co", tenant="rep-co", period="day",
+    await write_events(store, [BudgetEvent(scope="tenant", subject="rep-co", tenant="rep-co", period="day",
                                                  hard_usd=9)])
     await _until(lambda: bool(gw.budgets and gw.budgets.budgets()))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{system.server.http_port}", timeout=30) as c:
@@ -113,7 +101,7 @@ async def test_a_replica_enforces_budgets_read_from_a_clickhouse_store(started: 
 
         # feedback on an inference another replica served: the replica finds it in the store
         other = InferenceEvent(tenant="rep-co", model="remote", response="served elsewhere")
-        await write_events(owner_store, [other])
+        await write_events(store, [other])
         r = await c.post("/v1/feedback", headers=auth, json={"target_id": other.event_id, "thumbs": True})
         assert r.status_code == 201, r.text
 
