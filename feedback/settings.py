@@ -24,6 +24,9 @@ class SinkSettings(BaseModel):
     spool_max_bytes: int = Field(2 * 1024**3, ge=1024 * 1024)
     spool_segment_bytes: int = Field(16 * 1024**2, ge=64 * 1024)
     fsync_interval_s: float = Field(0.05, ge=0)
+    write_ahead: bool = Field(True, description="write every event to the spool file as it is accepted (page cache, "
+                              "~1.5 µs): a crash or SIGKILL of the gateway loses nothing it accepted; off: only "
+                              "events unacknowledged for fsync_interval_s reach disk")
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
 
 

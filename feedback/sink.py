@@ -143,25 +143,33 @@ class DurableEventSink:
     # -- the request path ------------------------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
-        """Accept `event` for delivery: no I/O, never blocks, never raises (refusals are counted and logged)."""
+        """Accept `event` for delivery: no disk wait, never blocks, never raises (refusals are counted and logged)."""
+        self.publish_many((event,))
+
+    def publish_many(self, events: Sequence[Event]) -> None:
+        """Accept `events` together (a request's events: one spool append, one write). Never raises."""
         try:
-            cls = type(event)
-            topic = self._topics.get(cls)
-            if topic is None:
-                topic = self._topics[cls] = self._prefix + cls.topic
-            self._spool.append(_record_encoder.encode(
-                EventRecord(topic, event.partition_key(), event.event_id, self._encode(event))))
-        except SpoolError as e:
-            self._reject(e.code, e)
-            return
+            records = [self._record(e) for e in events]
         except Exception as e:  # an event that does not encode: a bug upstream, not a reason to fail a request
-            self._reject("unencodable", e)
+            self._reject("unencodable", e, len(events))
             return
-        self.published += 1
+        try:
+            self._spool.append_many(records)
+        except SpoolError as e:
+            self._reject(e.code, e, len(events))
+            return
+        self.published += len(events)
         self._wakeup.set()
 
-    def _reject(self, reason: str, error: Exception) -> None:
-        self.rejected[reason] += 1
+    def _record(self, event: Event) -> bytes:
+        cls = type(event)
+        topic = self._topics.get(cls)
+        if topic is None:
+            topic = self._topics[cls] = self._prefix + cls.topic
+        return _record_encoder.encode(EventRecord(topic, event.partition_key(), event.event_id, self._encode(event)))
+
+    def _reject(self, reason: str, error: Exception, n: int = 1) -> None:
+        self.rejected[reason] += n
         now = time.monotonic()
         if now - self._last_reject_log > 5.0:
             self._last_reject_log = now
@@ -400,7 +408,7 @@ def build_event_sink(
     sink = settings.sink
     spool = Spool(settings.sink.spool_dir or spool_dir, max_bytes=sink.spool_max_bytes,
                   segment_bytes=sink.spool_segment_bytes, fsync_interval_s=sink.fsync_interval_s,
-                  memory_max_records=sink.queue_max_events, registry=registry)
+                  write_ahead=sink.write_ahead, memory_max_records=sink.queue_max_events, registry=registry)
     downstream: Downstream
     if settings.broker.mode == "none":
         if store is None:

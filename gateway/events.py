@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.auth import Principal
@@ -23,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class EventPublisher(Protocol):
-    """Where the gateway puts events: `publish` must not block (the sink queues, spools and ships)."""
+    """Where the gateway puts events: `publish` must not block (the sink queues, spools and ships).
+
+    A publisher may also offer `publish_many(events)`, which the emitter then uses for a request's events
+    (the durable sink appends them to its spool in one write).
+    """
 
     def publish(self, event: Event) -> None: ...
 
@@ -101,12 +106,12 @@ class EventEmitter:
     """The service observer that publishes each request's events; it never raises into the request path."""
 
     def __init__(self, publisher: EventPublisher):
-        self._publish = publisher.publish
+        publish = publisher.publish
+        self._publish_many: Callable[[Sequence[Event]], None] = getattr(
+            publisher, "publish_many", lambda events: [publish(e) for e in events])
 
     def __call__(self, outcome: Outcome) -> None:
-        for event in outcome_events(outcome):
-            self._publish(event)
+        self._publish_many(outcome_events(outcome))
 
     def refused(self, principal: Principal, request: InferenceRequest, error: ServoloopError) -> None:
-        for event in refusal_events(principal, request, error):
-            self._publish(event)
+        self._publish_many(refusal_events(principal, request, error))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from prometheus_client import CollectorRegistry
 
 from feedback.spool import (
@@ -185,23 +185,59 @@ def test_rewind_reads_the_unacknowledged_records_again(tmp_path: Path) -> None:
 
 
 def test_a_healthy_downstream_keeps_the_disk_idle(tmp_path: Path) -> None:
-    with Spool(tmp_path, fsync_interval_s=0.01) as spool:
-        for _ in range(20):
-            for i in range(100):
-                spool.append(b"%d" % i)
-            spool.ack(spool.read()[-1].seq)
-            time.sleep(0.005)
-        assert spool.written == 0 and spool.pending == 0
-        assert spool.health == SpoolHealth.OK
+    """Memory mode writes nothing; write-ahead writes to the page cache but never fsyncs, and deletes the segments."""
+    for write_ahead in (False, True):
+        d = tmp_path / str(write_ahead)
+        with Spool(d, fsync_interval_s=0.01, write_ahead=write_ahead) as spool:
+            for _ in range(20):
+                for i in range(100):
+                    spool.append(b"%d" % i)
+                spool.ack(spool.read()[-1].seq)
+                time.sleep(0.005)
+            assert spool.fsyncs == 0 and spool.pending == 0
+            assert spool.written == (2000 if write_ahead else 0)
+            assert spool.health == SpoolHealth.OK
+            deadline = time.monotonic() + 2
+            while segment_files(d) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert segment_files(d) == []
 
 
 def test_unacknowledged_records_reach_disk_within_two_group_commits(tmp_path: Path) -> None:
-    with Spool(tmp_path, fsync_interval_s=0.02) as spool:
+    with Spool(tmp_path, fsync_interval_s=0.02, write_ahead=False) as spool:
         spool.append(b"waiting")
         deadline = time.monotonic() + 2
         while spool.durable_seq < 1 and time.monotonic() < deadline:
             time.sleep(0.005)
         assert spool.durable_seq == 1 and spool.written == 1
+
+
+def test_write_ahead_puts_a_record_in_its_segment_before_append_returns_and_fsyncs_it_if_unacknowledged(
+    tmp_path: Path,
+) -> None:
+    with Spool(tmp_path, fsync_interval_s=0.02) as spool:
+        seq = spool.append(b"accepted")
+        assert spool.durable_seq == seq + 1 and spool.written == 1  # in the file: survives a SIGKILL
+        (seg,) = segment_files(tmp_path)
+        assert [r.payload for r in scan_frames(seg.read_bytes()).records] == [b"accepted"]
+        deadline = time.monotonic() + 2
+        while spool.synced_seq < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert spool.synced_seq == 1 and spool.fsyncs >= 1  # unacknowledged past an interval: fsynced
+        assert spool.health == SpoolHealth.SPILLING
+        spool.ack(seq)
+        assert spool.health == SpoolHealth.OK
+
+
+def test_write_ahead_rolls_segments_on_the_callers_thread_and_replays_across_them(tmp_path: Path) -> None:
+    with Spool(tmp_path, segment_bytes=1024, fsync_interval_s=10) as spool:
+        for i in range(300):
+            spool.append(b"%04d" % i + b"." * 40)
+        assert len(segment_files(tmp_path)) > 5 and spool.written == 300
+        first = spool.read(max_records=100)
+        spool.ack(first[-1].seq)
+    with Spool(tmp_path, segment_bytes=1024) as reopened:
+        assert [int(r.payload[:4]) for r in drain(reopened)] == list(range(100, 300))
 
 
 def test_fully_acknowledged_segments_are_deleted(tmp_path: Path) -> None:
@@ -261,8 +297,11 @@ class SpoolVersusModel(RuleBasedStateMachine):
         self.cursor = 0
         self.read_pos = 0
 
+    write_ahead = True
+
     def open(self) -> Spool:
-        return Spool(self.dir, segment_bytes=256, memory_max_records=3, memory_max_bytes=64 * 1024, fsync_interval_s=0.001)
+        return Spool(self.dir, segment_bytes=256, memory_max_records=3, memory_max_bytes=64 * 1024, fsync_interval_s=0.001,
+                     write_ahead=self.write_ahead)
 
     def unacked(self) -> list[tuple[int, bytes]]:
         return [(s, p) for s, p in sorted(self.model.items()) if s >= self.cursor]
@@ -297,6 +336,25 @@ class SpoolVersusModel(RuleBasedStateMachine):
     def spill(self) -> None:
         assert self.spool.flush(timeout=5)
 
+    @precondition(lambda self: self.write_ahead)
+    @rule()
+    def crash_now(self) -> None:
+        """The files as a SIGKILL would leave them, at this instant: every accepted, unacknowledged record replays."""
+        snapshot = Path(tempfile.mkdtemp())
+        try:
+            for f in self.dir.iterdir():
+                if f.name != "LOCK":
+                    try:
+                        shutil.copyfile(f, snapshot / f.name)
+                    except FileNotFoundError:
+                        pass  # a wholly acknowledged segment, deleted meanwhile
+            with Spool(snapshot, segment_bytes=256) as survivor:
+                replayed = [(r.seq, r.payload) for r in drain(survivor)]
+            assert all(self.model[seq] == payload for seq, payload in replayed)
+            assert {seq for seq, _ in replayed} >= {seq for seq, _ in self.unacked()}
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
     @rule()
     def reopen(self) -> None:
         self.spool.close()
@@ -312,6 +370,12 @@ class SpoolVersusModel(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class MemorySpoolVersusModel(SpoolVersusModel):
+    write_ahead = False
+
+
 TestSpoolVersusModel = SpoolVersusModel.TestCase
-TestSpoolVersusModel.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
-                                         suppress_health_check=[HealthCheck.too_slow])
+TestMemorySpoolVersusModel = MemorySpoolVersusModel.TestCase
+for _case in (TestSpoolVersusModel, TestMemorySpoolVersusModel):
+    _case.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
