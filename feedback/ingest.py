@@ -1,7 +1,7 @@
 """The ingester's consumer loop: a consumer group reads the event topics in batches and commits only what is stored.
 
-Each batch (up to `batch_max_events`, or what arrived within `batch_max_wait_s` of its first record) goes to
-`handle(values, source)` — `feedback.store.ingest_batch` bound to a store, which decodes, writes idempotently by
+Each batch (up to `batch_max_events`, or what arrived within `batch_max_wait_s` of its first record; the next
+batch is read while one is stored) goes to `handle(values, source)` — `feedback.store.ingest_batch` bound to a store, which decodes, writes idempotently by
 event id and dead-letters bad records. Offsets are committed only after it returned; when it raises, the same
 batch is retried with capped exponential backoff, never committed, never dropped. A store outage longer than
 `max.poll.interval.ms` costs a rebalance and a redelivery (deduplicated by event id), not data.
@@ -168,25 +168,42 @@ class Ingester:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while not self._stopping.is_set():
-            revocations = self._revocations
-            try:
-                batch = await self._next_batch()
-            except KafkaException as e:
-                log.warning("ingester: consume failed: %s", e)
-                await self._sleep(self._backoff_initial)
-                continue
-            if self._revocations != revocations:  # records of partitions given away meanwhile are not ours
-                batch = [m for m in batch if (m.topic(), m.partition()) in self._assigned]
-            if not batch:
-                continue
-            values = [m.value() or b"" for m in batch]
-            if not await self._store(values, _Positions(batch)):
-                return  # stopping: the batch stays uncommitted and is read again by whoever comes next
-            offsets: dict[tuple[str, int], int] = dict(self._uncommitted)
-            for (topic, part), offset in (await self._positions()).items():
-                offsets[(topic, part)] = max(offsets.get((topic, part), 0), offset)
-            await self._commit(offsets)
+        # Pipelined: while one batch is stored and committed, the next one is consumed (the store works on its
+        # own threads), so records never sit in the client's queue for a whole insert before their batch starts.
+        # One batch is stored at a time and commits go in batch order; at most two batches are held.
+        storing: asyncio.Task[bool] | None = None
+        try:
+            while not self._stopping.is_set():
+                revocations = self._revocations
+                try:
+                    batch = await self._next_batch()
+                except KafkaException as e:
+                    log.warning("ingester: consume failed: %s", e)
+                    await self._sleep(self._backoff_initial)
+                    continue
+                if self._revocations != revocations:  # records of partitions given away meanwhile are not ours
+                    batch = [m for m in batch if (m.topic(), m.partition()) in self._assigned]
+                if not batch:
+                    continue
+                # The consumer's position now is just past this batch: its offsets to commit once it is stored.
+                positions = await self._positions()
+                if storing is not None and not await storing:
+                    return  # stopping: this batch stays uncommitted and is read again by whoever comes next
+                storing = asyncio.create_task(self._store_and_commit([m.value() or b"" for m in batch],
+                                                                     _Positions(batch), positions))
+        finally:
+            if storing is not None:
+                await asyncio.gather(storing, return_exceptions=True)
+
+    async def _store_and_commit(self, values: list[bytes], source: Sequence[Source],
+                                positions: dict[tuple[str, int], int]) -> bool:
+        if not await self._store(values, source):
+            return False  # stopping: the batch stays uncommitted
+        offsets: dict[tuple[str, int], int] = dict(self._uncommitted)
+        for tp, offset in positions.items():
+            offsets[tp] = max(offsets.get(tp, 0), offset)
+        await self._commit(offsets)
+        return True
 
     async def _next_batch(self) -> list[Message]:
         """Records up to batch_max_events, or what came within batch_max_wait_s of the first one."""

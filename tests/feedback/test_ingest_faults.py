@@ -260,7 +260,9 @@ async def test_while_the_store_is_unavailable_the_ingester_retries_with_backoff_
     delays = [float(d) for d in re.findall(r"retry in ([\d.]+)s", caplog.text)]
     assert delays[:5] == [0.1, 0.2, 0.4, 0.8, 1.0] and max(delays) == 1.0, delays
     assert outage.times[-1] - outage.times[0] >= 0.9 * sum(delays[:-1]), (outage.times, delays)
-    assert outage.hits <= 2 * len(delays)
+    # Each attempt is at most two requests (the client retries a dropped connection once); one more attempt than
+    # the failures logged may be in flight when the outage ends. Hammering would show many more.
+    assert outage.hits <= 2 * (len(delays) + 1), [round(t - outage.times[0], 3) for t in outage.times]
     await view.query(f"DROP DATABASE IF EXISTS {database}")
 
 
