@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple
 
@@ -37,6 +38,16 @@ def encode_frame(seq: int, payload: bytes) -> bytes:
     n = len(payload)
     crc = crc32c.crc32c(payload, crc32c.crc32c(_CRC_PREFIX.pack(n, seq)))
     return HEADER.pack(n, crc, seq) + payload
+
+
+def encode_frames(first_seq: int, payloads: Sequence[bytes]) -> bytes:
+    """Consecutive records from `first_seq` on, framed back to back (the same bytes as `encode_frame` each)."""
+    pack, prefix, crc = HEADER.pack, _CRC_PREFIX.pack, crc32c.crc32c
+    parts: list[bytes] = []
+    for seq, payload in enumerate(payloads, first_seq):
+        n = len(payload)
+        parts += (pack(n, crc(payload, crc(prefix(n, seq))), seq), payload)
+    return b"".join(parts)
 
 
 class FrameScan(NamedTuple):

@@ -43,6 +43,7 @@ from feedback.segments import (
     SegmentReader,
     SpoolRecord,
     encode_frame,
+    encode_frames,
     fsync_dir,
     list_segments,
     read_cursor,
@@ -203,7 +204,7 @@ class Spool:
 
     def _write_ahead(self, first: int, payloads: Sequence[bytes]) -> None:
         """Write the frames to the active segment on the caller's thread (lock held): page cache, no fsync."""
-        data = b"".join([encode_frame(seq, p) for seq, p in enumerate(payloads, first)])
+        data = encode_frames(first, payloads)
         try:
             if self._active_fd is None or (self._sizes[self._segments[-1]] + len(data) > self._segment_bytes
                                            and self._sizes[self._segments[-1]] > 0):

@@ -24,6 +24,7 @@ from feedback.spool import (
     encode_frame,
     scan_frames,
 )
+from feedback.segments import encode_frames
 
 payloads = st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=40)
 fast = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -59,6 +60,12 @@ def test_frames_decode_to_the_records_that_were_encoded(records: list[bytes]) ->
     scan = scan_frames(data)
     assert scan.stop == "end" and scan.end == len(data)
     assert scan.records == [SpoolRecord(5 + i, p) for i, p in enumerate(records)]
+
+
+@fast
+@given(payloads, st.integers(0, 2**40))
+def test_a_batch_of_frames_is_the_frames_back_to_back(records: list[bytes], first: int) -> None:
+    assert encode_frames(first, records) == stream_of(records, first)[0]
 
 
 @fast
