@@ -27,6 +27,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from enum import StrEnum
@@ -152,6 +153,7 @@ class Spool:
         self._spilled_seq = last_seq  # last record a group commit had to make durable (backlog while >= cursor)
         self._retired_fds: list[tuple[int, int]] = []  # (fd, its last seq): rolled segments, not yet fsynced+closed
         self._dir_dirty = False  # a segment was created on the caller's thread: the directory needs an fsync
+        self._last_commit = time.monotonic()
         self._mem: deque[SpoolRecord] = deque()
         self._mem_start = self._next_seq
         self._mem_bytes = 0
@@ -368,13 +370,19 @@ class Spool:
         while True:
             with self._lock:
                 if not (self._closing or self._pressure or self._force):
-                    self._wake.wait(self._interval)
+                    self._wake.wait(max(0.0, self._last_commit + self._interval - time.monotonic()))
                 closing = self._closing
                 force = closing or self._force or self._write_through
                 pressure, self._force, self._pressure = self._pressure, False, False
-                # Records appended before the previous round and still unacknowledged must be made durable now.
-                due = self._next_seq if force else min(self._boundary, self._next_seq)
-                self._boundary = self._next_seq
+                # A group commit (once per interval, or forced): records appended before the previous one and
+                # still unacknowledged must be made durable now. A round woken by memory pressure between
+                # commits only writes (memory mode) and evicts: in write-ahead mode it never fsyncs.
+                now = time.monotonic()
+                if force or now - self._last_commit >= self._interval:
+                    due = self._next_seq if force else min(self._boundary, self._next_seq)
+                    self._boundary, self._last_commit = self._next_seq, now
+                else:
+                    due = 0
                 cursor = self._cursor
                 writes = not self._caller_writes
                 if writes:  # memory mode, or catching up after a failed write on the caller's thread
