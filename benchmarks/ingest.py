@@ -2,7 +2,8 @@
 
 1. Sustained ingest: the pipeline exactly as `servoloop up` runs it (durable sink with its spool → embedded
    tansu broker → ingester → chDB in a temporary directory, all in this process) is offered InferenceEvents
-   (realistic size: a short chat and answer) at a fixed rate for `--duration` seconds. Every 250 ms the store is
+   (realistic size: a short chat and answer; three per request in one `publish_many`, as the gateway publishes a
+   request's events) at a fixed rate for `--duration` seconds. Every 250 ms the store is
    asked how many rows are visible; the publish time of the newest visible event gives the end-to-end lag at
    that moment. Reports the sustained rate at which events became visible and lag p50/p99/max, then checks
    with FINAL that every event arrived exactly once. The distributed run also reports the CPU each process
@@ -52,10 +53,14 @@ def make_event(i: int, ts_ms: int) -> InferenceEvent:
     )
 
 
-async def _produce_at(publish, rate: float, stop: asyncio.Event, published: list[int]) -> None:  # type: ignore[no-untyped-def]
+EVENTS_PER_REQUEST = 3  # what a gateway publishes per request (the inference and its guardrail verdicts), in one call
+
+
+async def _produce_at(publish_many, rate: float, stop: asyncio.Event, published: list[int]) -> None:  # type: ignore[no-untyped-def]
     """Open-loop: publish `rate` events per second in 10 ms ticks until `stop`; counts into `published[0]`.
 
-    A tick that is behind publishes what is due in slices of 500 events and yields between them, as a gateway's
+    Events go out as a gateway publishes them: one `publish_many` per request of EVENTS_PER_REQUEST events. A
+    tick that is behind publishes what is due in slices of 500 events and yields between them, as a gateway's
     request handlers interleave with its other tasks: the sink's forwarder (and, embedded, the ingester) on the
     same event loop keep their turns instead of waiting for a whole backlog to be published.
     """
@@ -65,9 +70,9 @@ async def _produce_at(publish, rate: float, stop: asyncio.Event, published: list
         due = int((time.monotonic() - t0) * rate)
         now_ms = int(time.time() * 1000)
         while n < due and not stop.is_set():
-            for _ in range(min(500, due - n)):
-                publish(make_event(n, now_ms))
-                n += 1
+            for _ in range(min(500, due - n) // EVENTS_PER_REQUEST or 1):
+                publish_many([make_event(n + i, now_ms) for i in range(EVENTS_PER_REQUEST)])
+                n += EVENTS_PER_REQUEST
             published[0] = n
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
@@ -82,7 +87,7 @@ async def produce_main(bootstrap: str, rate: float, duration: float, spool: Path
     sink = DurableEventSink(Spool(spool), ConfluentDownstream(bootstrap))
     await sink.start()
     stop, published = asyncio.Event(), [0]
-    task = asyncio.create_task(_produce_at(sink.publish, rate, stop, published))
+    task = asyncio.create_task(_produce_at(sink.publish_many, rate, stop, published))
     await asyncio.sleep(duration)
     stop.set()
     await task
@@ -133,7 +138,7 @@ async def sustained_ingest(rate: float, duration: float, tmp: Path, *, topology:
             sys.executable, __file__, "--produce", pipeline.bootstrap_servers, "--rate", str(rate),
             "--duration", str(duration), "--spool", str(tmp / "producer-spool"), stdout=asyncio.subprocess.PIPE)
     else:
-        tasks.append(asyncio.create_task(_produce_at(sink.publish, rate, stop, published)))
+        tasks.append(asyncio.create_task(_produce_at(sink.publish_many, rate, stop, published)))
     started = time.monotonic()
     last_print = started
     cpu0, broker_cpu0 = time.process_time(), (process_cpu_s(broker.pid) if broker and broker.pid else 0.0)
