@@ -41,6 +41,7 @@ from feedback.monitors.embeddings import (
     EmbeddedPrompts,
     PromptEmbedder,
     embed_prompts,
+    prompt_texts,
 )
 from feedback.monitors.request_features import (
     Group,
@@ -229,10 +230,11 @@ def _embedding_drift(reference: np.ndarray, current: np.ndarray, settings: Drift
 
 
 NOVELTY_SAMPLE = 4_000
+NOVELTY_MAX_CHARS = 200
 
 
 def novel_prompts(reference: np.ndarray, current: np.ndarray, texts: Sequence[str], k: int,
-                  max_chars: int = 200, *, sample: int = NOVELTY_SAMPLE) -> list[dict[str, Any]]:
+                  max_chars: int = NOVELTY_MAX_CHARS, *, sample: int = NOVELTY_SAMPLE) -> list[dict[str, Any]]:
     """The `k` distinct current prompts least like any reference prompt, as evidence for an operator.
 
     Embeddings are L2-normalised, so similarity is a dot product; each prompt is scored by its nearest
@@ -253,6 +255,19 @@ def novel_prompts(reference: np.ndarray, current: np.ndarray, texts: Sequence[st
     nearest = (current[rows] @ reference[:sample].T).max(axis=1)
     return [{"prompt": prompts[j], "nearest_similarity": round(float(nearest[j]), 3)}
             for j in np.argsort(nearest, kind="stable")[:k]]
+
+
+async def novelty_texts(store: Store, event_ids: Sequence[str], *, max_chars: int = NOVELTY_MAX_CHARS,
+                        sample: int = NOVELTY_SAMPLE) -> list[str]:
+    """The texts of the first of `event_ids` up to `sample` distinct ones (what `novel_prompts` scores), read in
+    slices: the window's other prompts are never read (their embeddings are cached)."""
+    texts: list[str] = []
+    distinct: set[str] = set()
+    while len(texts) < len(event_ids) and len(distinct) < sample:
+        got = await prompt_texts(store, event_ids[len(texts): len(texts) + 2 * sample])
+        texts += got
+        distinct.update(t[:max_chars] for t in got)
+    return texts
 
 
 class DriftDetector:
@@ -384,9 +399,9 @@ class DriftDetector:
                            {**counts, "min_samples": s.min_samples})]
         verdict = await asyncio.to_thread(embedding_drift, got[0].vectors, got[1].vectors, s)
         if s.examples:
-            text_of = dict(zip(cur.prompts.event_ids, cur.prompts.texts, strict=True))
+            texts = await novelty_texts(store, got[1].event_ids)
             verdict["novel_prompts"] = await asyncio.to_thread(
-                novel_prompts, got[0].vectors, got[1].vectors, [text_of[e] for e in got[1].event_ids], s.examples)
+                novel_prompts, got[0].vectors, got[1].vectors[: len(texts)], texts, s.examples)
         return [result(EMBEDDING_METRIC, verdict["score"], verdict["threshold"],
                        "alert" if verdict["drifted"] else "ok", len(got[1].event_ids), {**counts, **verdict})]
 

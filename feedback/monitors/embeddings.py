@@ -84,6 +84,8 @@ class PromptEmbedder:
 class PromptRows:
     """Prompts to embed: parallel lists of event id, event time (epoch ms) and prompt text.
 
+    `texts` None: not read yet; `embed_prompts` reads only those of the prompts it must embed (in a window
+    whose embeddings are cached, reading all 100k texts cost more than the embeddings themselves).
     `id_query` (optional) is a SQL subquery selecting at least these event ids (with its `id_params`):
     the cache lookup then uses it instead of sending the ids as a parameter (parsing 100k ids alone
     cost ~0.8 s of CPU in chDB).
@@ -91,9 +93,20 @@ class PromptRows:
 
     event_ids: list[str]
     ts_ms: list[int]
-    texts: list[str]
+    texts: list[str] | None
     id_query: str | None = None
     id_params: dict[str, Any] = field(default_factory=dict)
+
+
+async def prompt_texts(store: Store, event_ids: Sequence[str]) -> list[str]:
+    """The prompt text of each event id, in order ('' for an id the store does not hold)."""
+    if not event_ids:
+        return []
+    table = await store.query(
+        f"SELECT event_id, {PROMPT_TEXT_SQL} AS text FROM inferences WHERE event_id IN {in_ids('ids')}",
+        {"ids": list(event_ids)})
+    text_of = dict(zip(table.column("event_id").to_pylist(), table.column("text").to_pylist(), strict=True))
+    return [text_of.get(e, "") for e in event_ids]
 
 
 @dataclass(frozen=True)
@@ -174,9 +187,10 @@ async def embed_prompts(store: Store, rows: PromptRows, embedder: PromptEmbedder
     todo = np.flatnonzero(at < 0)
     embedded_now = 0
     if len(todo) and embedder is not None:
-        new = PromptRows([rows.event_ids[i] for i in todo], [rows.ts_ms[i] for i in todo],
-                         [rows.texts[i] for i in todo])
-        fresh = await asyncio.to_thread(embedder.embed, new.texts)
+        todo_ids = [rows.event_ids[i] for i in todo]
+        texts = [rows.texts[i] for i in todo] if rows.texts is not None else await prompt_texts(store, todo_ids)
+        new = PromptRows(todo_ids, [rows.ts_ms[i] for i in todo], texts)
+        fresh = await asyncio.to_thread(embedder.embed, texts)
         await store_embeddings(store, model, new, fresh)
         at[todo] = len(vectors) + np.arange(len(todo))
         vectors = np.concatenate([vectors, fresh])

@@ -114,9 +114,10 @@ ORDER BY cityHash64(event_id), event_id
 """.replace("WORD_LANGS", _WORD_LANGS).replace("LANG_COUNT", str(len(STOPWORDS) + 1)).replace(
     "LANGUAGES", ", ".join(f"'{lang}'" for lang in STOPWORDS)).replace("PROMPT_TEXT", PROMPT_TEXT_SQL)
 # The prompts of the same sample (its first rows when the limit is smaller), for the embeddings: a query of
-# its own, so the per-row features run only on the rows the tabular drift uses.
-_PROMPTS_SQL = f"""
-SELECT event_id, toUnixTimestamp64Milli(ts) AS ts_ms, {PROMPT_TEXT_SQL} AS prompt_text, WINDOW_ROWS AS window_rows
+# its own, so the per-row features run only on the rows the tabular drift uses. Ids only: the texts are read
+# for the prompts that have no cached embedding yet (`embed_prompts`) and for the novelty evidence.
+_PROMPTS_SQL = """
+SELECT event_id, toUnixTimestamp64Milli(ts) AS ts_ms, WINDOW_ROWS AS window_rows
 FROM inferences FINAL
 WHERE WINDOW_FILTER GROUP_FILTER AND event_id IN (SAMPLE_IDS)
 ORDER BY cityHash64(event_id), event_id
@@ -130,7 +131,7 @@ def _sql(template: str, group_filter: str) -> str:
 
 
 async def sample_window(store: Store, window: TimeRange, group: Group, *, rows: int, prompts: int) -> WindowSample:
-    """A deterministic sample of the window's rows for `group`: features of up to `rows`, texts of up to `prompts`.
+    """A deterministic sample of the window's rows for `group`: features of up to `rows`, ids of up to `prompts`.
 
     The sample is picked by event-id hash, so it is the same on every run over the same window, and the
     smaller of the two is the first rows of the larger (a uniform subsample of it). The prompts carry
@@ -147,8 +148,7 @@ async def sample_window(store: Store, window: TimeRange, group: Group, *, rows: 
     if prompts > 0:
         head = await store.query(_sql(_PROMPTS_SQL, where), {**bounds, "limit": prompts})
         window_rows = int(head.column("window_rows")[0].as_py()) if head.num_rows else window_rows
-        texts = PromptRows(head.column("event_id").to_pylist(), head.column("ts_ms").to_pylist(),
-                           head.column("prompt_text").to_pylist(),
+        texts = PromptRows(head.column("event_id").to_pylist(), head.column("ts_ms").to_pylist(), None,
                            id_query=_sql(_SAMPLE_IDS, where), id_params={**bounds, "limit": prompts})
     return WindowSample(frame, texts, window_rows)
 

@@ -23,7 +23,7 @@ from feedback.monitors.drift import (
     results_by_metric,
     tabular_drift,
 )
-from feedback.monitors.embeddings import PromptEmbedder, backfill_embeddings
+from feedback.monitors.embeddings import PromptEmbedder, backfill_embeddings, prompt_texts
 from feedback.monitors.request_features import Group, feature_frames, sample_window
 from feedback.store import Store, write_events
 from schemas.events import InferenceEvent, Message, MonitorResult
@@ -95,6 +95,42 @@ async def test_prompt_distribution_shift_raises_exactly_one_embedding_drift_aler
     assert len(novel) == 5 and all(p["prompt"] in legal and p["nearest_similarity"] < 0.5 for p in novel)
     assert details["embedding_samples"] == [N, N] and emb.sample_size == N
     assert (emb.window_start_ms, emb.window_end_ms) == CURRENT and details["baseline_sample_size"] == N
+
+
+class WatchedStore:
+    """The real store, with the event ids each prompt-text read asked for recorded."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self.text_reads: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def query(self, sql: str, params: dict | None = None):  # type: ignore[no-untyped-def]
+        if "AS text FROM inferences" in sql:
+            self.text_reads.append(list((params or {})["ids"]))
+        return await self._store.query(sql, params)
+
+
+async def test_prompt_texts_are_read_only_for_uncached_prompts_and_the_novelty_evidence(
+        store: Store, embedder: PromptEmbedder, tmp_path: Path) -> None:
+    cooking, legal = prompts(COOKING, N, 1), prompts(LEGAL, N, 2)
+    await write_events(store, events(cooking, REFERENCE[0], seed=1) + events(legal, CURRENT[0], seed=2))
+    watched = WatchedStore(store)
+    first = await detector(embedder, tmp_path, examples=0).detect(watched, reference=REFERENCE, current=CURRENT)  # type: ignore[arg-type]
+    assert sorted(len(ids) for ids in watched.text_reads) == [N, N]  # nothing cached yet: each window's texts, once
+
+    watched.text_reads.clear()
+    again = await detector(embedder, tmp_path, examples=0).detect(watched, reference=REFERENCE, current=CURRENT)  # type: ignore[arg-type]
+    assert watched.text_reads == []  # every embedding cached: no text is read
+    assert results_by_metric(again)[("m", "", EMBEDDING_METRIC)].value == results_by_metric(first)[("m", "", EMBEDDING_METRIC)].value
+
+    with_evidence = await detector(embedder, tmp_path).detect(watched, reference=REFERENCE, current=CURRENT)  # type: ignore[arg-type]
+    (read,) = watched.text_reads  # the novelty evidence: the current window's prompts only
+    assert set(await prompt_texts(store, read)) <= set(legal) and len(read) == N
+    novel = msgspec.json.decode(results_by_metric(with_evidence)[("m", "", EMBEDDING_METRIC)].details)["novel_prompts"]
+    assert len(novel) == 5 and all(p["prompt"] in legal for p in novel)
 
 
 async def test_same_prompt_distribution_raises_no_drift_alert(
@@ -208,7 +244,7 @@ async def test_window_features_guess_script_and_language_and_read_chat_user_turn
 
     sample = await sample_window(store, TimeRange(*REFERENCE), Group("m"), rows=100, prompts=100)
 
-    got = dict(zip(sample.prompts.texts, sample.frame["language"], strict=True))
+    got = dict(zip(await prompt_texts(store, sample.prompts.event_ids), sample.frame["language"], strict=True))
     assert got == {text: lang for lang, text in texts.items()}
     frame = sample.frame.set_index(sample.frame["language"])
     assert frame.loc["zh", "script"] == "cjk" and frame.loc["zh", "cjk_share"] > 0.8
