@@ -1,11 +1,12 @@
-"""Fault injection under load, reconciled: the real gateway (tiny model, Transformers engine) with its durable
-event sink, a tansu broker on local S3, `servoloop ingest` as a child process, and ClickHouse SQL over HTTP
-(chDB behind the test endpoint, which can be made unavailable). Mixed unary/streaming traffic with a rating for
-every answer runs at `--rate` for `--duration-s` while the broker is killed, the ingester is SIGKILLed and
-restarted, and the store refuses every query; afterwards every accepted request must have exactly one inference
-row and every accepted rating one feedback row. RSS of the gateway (this process) and the ingester is sampled.
+"""Fault injection under load, reconciled: the real gateway (`servoloop serve`, the tiny model on vLLM or
+Transformers) as a child process with its durable event sink, a tansu broker on local S3, `servoloop ingest` as a
+child process, and ClickHouse SQL over HTTP (chDB behind the test endpoint, which can be made unavailable). Mixed
+unary/streaming traffic with a rating for every answer runs at `--rate` for `--duration-s` (this process is only
+the load generator, on aiohttp) while the broker is killed, the ingester is SIGKILLed and restarted, and the store
+refuses every query; afterwards every accepted request must have exactly one inference row and every accepted
+rating one feedback row. RSS of the gateway and the ingester processes is sampled.
 
-    .venv/bin/python -m benchmarks.chaos --duration-s 600 --rate 200 --broker-down-s 60 --store-down-s 60
+    .venv/bin/python -m benchmarks.chaos --duration-s 600 --rate 200 --broker-down-s 60 --store-down-s 60 --out chaos_long
     .venv/bin/python -m benchmarks.chaos --fuzz      # the fuzz targets at 1,000 cases each (pytest, recorded)
 
 Writes benchmarks/results/chaos.json (or chaos_fuzz.json). tests/reliability/test_chaos.py runs the bounded form.
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import psutil
 import yaml
@@ -46,6 +48,8 @@ class ChaosPlan:
     stream_share: float = 0.33
     max_tokens: int = 4
     settle_timeout_s: float = 240.0
+    engine: str = "transformers"  # the gateway's engine: transformers (starts in seconds) or vllm (batches 200 req/s)
+    crash_duration_s: float = 90.0  # the gateway-crash scenario (SIGKILL at its middle)
 
 
 @dataclass
@@ -65,7 +69,8 @@ class ChaosFigures:
     sink_pending_at_close: int = 0  # events still in the spool when the gateway stopped (stay on disk)
     faults: list[str] = field(default_factory=list)
     settle_s: float = 0.0
-    achieved_rate_per_s: float = 0.0
+    achieved_rate_per_s: float = 0.0  # requests sent per second (the offered load held)
+    completed_rate_per_s: float = 0.0  # requests answered per second, to the last answer
     latency_p50_ms: float = 0.0
     latency_p99_ms: float = 0.0
     gateway_rss_mib_warm: float = 0.0
@@ -124,7 +129,7 @@ def _growth(samples: list[float]) -> tuple[float, float, float]:
     return round(warm, 1), round(end, 1), round(100 * (end - warm) / warm, 2)
 
 
-async def _one(c: httpx.AsyncClient, i: int, plan: ChaosPlan, key: str, fig: ChaosFigures,
+async def _one(c: aiohttp.ClientSession, url: str, i: int, plan: ChaosPlan, key: str, fig: ChaosFigures,
                inference_ids: list[str], feedback_ids: list[str], latencies: list[float]) -> None:
     stream = (i % 100) < plan.stream_share * 100
     body = {"model": "tiny", "messages": [{"role": "user", "content": f"question {i}"}],
@@ -133,16 +138,11 @@ async def _one(c: httpx.AsyncClient, i: int, plan: ChaosPlan, key: str, fig: Cha
     t0 = time.perf_counter()
     fig.requests_sent += 1
     try:
-        if stream:
-            async with c.stream("POST", "/v1/chat/completions", json=body, headers=auth) as r:
-                data = (await r.aread()).decode()
-                ok = r.status_code == 200 and "[DONE]" in data
-                rid = data.split('"id":"', 1)[1].split('"', 1)[0] if ok else ""
-        else:
-            r = await c.post("/v1/chat/completions", json=body, headers=auth)
-            ok, rid = r.status_code == 200, (r.json().get("id", "") if r.status_code == 200 else "")
-            data = r.text
-    except httpx.HTTPError as e:
+        async with c.post(f"{url}/v1/chat/completions", json=body, headers=auth) as r:
+            data = await r.text()
+            ok = r.status == 200 and (not stream or "[DONE]" in data)
+            rid = data.split('"id":"', 1)[1].split('"', 1)[0] if ok else ""
+    except (TimeoutError, aiohttp.ClientError) as e:
         ok, data, rid = False, repr(e), ""
     if not ok:
         fig.requests_failed += 1
@@ -154,13 +154,14 @@ async def _one(c: httpx.AsyncClient, i: int, plan: ChaosPlan, key: str, fig: Cha
     inference_ids.append(rid)
     _ACCEPTED[rid] = f"{'stream' if stream else 'unary'} accepted at {time.monotonic():.1f}"
     try:
-        r = await c.post("/v1/feedback", json={"target_id": rid, "thumbs": "up" if i % 2 else "down"}, headers=auth)
-        if r.status_code == 201:
-            fig.ratings_accepted += 1
-            feedback_ids.append(r.json()["id"])
-        else:
-            fig.ratings_failed += 1
-    except httpx.HTTPError:
+        async with c.post(f"{url}/v1/feedback", json={"target_id": rid, "thumbs": "up" if i % 2 else "down"},
+                          headers=auth) as r:
+            if r.status == 201:
+                fig.ratings_accepted += 1
+                feedback_ids.append((await r.json())["id"])
+            else:
+                fig.ratings_failed += 1
+    except (TimeoutError, aiohttp.ClientError):
         fig.ratings_failed += 1
 
 
@@ -177,15 +178,44 @@ async def _count_by_id(store: Any, table: str, column: str, ids: list[str]) -> C
     return found
 
 
-async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Path, work: Path) -> ChaosFigures:
+def _metric_samples(text: str, name: str) -> dict[str, float]:
+    """`{labels: value}` of one metric in a Prometheus text exposition (labels as written, '' for none)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            labels = line[len(name):].rsplit(" ", 1)[0].strip()
+            out[labels] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def _sink_state(c: aiohttp.ClientSession, url: str, timeout_s: float) -> tuple[dict[str, int], int]:
+    """The gateway's sink, read from its /metrics once nothing is pending (or at the timeout): (rejected by
+    reason, pending)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        async with c.get(f"{url}/metrics") as r:
+            text = await r.text()
+        samples = _metric_samples(text, "servoloop_sink_pending_events")
+        if not samples:
+            raise RuntimeError(f"{url}/metrics has no servoloop_sink_pending_events")
+        pending = int(sum(samples.values()))
+        if pending == 0 or time.monotonic() > deadline:
+            rejected = {k: int(v) for k, v in _metric_samples(text, "servoloop_sink_rejected_events_total").items() if v}
+            return rejected, pending
+        await asyncio.sleep(0.5)
+
+
+def _rss_mib(proc: subprocess.Popen[bytes] | None) -> float | None:
+    try:
+        return psutil.Process(proc.pid).memory_info().rss / 2**20 if proc is not None and proc.poll() is None else None
+    except psutil.Error:
+        return None
+
+
+async def run_chaos(plan: ChaosPlan, *, broker: Any, model_dir: Path, work: Path) -> ChaosFigures:
     """Run the load with its faults and reconcile; `broker` is an EmbeddedBroker that keeps data across kills."""
-    from feedback.kafka import ConfluentDownstream
-    from feedback.sink import DurableEventSink
-    from feedback.spool import Spool
     from feedback.store import ChdbStore
     from gateway.auth import KeyStore
-    from gateway.server import Gateway, GatewayServer
-    from gateway.settings import GatewaySettings, ModelSettings, RateLimitSettings, RequestLimits
     from schemas.topics import all_topics
     from tests.support.clickhouse_http import shared_chdb_session, shared_endpoint
 
@@ -201,19 +231,10 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
         "ingest": {"group_id": f"g-{prefix}", "batch_max_events": 2000, "batch_max_wait_s": 0.2}}}))
     ingester = IngestChild(config, work / "ingest.log")
     ingester.start()
-
-    sink = DurableEventSink(Spool(work / "spool"), ConfluentDownstream(broker.bootstrap_servers), topic_prefix=prefix)
-    await sink.start()
-    keys = KeyStore(work / "keys.sqlite")
-    settings = GatewaySettings(
-        models=[ModelSettings(name="tiny", path=str(model_dir))],
-        limits=RequestLimits(max_output_tokens=max(plan.max_tokens, 1), default_max_tokens=plan.max_tokens),
-        rate_limits=RateLimitSettings(requests_per_minute=0, tokens_per_minute=0, max_concurrent_streams=0))
-    gw = Gateway(settings, keys, engines={"tiny": engine}, events=sink)
-    server = GatewayServer(gw, host="127.0.0.1", http_port=0, grpc_port=0)
-    await server.start()
-    _, key = keys.create("chaos", ["infer", "feedback"])
-    gw.auth.reload()
+    gateway = GatewayChild(work, model_dir, broker.bootstrap_servers, prefix, plan.max_tokens, engine=plan.engine)
+    _, key = KeyStore(gateway.data_dir / "keys.sqlite").create("chaos", ["infer", "feedback"])
+    gateway.start()
+    await asyncio.to_thread(gateway.wait_ready)
 
     fig = ChaosFigures()
     inference_ids: list[str] = []
@@ -221,7 +242,6 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
     latencies: list[float] = []
     gw_rss: list[float] = []
     ing_rss: list[tuple[int, float]] = []
-    me = psutil.Process()
     d = plan.duration_s
     schedule = [
         (0.15 * d, "broker killed", broker.kill), (0.15 * d + plan.broker_down_s, "broker restarted", broker.start),
@@ -230,8 +250,8 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
     outage_at, outage = 0.6 * d, None
     tasks: set[asyncio.Task[None]] = set()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60,
-                                     limits=httpx.Limits(max_connections=256)) as c:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
+                                         connector=aiohttp.TCPConnector(limit=512)) as c:
             start = time.monotonic()
             i, next_sample = 0, start
             while (now := time.monotonic()) - start < d:
@@ -249,28 +269,30 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
                     outage = False
                     fig.faults.append(f"store back at {elapsed:.1f}s")
                 if now >= next_sample:
-                    gw_rss.append(me.memory_info().rss / 2**20)
+                    if (g := _rss_mib(gateway.proc)) is not None:
+                        gw_rss.append(g)
                     if (r := ingester.rss_mib()) is not None and outage is False:
                         ing_rss.append(r)  # after the last fault: the ingester's restart and backlog are behind it
                     next_sample += 1.0
                 while i < elapsed * plan.rate_per_s:
-                    t = asyncio.create_task(_one(c, i, plan, key, fig, inference_ids, feedback_ids, latencies))
+                    t = asyncio.create_task(_one(c, gateway.url, i, plan, key, fig, inference_ids, feedback_ids,
+                                                 latencies))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
                     i += 1
                 await asyncio.sleep(0.005)
             fig.achieved_rate_per_s = round(i / (time.monotonic() - start), 2)
             await asyncio.gather(*tasks)
+            fig.completed_rate_per_s = round(fig.requests_accepted / (time.monotonic() - start), 2)
+            # The broker has everything the gateway accepted, or it is counted here.
+            fig.sink_rejected, fig.sink_pending_at_close = await _sink_state(c, gateway.url, 60)
     finally:
         if outage:
             outage.__exit__(None, None, None)
         for what, act in (("broker", broker.start), ("ingester", ingester.start)):
             if (what == "broker" and not broker.running) or (what == "ingester" and ingester.proc.poll() is not None):
                 await asyncio.to_thread(act)
-        await server.stop()
-        await sink.wait_delivered(60)  # the broker has everything the gateway accepted, or it is counted here
-        fig.sink_rejected, fig.sink_pending_at_close = dict(sink.rejected), sink.pending
-        await sink.aclose()
+        await asyncio.to_thread(gateway.terminate)
 
     t0 = time.monotonic()
     while True:  # settle: everything accepted reaches the store
@@ -279,7 +301,6 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, engine: Any, model_dir: Pat
         if (len(inf) == len(set(inference_ids)) and len(fb) == len(set(feedback_ids))) \
                 or time.monotonic() - t0 > plan.settle_timeout_s:
             break
-        gw_rss.append(me.memory_info().rss / 2**20)
         if (r := ingester.rss_mib()) is not None:
             ing_rss.append(r)
         await asyncio.sleep(1.0)
@@ -322,7 +343,8 @@ class CrashFigures:
 class GatewayChild:
     """`servoloop serve` with an external broker: its events go through its own spool in `data_dir`."""
 
-    def __init__(self, work: Path, model_dir: Path, bootstrap: str, prefix: str, max_tokens: int):
+    def __init__(self, work: Path, model_dir: Path, bootstrap: str, prefix: str, max_tokens: int, *,
+                 engine: str = "transformers"):
         from benchmarks.common import free_port
 
         self.http_port, self.grpc_port = free_port(), free_port()
@@ -330,7 +352,8 @@ class GatewayChild:
         self.config = work / "gateway.yaml"
         self.config.write_text(yaml.safe_dump({"data_dir": str(self.data_dir), "gateway": {
             "host": "127.0.0.1", "http_port": self.http_port, "grpc_port": self.grpc_port,
-            "models": [{"name": "tiny", "engine": "transformers", "path": str(model_dir)}],
+            "models": [{"name": "tiny", "engine": engine, "path": str(model_dir),
+                        **({"max_concurrency": 64} if engine == "vllm" else {})}],
             "limits": {"max_output_tokens": max_tokens, "default_max_tokens": max_tokens},
             "rate_limits": {"requests_per_minute": 0, "tokens_per_minute": 0, "max_concurrent_streams": 0}},
             "events": {"broker": {"mode": "external", "bootstrap_servers": bootstrap, "topic_prefix": prefix}}}))
@@ -395,7 +418,7 @@ async def run_gateway_crash(plan: ChaosPlan, *, broker: Any, model_dir: Path, wo
         "ingest": {"group_id": f"g-{prefix}", "batch_max_events": 2000, "batch_max_wait_s": 0.2}}}))
     ingester = IngestChild(config, work / "ingest.log")
     ingester.start()
-    gateway = GatewayChild(work, model_dir, broker.bootstrap_servers, prefix, plan.max_tokens)
+    gateway = GatewayChild(work, model_dir, broker.bootstrap_servers, prefix, plan.max_tokens, engine=plan.engine)
     _, key = KeyStore(gateway.data_dir / "keys.sqlite").create("crash", ["infer", "feedback"])
     gateway.start()
     await asyncio.to_thread(gateway.wait_ready)
@@ -403,7 +426,7 @@ async def run_gateway_crash(plan: ChaosPlan, *, broker: Any, model_dir: Path, wo
     fig = CrashFigures()
     accepted: list[str] = []
     answered_at: dict[str, float] = {}  # id -> when its answer arrived (monotonic s)
-    d = plan.duration_s
+    d = plan.crash_duration_s
     kill_at, killed_at, back_at = 0.5 * d, None, None
     tasks: set[asyncio.Task[None]] = set()
 
@@ -475,22 +498,17 @@ async def run_gateway_crash(plan: ChaosPlan, *, broker: Any, model_dir: Path, wo
 
 async def _main_chaos(plan: ChaosPlan) -> dict[str, Any]:
     from feedback.broker import EmbeddedBroker, LocalS3
-    from gateway.engines.transformers import TransformersEngine
-    from gateway.settings import ModelSettings
 
     model_dir = Path(os.environ.get("SERVOLOOP_TEST_MODEL", REPO / ".servoloop" / "models" / "tiny-chat"))
     work = Path(tempfile.mkdtemp(prefix="servoloop-chaos-"))
-    engine = TransformersEngine(ModelSettings(name="tiny", path=str(model_dir), engine="transformers"))
-    await engine.start()
     with LocalS3() as s3:
         broker = EmbeddedBroker.on_s3(s3, f"b{uuid.uuid4().hex[:12]}", log_path=work / "tansu.log")
         broker.start()
         try:
-            fig = await run_chaos(plan, broker=broker, engine=engine, model_dir=model_dir, work=work / "faults")
+            fig = await run_chaos(plan, broker=broker, model_dir=model_dir, work=work / "faults")
             crash = await run_gateway_crash(plan, broker=broker, model_dir=model_dir, work=work / "crash")
         finally:
             broker.kill()
-            await engine.aclose()
     return {"plan": asdict(plan), "figures": asdict(fig), "gateway_crash": asdict(crash)}
 
 
@@ -511,6 +529,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=200.0, help="requests per second (each answer is also rated)")
     ap.add_argument("--broker-down-s", type=float, default=60.0)
     ap.add_argument("--store-down-s", type=float, default=60.0)
+    ap.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
+                    help="the gateway's engine for the tiny model (vllm batches the 200 req/s of the long form)")
+    ap.add_argument("--out", default="chaos", help="results/<out>.json")
     ap.add_argument("--fuzz", action="store_true", help="run the fuzz targets at --fuzz-cases each instead")
     ap.add_argument("--fuzz-cases", type=int, default=1000)
     args = ap.parse_args()
@@ -523,9 +544,10 @@ def main() -> None:
         print(write_result("chaos_fuzz", result))
         return
     plan = ChaosPlan(duration_s=args.duration_s, rate_per_s=args.rate, broker_down_s=args.broker_down_s,
-                     store_down_s=args.store_down_s)
+                     store_down_s=args.store_down_s, engine=args.engine,
+                     crash_duration_s=min(args.duration_s, 90.0))
     result = {"command": command, "machine": machine(), **asyncio.run(_main_chaos(plan))}
-    print(write_result("chaos", result))
+    print(write_result(args.out, result))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The bounded form of benchmarks/chaos.py: mixed unary/streaming traffic with ratings at a rate two shared
-cores sustain (5 req/s plus a rating each) for 60 s, while the broker is killed for 15 s, the ingester is
-SIGKILLed and restarted, and the store refuses every query for 10 s. Nothing accepted is lost or doubled."""
+cores sustain (5 req/s plus a rating each) for 60 s against a `servoloop serve` child (the tiny model on the
+Transformers engine), while the broker is killed for 15 s, the ingester is SIGKILLed and restarted, and the store
+refuses every query for 10 s. Nothing accepted is lost or doubled."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from feedback.broker import EmbeddedBroker
 from feedback.kafka import ConfluentDownstream
 from feedback.sink import DurableEventSink
 from feedback.spool import Spool
-from gateway.engines import Engine
 from schemas.events import FeedbackEvent
 from tests.feedback.conftest import local_s3, s3_broker  # noqa: F401
 
@@ -33,9 +33,8 @@ PLAN = ChaosPlan(duration_s=60, rate_per_s=5, broker_down_s=15, store_down_s=10,
 # as delivered, though the batch was never written. The producers are no longer idempotent (feedback/kafka.py); the
 # test below reproduces that loss directly.
 async def test_faults_under_load_lose_and_duplicate_nothing_and_fail_no_request(
-        s3_broker: EmbeddedBroker, transformers_engine: Engine, tiny_model_dir: Path, tmp_path: Path):  # noqa: F811
-    fig = await run_chaos(PLAN, broker=s3_broker, engine=transformers_engine, model_dir=tiny_model_dir,
-                          work=tmp_path)
+        s3_broker: EmbeddedBroker, tiny_model_dir: Path, tmp_path: Path):  # noqa: F811
+    fig = await run_chaos(PLAN, broker=s3_broker, model_dir=tiny_model_dir, work=tmp_path)
     report = json.dumps(fig.__dict__)
     print(report)
     assert len(fig.faults) == 6, fig.faults  # every fault was injected, and undone

@@ -15,7 +15,7 @@ from tests.feedback.conftest import local_s3, s3_broker  # noqa: F401
 
 pytestmark = pytest.mark.reliability
 
-PLAN = ChaosPlan(duration_s=16, rate_per_s=4)  # the kill at 8 s, then the restart: the spool holds ~30 events
+PLAN = ChaosPlan(crash_duration_s=16, rate_per_s=4)  # the kill at 8 s, then the restart: the spool holds ~30 events
 
 
 async def test_a_killed_gateway_delivers_its_spool_after_restart_and_only_in_flight_requests_fail(
