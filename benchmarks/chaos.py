@@ -178,6 +178,47 @@ async def _count_by_id(store: Any, table: str, column: str, ids: list[str]) -> C
     return found
 
 
+async def _generate_load(url: str, key: str, plan: ChaosPlan) -> dict[str, Any]:
+    """The open-loop traffic (a rating for every answer) for `plan.duration_s`; returns what was accepted."""
+    fig = ChaosFigures()
+    inference_ids: list[str] = []
+    feedback_ids: list[str] = []
+    latencies: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
+                                     connector=aiohttp.TCPConnector(limit=512)) as c:
+        start = time.monotonic()
+        i = 0
+        while (now := time.monotonic()) - start < plan.duration_s:
+            while i < (now - start) * plan.rate_per_s:
+                t = asyncio.create_task(_one(c, url, i, plan, key, fig, inference_ids, feedback_ids, latencies))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                i += 1
+            await asyncio.sleep(0.005)
+        fig.achieved_rate_per_s = round(i / (time.monotonic() - start), 2)
+        await asyncio.gather(*tasks)
+        fig.completed_rate_per_s = round(fig.requests_accepted / (time.monotonic() - start), 2)
+    return {"figures": asdict(fig), "inference_ids": inference_ids, "feedback_ids": feedback_ids,
+            "latencies_ms": latencies, "accepted": {k: _ACCEPTED[k] for k in inference_ids if k in _ACCEPTED}}
+
+
+class LoadChild:
+    """`python -m benchmarks.chaos --load …`: the traffic from a process of its own, so the harness (which serves
+    the store's HTTP endpoint on its threads) never competes with the load generator for one interpreter."""
+
+    def __init__(self, url: str, key: str, plan: ChaosPlan, out: Path):
+        self.out = out
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.chaos", "--load", json.dumps({"url": url, "key": key, "plan": asdict(plan)}),
+             "--load-out", str(out)], cwd=REPO, stdin=subprocess.DEVNULL)
+
+    async def result(self) -> dict[str, Any]:
+        if await asyncio.to_thread(self.proc.wait) != 0:
+            raise RuntimeError(f"the load generator exited with {self.proc.returncode}")
+        return json.loads(self.out.read_text())
+
+
 def _metric_samples(text: str, name: str) -> dict[str, float]:
     """`{labels: value}` of one metric in a Prometheus text exposition (labels as written, '' for none)."""
     out: dict[str, float] = {}
@@ -236,55 +277,46 @@ async def run_chaos(plan: ChaosPlan, *, broker: Any, model_dir: Path, work: Path
     gateway.start()
     await asyncio.to_thread(gateway.wait_ready)
 
-    fig = ChaosFigures()
-    inference_ids: list[str] = []
-    feedback_ids: list[str] = []
-    latencies: list[float] = []
     gw_rss: list[float] = []
     ing_rss: list[tuple[int, float]] = []
+    faults: list[str] = []
     d = plan.duration_s
     schedule = [
         (0.15 * d, "broker killed", broker.kill), (0.15 * d + plan.broker_down_s, "broker restarted", broker.start),
         (0.45 * d, "ingester SIGKILLed", ingester.kill), (0.45 * d + 2, "ingester restarted", ingester.start),
     ]
     outage_at, outage = 0.6 * d, None
-    tasks: set[asyncio.Task[None]] = set()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
-                                         connector=aiohttp.TCPConnector(limit=512)) as c:
-            start = time.monotonic()
-            i, next_sample = 0, start
-            while (now := time.monotonic()) - start < d:
-                elapsed = now - start
-                while schedule and elapsed >= schedule[0][0]:
-                    _, what, act = schedule.pop(0)
-                    await asyncio.to_thread(act)
-                    fig.faults.append(f"{what} at {elapsed:.1f}s")
-                if outage is None and elapsed >= outage_at:
-                    outage = endpoint.outage("refuse", database=database)
-                    outage.__enter__()
-                    fig.faults.append(f"store unavailable at {elapsed:.1f}s")
-                elif outage is not None and outage is not False and elapsed >= outage_at + plan.store_down_s:
-                    outage.__exit__(None, None, None)
-                    outage = False
-                    fig.faults.append(f"store back at {elapsed:.1f}s")
-                if now >= next_sample:
-                    if (g := _rss_mib(gateway.proc)) is not None:
-                        gw_rss.append(g)
-                    if (r := ingester.rss_mib()) is not None and outage is False:
-                        ing_rss.append(r)  # after the last fault: the ingester's restart and backlog are behind it
-                    next_sample += 1.0
-                while i < elapsed * plan.rate_per_s:
-                    t = asyncio.create_task(_one(c, gateway.url, i, plan, key, fig, inference_ids, feedback_ids,
-                                                 latencies))
-                    tasks.add(t)
-                    t.add_done_callback(tasks.discard)
-                    i += 1
-                await asyncio.sleep(0.005)
-            fig.achieved_rate_per_s = round(i / (time.monotonic() - start), 2)
-            await asyncio.gather(*tasks)
-            fig.completed_rate_per_s = round(fig.requests_accepted / (time.monotonic() - start), 2)
-            # The broker has everything the gateway accepted, or it is counted here.
+        load = LoadChild(gateway.url, key, plan, work / "load.json")
+        start = next_sample = time.monotonic()
+        while load.proc.poll() is None:
+            now = time.monotonic()
+            elapsed = now - start
+            while schedule and elapsed >= schedule[0][0]:
+                _, what, act = schedule.pop(0)
+                await asyncio.to_thread(act)
+                faults.append(f"{what} at {elapsed:.1f}s")
+            if outage is None and elapsed >= outage_at:
+                outage = endpoint.outage("refuse", database=database)
+                outage.__enter__()
+                faults.append(f"store unavailable at {elapsed:.1f}s")
+            elif outage is not None and outage is not False and elapsed >= outage_at + plan.store_down_s:
+                outage.__exit__(None, None, None)
+                outage = False
+                faults.append(f"store back at {elapsed:.1f}s")
+            if now >= next_sample:
+                if (g := _rss_mib(gateway.proc)) is not None:
+                    gw_rss.append(g)
+                if (r := ingester.rss_mib()) is not None and outage is False:
+                    ing_rss.append(r)  # after the last fault: the ingester's restart and backlog are behind it
+                next_sample += 1.0
+            await asyncio.sleep(0.05)
+        got = await load.result()
+        fig = ChaosFigures(**got["figures"])
+        fig.faults = faults
+        inference_ids, feedback_ids, latencies = got["inference_ids"], got["feedback_ids"], got["latencies_ms"]
+        _ACCEPTED.update(got["accepted"])
+        async with aiohttp.ClientSession() as c:  # the broker has everything the gateway accepted, or it is counted here
             fig.sink_rejected, fig.sink_pending_at_close = await _sink_state(c, gateway.url, 60)
     finally:
         if outage:
@@ -533,9 +565,16 @@ def main() -> None:
                     help="the gateway's engine for the tiny model (vllm batches the 200 req/s of the long form)")
     ap.add_argument("--out", default="chaos", help="results/<out>.json")
     ap.add_argument("--fuzz", action="store_true", help="run the fuzz targets at --fuzz-cases each instead")
+    ap.add_argument("--load", help=argparse.SUPPRESS)  # the load generator child: {"url", "key", "plan"}
+    ap.add_argument("--load-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--fuzz-cases", type=int, default=1000)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    if args.load:
+        spec = json.loads(args.load)
+        out = asyncio.run(_generate_load(spec["url"], spec["key"], ChaosPlan(**spec["plan"])))
+        args.load_out.write_text(json.dumps(out))
+        return
     from benchmarks.common import machine, write_result
 
     command = " ".join([".venv/bin/python -m benchmarks.chaos", *sys.argv[1:]])
