@@ -57,12 +57,12 @@ def consumer_config(bootstrap_servers: str, group_id: str, **overrides: Any) -> 
         "max.poll.interval.ms": 300_000,
         "reconnect.backoff.ms": 50,
         "reconnect.backoff.max.ms": 1000,
-        "logger": _ClientLog("servoloop.kafka.consumer"),
+        "logger": KafkaClientLog("servoloop.kafka.consumer"),
         **overrides,
     }
 
 
-class _ClientLog:
+class KafkaClientLog:
     """librdkafka's log lines into Python logging; connection churn goes to DEBUG (the sink and the ingester
     report an outage once, with their health), everything else keeps its level."""
 
@@ -107,7 +107,7 @@ class ConfluentDownstream:
                               delivery_timeout_s=delivery_timeout_s),
             # Python sees failures only; success is "librdkafka's queue is empty and nothing failed".
             "delivery.report.only.error": True,
-            "logger": _ClientLog("servoloop.kafka.producer"),
+            "logger": KafkaClientLog("servoloop.kafka.producer"),
             "error_cb": self._on_error,
             **(config or {}),
         }

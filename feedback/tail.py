@@ -20,7 +20,7 @@ import msgspec
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
 from feedback.broker import BrokerError
-from feedback.kafka import _ClientLog
+from feedback.kafka import KafkaClientLog
 from schemas.events import (
     DeadLetter,
     Event,
@@ -157,7 +157,7 @@ def follow(bootstrap_servers: str, topics: Sequence[str], *, from_beginning: boo
     consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": f"servoloop-tail-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "enable.auto.offset.store": False,
                          "client.id": "servoloop-tail", "reconnect.backoff.max.ms": 1000,
-                         "logger": _ClientLog("servoloop.kafka.tail")})
+                         "logger": KafkaClientLog("servoloop.kafka.tail")})
     try:
         try:
             assigned = _assign(consumer, topics, set(), OFFSET_BEGINNING if from_beginning else OFFSET_END)

@@ -53,6 +53,8 @@ class KafkaModelEvents:
             self._thread.join(timeout_s)
 
     def _config(self) -> dict[str, Any]:
+        from feedback.kafka import KafkaClientLog
+
         return {
             "bootstrap.servers": self._bootstrap,
             "group.id": f"servoloop-gateway-{uuid.uuid4().hex}",  # never joined or committed: assignment is manual
@@ -63,7 +65,8 @@ class KafkaModelEvents:
             "fetch.wait.max.ms": 50,  # a promotion reaches every gateway within a poll, not half a second
             "reconnect.backoff.ms": 50,
             "reconnect.backoff.max.ms": 1000,
-            "logger": logging.getLogger("servoloop.kafka.models"),
+            # connection churn while the broker is away goes to DEBUG (was an ERROR line every ~30 ms)
+            "logger": KafkaClientLog("servoloop.kafka.models"),
         }
 
     def _run(self) -> None:
