@@ -563,6 +563,8 @@ def main() -> None:
     ap.add_argument("--store-down-s", type=float, default=60.0)
     ap.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
                     help="the gateway's engine for the tiny model (vllm batches the 200 req/s of the long form)")
+    ap.add_argument("--settle-timeout-s", type=float, default=600.0,
+                    help="after the load, how long every accepted row may take to reach the store")
     ap.add_argument("--out", default="chaos", help="results/<out>.json")
     ap.add_argument("--fuzz", action="store_true", help="run the fuzz targets at --fuzz-cases each instead")
     ap.add_argument("--load", help=argparse.SUPPRESS)  # the load generator child: {"url", "key", "plan"}
@@ -583,7 +585,7 @@ def main() -> None:
         print(write_result("chaos_fuzz", result))
         return
     plan = ChaosPlan(duration_s=args.duration_s, rate_per_s=args.rate, broker_down_s=args.broker_down_s,
-                     store_down_s=args.store_down_s, engine=args.engine,
+                     store_down_s=args.store_down_s, engine=args.engine, settle_timeout_s=args.settle_timeout_s,
                      crash_duration_s=min(args.duration_s, 90.0))
     result = {"command": command, "machine": machine(), **asyncio.run(_main_chaos(plan))}
     print(write_result(args.out, result))
